@@ -1,0 +1,446 @@
+use std::fmt;
+use std::future::poll_fn;
+use std::hash::Hash;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
+use tower::discover::{Change, Discover};
+
+use crate::policy::{stable_hash, Endpoint, Load, Policy};
+
+/// The set of backends of a [`Balance`](super::Balance): what it can pick from.
+///
+/// `Backends` is a cheap, cloneable handle. Readers (every request) see an immutable
+/// [`Snapshot`] swapped in atomically, so picking never takes a lock; writers (discovery,
+/// health checks, configuration reloads) serialize on a mutex, apply their change, rebuild
+/// the policy's table and publish a new snapshot.
+///
+/// A backend is identified by its key `K`. Keys are also what consistent hashing places on
+/// its ring, through [`stable_hash`].
+///
+/// - A removed backend takes no new request; requests already on it keep its service (a
+///   clone) and finish. It is dropped when the last of them ends.
+/// - Inserting a key that is present replaces its service and keeps its weight, health
+///   state and in-flight count.
+///
+/// # Examples
+///
+/// ```
+/// use tower_lb::{policy::RoundRobin, Backends};
+///
+/// let backends = Backends::new(RoundRobin::new());
+/// backends.update(|set| {
+///     set.insert("a", ());
+///     set.insert_with("b", (), 2, true);
+/// });
+/// assert_eq!(backends.pick(None), Some("b")); // smooth weighted: b a b
+/// assert_eq!(backends.pick(None), Some("a"));
+/// backends.set_healthy(&"b", false);
+/// assert_eq!(backends.pick(None), Some("a"));
+/// backends.remove(&"a");
+/// assert_eq!(backends.pick(None), None);
+/// ```
+pub struct Backends<K, S, P: Policy> {
+    shared: Arc<Shared<K, S, P>>,
+}
+
+struct Shared<K, S, P: Policy> {
+    snapshot: ArcSwap<Snapshot<K, S, P>>,
+    writer: Mutex<Writer<K, S, P>>,
+}
+
+struct Writer<K, S, P> {
+    members: Vec<Member<K, S>>,
+    policy: Arc<P>,
+    healthy_on_insert: bool,
+}
+
+#[derive(Clone)]
+struct Member<K, S> {
+    key: K,
+    service: S,
+    endpoint: Endpoint,
+}
+
+/// An immutable view of the backend set, as one request sees it.
+pub struct Snapshot<K, S, P: Policy> {
+    members: Box<[(K, S)]>,
+    endpoints: Box<[Endpoint]>,
+    policy: Arc<P>,
+    table: P::Table,
+}
+
+impl<K, S, P: Policy> Snapshot<K, S, P> {
+    /// Picks a backend with the policy: its index, or `None` if none can take a request.
+    #[inline]
+    pub fn pick(&self, key: Option<u64>) -> Option<usize> {
+        self.policy.pick(&self.table, &self.endpoints, key)
+    }
+
+    /// The key and service of the backend at `index`.
+    pub fn get(&self, index: usize) -> Option<(&K, &S)> {
+        self.members.get(index).map(|(k, s)| (k, s))
+    }
+
+    /// What the policy sees of the backend at `index`.
+    pub fn endpoint(&self, index: usize) -> Option<&Endpoint> {
+        self.endpoints.get(index)
+    }
+
+    /// The number of backends, healthy or not.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Keys and endpoints, in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &Endpoint)> {
+        self.members.iter().map(|(k, _)| k).zip(self.endpoints.iter())
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+}
+
+impl<K: fmt::Debug, S, P: Policy + fmt::Debug> fmt::Debug for Snapshot<K, S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("policy", &self.policy)
+            .field("backends", &self.iter().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A batch of changes to a [`Backends`] set, published as one snapshot.
+/// See [`Backends::update`].
+pub struct Update<'a, K, S, P> {
+    writer: &'a mut Writer<K, S, P>,
+}
+
+impl<K: Hash + Eq, S, P> Update<'_, K, S, P> {
+    fn position(&self, key: &K) -> Option<usize> {
+        self.writer.members.iter().position(|m| &m.key == key)
+    }
+
+    /// Inserts a backend with weight 1 and the set's initial health
+    /// ([`Backends::healthy_on_insert`]); an existing key gets the new service and keeps its
+    /// state.
+    pub fn insert(&mut self, key: K, service: S) {
+        match self.position(&key) {
+            Some(i) => self.writer.members[i].service = service,
+            None => {
+                let healthy = self.writer.healthy_on_insert;
+                self.insert_with(key, service, 1, healthy)
+            }
+        }
+    }
+
+    /// Inserts a backend with a weight (at least 1) and a health state; an existing key gets
+    /// the new service, weight and health and keeps its in-flight count.
+    pub fn insert_with(&mut self, key: K, service: S, weight: u32, healthy: bool) {
+        match self.position(&key) {
+            Some(i) => {
+                let m = &mut self.writer.members[i];
+                m.service = service;
+                m.endpoint = Endpoint::new(m.endpoint.id(), weight, healthy, m.endpoint.load().clone());
+            }
+            None => {
+                let endpoint = Endpoint::new(stable_hash(&key), weight, healthy, Arc::default());
+                self.writer.members.push(Member { key, service, endpoint });
+            }
+        }
+    }
+
+    /// Removes a backend; returns whether it was present.
+    pub fn remove(&mut self, key: &K) -> bool {
+        match self.position(key) {
+            Some(i) => {
+                self.writer.members.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sets whether a backend may take new requests; returns whether it was present.
+    pub fn set_healthy(&mut self, key: &K, healthy: bool) -> bool {
+        self.modify(key, |e| Endpoint::new(e.id(), e.weight(), healthy, e.load().clone()))
+    }
+
+    /// Sets a backend's weight (at least 1); returns whether it was present.
+    pub fn set_weight(&mut self, key: &K, weight: u32) -> bool {
+        self.modify(key, |e| Endpoint::new(e.id(), weight, e.is_healthy(), e.load().clone()))
+    }
+
+    /// Replaces the policy; its table is built from the new set.
+    pub fn set_policy(&mut self, policy: P) {
+        self.writer.policy = Arc::new(policy);
+    }
+
+    /// Whether a backend with this key is in the set.
+    pub fn contains(&self, key: &K) -> bool {
+        self.position(key).is_some()
+    }
+
+    /// The keys in the set, in insertion order.
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.writer.members.iter().map(|m| &m.key)
+    }
+
+    fn modify(&mut self, key: &K, f: impl FnOnce(&Endpoint) -> Endpoint) -> bool {
+        match self.position(key) {
+            Some(i) => {
+                let m = &mut self.writer.members[i];
+                m.endpoint = f(&m.endpoint);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<K, S, P> Backends<K, S, P>
+where
+    K: Hash + Eq + Clone,
+    S: Clone,
+    P: Policy,
+{
+    /// An empty set picking with `policy`. Inserted backends are healthy.
+    pub fn new(policy: P) -> Self {
+        let policy = Arc::new(policy);
+        let writer = Writer {
+            members: Vec::new(),
+            policy: policy.clone(),
+            healthy_on_insert: true,
+        };
+        let snapshot = Snapshot {
+            members: Box::default(),
+            endpoints: Box::default(),
+            table: policy.build(&[], None),
+            policy,
+        };
+        Backends {
+            shared: Arc::new(Shared {
+                snapshot: ArcSwap::from_pointee(snapshot),
+                writer: Mutex::new(writer),
+            }),
+        }
+    }
+
+    /// A set holding `backends`, each with weight 1.
+    pub fn from_services(policy: P, backends: impl IntoIterator<Item = (K, S)>) -> Self {
+        let set = Self::new(policy);
+        set.update(|u| backends.into_iter().for_each(|(k, s)| u.insert(k, s)));
+        set
+    }
+
+    /// Sets the health of backends inserted from now on without an explicit state (by
+    /// [`Update::insert`] and by discovery). With active health checks this is `false`:
+    /// a new backend takes traffic only once a probe has passed.
+    pub fn healthy_on_insert(&self, healthy: bool) -> &Self {
+        self.lock().healthy_on_insert = healthy;
+        self
+    }
+
+    /// Applies a batch of changes and publishes the result as one snapshot.
+    pub fn update<R>(&self, f: impl FnOnce(&mut Update<'_, K, S, P>) -> R) -> R {
+        let mut writer = self.lock();
+        let out = f(&mut Update { writer: &mut writer });
+        self.publish(&writer);
+        out
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Writer<K, S, P>> {
+        // A panic while holding the lock cannot leave the member list half-changed in a way
+        // that matters (every change is a single Vec operation), so poisoning is ignored.
+        self.shared.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, writer: &Writer<K, S, P>) {
+        let previous = self.shared.snapshot.load();
+        let endpoints: Box<[Endpoint]> = writer.members.iter().map(|m| m.endpoint.clone()).collect();
+        let same_policy = Arc::ptr_eq(&previous.policy, &writer.policy);
+        let table = writer
+            .policy
+            .build(&endpoints, same_policy.then_some(&previous.table));
+        let snapshot = Snapshot {
+            members: writer
+                .members
+                .iter()
+                .map(|m| (m.key.clone(), m.service.clone()))
+                .collect(),
+            endpoints,
+            policy: writer.policy.clone(),
+            table,
+        };
+        self.shared.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// Inserts a backend (see [`Update::insert`]).
+    pub fn insert(&self, key: K, service: S) {
+        self.update(|u| u.insert(key, service))
+    }
+
+    /// Inserts a backend with a weight and health (see [`Update::insert_with`]).
+    pub fn insert_with(&self, key: K, service: S, weight: u32, healthy: bool) {
+        self.update(|u| u.insert_with(key, service, weight, healthy))
+    }
+
+    /// Removes a backend; returns whether it was present.
+    pub fn remove(&self, key: &K) -> bool {
+        self.update(|u| u.remove(key))
+    }
+
+    /// Sets whether a backend may take new requests; returns whether it was present.
+    /// Nothing is published when the state does not change.
+    pub fn set_healthy(&self, key: &K, healthy: bool) -> bool {
+        if self.is_healthy(key) == Some(healthy) {
+            return true;
+        }
+        self.update(|u| u.set_healthy(key, healthy))
+    }
+
+    /// Sets a backend's weight; returns whether it was present.
+    pub fn set_weight(&self, key: &K, weight: u32) -> bool {
+        self.update(|u| u.set_weight(key, weight))
+    }
+
+    /// Replaces the policy.
+    pub fn set_policy(&self, policy: P) {
+        self.update(|u| u.set_policy(policy))
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot<K, S, P>> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// Runs `f` on the current snapshot without taking a reference count: the request path.
+    #[inline]
+    pub(crate) fn with_snapshot<R>(&self, f: impl FnOnce(&Snapshot<K, S, P>) -> R) -> R {
+        f(&self.shared.snapshot.load())
+    }
+
+    /// Picks a backend for a request with this hashing key, and returns its key. The pick
+    /// counts for the policy (a round-robin turn is used) but starts no request.
+    pub fn pick(&self, key: Option<u64>) -> Option<K> {
+        self.with_snapshot(|s| s.pick(key).map(|i| s.members[i].0.clone()))
+    }
+
+    /// Whether a backend is healthy, or `None` if it is not in the set.
+    pub fn is_healthy(&self, key: &K) -> Option<bool> {
+        self.find(key, Endpoint::is_healthy)
+    }
+
+    /// Requests in flight on a backend in the set, or `None` if it is not in the set.
+    pub fn in_flight(&self, key: &K) -> Option<usize> {
+        self.find(key, Endpoint::in_flight)
+    }
+
+    fn find<R>(&self, key: &K, f: impl FnOnce(&Endpoint) -> R) -> Option<R> {
+        self.with_snapshot(|s| s.iter().find(|(k, _)| *k == key).map(|(_, e)| f(e)))
+    }
+
+    /// Follows a [`Discover`] stream until it ends: `Change::Insert` inserts (or replaces)
+    /// a backend, `Change::Remove` removes it. Spawn the returned future next to the
+    /// server; the balancer keeps serving from the latest snapshot meanwhile.
+    ///
+    /// ```
+    /// use tower::discover::Change;
+    /// use tower_lb::{policy::RoundRobin, Backends};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let backends = Backends::<&str, (), _>::new(RoundRobin::new());
+    /// let changes = futures_util::stream::iter([
+    ///     Ok::<_, std::convert::Infallible>(Change::Insert("a", ())),
+    ///     Ok(Change::Insert("b", ())),
+    ///     Ok(Change::Remove("a")),
+    /// ]);
+    /// backends.discover(changes).await.unwrap();
+    /// assert_eq!(backends.snapshot().len(), 1);
+    /// # }
+    /// ```
+    pub async fn discover<D>(&self, discover: D) -> Result<(), D::Error>
+    where
+        D: Discover<Key = K, Service = S>,
+    {
+        let mut discover = pin!(discover);
+        while let Some(change) = poll_fn(|cx| discover.as_mut().poll_discover(cx)).await {
+            match change? {
+                Change::Insert(key, service) => self.insert(key, service),
+                Change::Remove(key) => {
+                    self.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<K, S, P: Policy> Clone for Backends<K, S, P> {
+    fn clone(&self) -> Self {
+        Backends {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K: fmt::Debug, S, P: Policy + fmt::Debug> fmt::Debug for Backends<K, S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Backends")
+            .field(&*self.shared.snapshot.load())
+            .finish()
+    }
+}
+
+impl<K: fmt::Debug, S, P> fmt::Debug for Update<'_, K, S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.writer.members.iter().map(|m| (&m.key, &m.endpoint)))
+            .finish()
+    }
+}
+
+/// Counts one request in flight on a backend until dropped.
+///
+/// The balancer creates one per request at the pick and hands it to its
+/// [`TrackCompletion`](tower::load::completion::TrackCompletion), which decides how long
+/// the request lasts: until the response for `CompleteOnResponse`, until the end of the
+/// response body for [`http::TrackBody`](crate::http::TrackBody).
+pub struct InFlight {
+    load: Arc<Load>,
+}
+
+impl InFlight {
+    pub(crate) fn new(load: &Arc<Load>) -> Self {
+        load.incr();
+        InFlight { load: load.clone() }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.load.decr();
+    }
+}
+
+impl fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlight").finish_non_exhaustive()
+    }
+}
+
+impl<K, S, P: Policy> Snapshot<K, S, P> {
+    /// Starts a request on the backend at `index`: its service and in-flight guard.
+    #[inline]
+    pub(crate) fn start(&self, index: usize) -> (&S, InFlight) {
+        (&self.members[index].1, InFlight::new(self.endpoints[index].load()))
+    }
+}

@@ -1,0 +1,138 @@
+use std::fmt;
+use std::hash::Hash;
+use std::task::{Context, Poll};
+
+use tower::load::completion::{CompleteOnResponse, TrackCompletion};
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::{Backends, InFlight, NoKey, RequestKey};
+use crate::policy::Policy;
+use crate::BoxError;
+
+/// Spreads requests over a changing set of backend services with a [`Policy`].
+///
+/// See the [module docs](super) for the idea. `Balance` is cheap to clone: all clones share
+/// one [`Backends`] set and one policy (and so one round-robin cursor and one set of
+/// in-flight counters), so a single balancer can serve every connection of a server.
+///
+/// # Readiness
+///
+/// - [`poll_ready`](Service::poll_ready) is always ready. The balancer reserves nothing:
+///   which backend takes a request is decided in [`call`](Service::call), because a policy
+///   may need the request (hashing), and because a shared balancer cannot hold a reservation
+///   for a clone that may never call.
+/// - `call` picks a backend from the current snapshot. If none can take the request (empty
+///   set, all unhealthy) the returned future fails at once with
+///   [`NoHealthyBackend`](super::error::NoHealthyBackend); it never waits for a backend to
+///   come back.
+/// - Otherwise the future drives a clone of the chosen backend's service to readiness and
+///   then calls it ([`Oneshot`](tower::util::Oneshot)). A backend that is not ready holds up
+///   only the requests picked for it; they count as in flight, so least connections steers
+///   away from it. Its readiness errors are the request's error.
+/// - The request counts as in flight on its backend from the pick until the
+///   [`TrackCompletion`] `C` drops the [`InFlight`] guard: by default when the response
+///   arrives; with [`TrackBody`](crate::http::TrackBody), when the response body ends.
+///   Dropping the future (cancellation) and errors end it too.
+pub struct Balance<K, S, P: Policy, E = NoKey, C = CompleteOnResponse> {
+    backends: Backends<K, S, P>,
+    key: E,
+    completion: C,
+}
+
+impl<K, S, P: Policy> Balance<K, S, P> {
+    /// A balancer over `backends`, with no hashing key and requests complete on response.
+    pub fn new(backends: Backends<K, S, P>) -> Self {
+        Balance {
+            backends,
+            key: NoKey,
+            completion: CompleteOnResponse::default(),
+        }
+    }
+}
+
+impl<K, S, P: Policy, E, C> Balance<K, S, P, E, C> {
+    /// Takes the hashing key of each request from `key`.
+    pub fn with_key<E2>(self, key: E2) -> Balance<K, S, P, E2, C> {
+        Balance {
+            backends: self.backends,
+            key,
+            completion: self.completion,
+        }
+    }
+
+    /// Decides with `completion` when a request stops counting as in flight.
+    pub fn with_completion<C2>(self, completion: C2) -> Balance<K, S, P, E, C2> {
+        Balance {
+            backends: self.backends,
+            key: self.key,
+            completion,
+        }
+    }
+
+    /// The backend set, to change it at run time.
+    pub fn get_ref(&self) -> &Backends<K, S, P> {
+        &self.backends
+    }
+
+    /// The backend set, mutably.
+    pub fn get_mut(&mut self) -> &mut Backends<K, S, P> {
+        &mut self.backends
+    }
+
+    /// The backend set.
+    pub fn into_inner(self) -> Backends<K, S, P> {
+        self.backends
+    }
+}
+
+impl<K, S, P, E, C, Req> Service<Req> for Balance<K, S, P, E, C>
+where
+    K: Hash + Eq + Clone,
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    P: Policy,
+    E: RequestKey<Req>,
+    C: TrackCompletion<InFlight, S::Response>,
+{
+    type Response = C::Output;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, C>;
+
+    #[inline]
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, request: Req) -> Self::Future {
+        let key = self.key.key(&request);
+        let completion = self.completion.clone();
+        self.backends.with_snapshot(|snapshot| match snapshot.pick(key) {
+            Some(index) => {
+                let (service, guard) = snapshot.start(index);
+                ResponseFuture::called(service.clone(), request, guard, completion)
+            }
+            None => ResponseFuture::unavailable(completion),
+        })
+    }
+}
+
+impl<K, S, P: Policy, E: Clone, C: Clone> Clone for Balance<K, S, P, E, C> {
+    fn clone(&self) -> Self {
+        Balance {
+            backends: self.backends.clone(),
+            key: self.key.clone(),
+            completion: self.completion.clone(),
+        }
+    }
+}
+
+impl<K: fmt::Debug, S, P: Policy + fmt::Debug, E: fmt::Debug, C> fmt::Debug for Balance<K, S, P, E, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("backends", &self.backends)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}

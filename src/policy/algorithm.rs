@@ -1,0 +1,131 @@
+//! The built-in policies, chosen at run time.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::{Endpoint, Hashing, LeastConnections, Policy, RoundRobin};
+use super::{HashingTable, LeastConnectionsTable, RoundRobinTable};
+
+/// One of the built-in policies, chosen by name at run time (`config.json`'s `algorithm`).
+///
+/// ```
+/// use tower_lb::policy::Algorithm;
+/// let algorithm: Algorithm = "least_connections".parse().unwrap();
+/// assert_eq!(algorithm.name(), "least_connections");
+/// assert!("fastest".parse::<Algorithm>().is_err());
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Algorithm {
+    /// [`RoundRobin`].
+    RoundRobin(RoundRobin),
+    /// [`LeastConnections`].
+    LeastConnections(LeastConnections),
+    /// [`Hashing`].
+    Hashing(Hashing),
+}
+
+/// The table of an [`Algorithm`]: that of the policy it wraps.
+#[derive(Debug)]
+#[allow(missing_docs)]
+pub enum AlgorithmTable {
+    RoundRobin(RoundRobinTable),
+    LeastConnections(LeastConnectionsTable),
+    Hashing(HashingTable),
+}
+
+impl Algorithm {
+    /// The names accepted by [`FromStr`], in the order of the docs.
+    pub const NAMES: [&'static str; 3] = ["round_robin", "least_connections", "hashing"];
+
+    /// The configuration name of this algorithm.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin(_) => "round_robin",
+            Algorithm::LeastConnections(_) => "least_connections",
+            Algorithm::Hashing(_) => "hashing",
+        }
+    }
+}
+
+/// A clone is the same algorithm with fresh state.
+impl Clone for Algorithm {
+    fn clone(&self) -> Self {
+        match self {
+            Algorithm::RoundRobin(p) => Algorithm::RoundRobin(p.clone()),
+            Algorithm::LeastConnections(p) => Algorithm::LeastConnections(p.clone()),
+            Algorithm::Hashing(p) => Algorithm::Hashing(p.clone()),
+        }
+    }
+}
+
+impl Default for Algorithm {
+    fn default() -> Self {
+        Algorithm::RoundRobin(RoundRobin::new())
+    }
+}
+
+/// The error of parsing an [`Algorithm`] name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownAlgorithm(pub String);
+
+impl fmt::Display for UnknownAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown algorithm {:?} (expected one of: {})",
+            self.0,
+            Algorithm::NAMES.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownAlgorithm {}
+
+impl FromStr for Algorithm {
+    type Err = UnknownAlgorithm;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "round_robin" => Algorithm::RoundRobin(RoundRobin::new()),
+            "least_connections" => Algorithm::LeastConnections(LeastConnections::new()),
+            "hashing" => Algorithm::Hashing(Hashing::new()),
+            other => return Err(UnknownAlgorithm(other.to_owned())),
+        })
+    }
+}
+
+impl Policy for Algorithm {
+    type Table = AlgorithmTable;
+
+    fn build(&self, endpoints: &[Endpoint], previous: Option<&AlgorithmTable>) -> AlgorithmTable {
+        use AlgorithmTable as T;
+        match self {
+            Algorithm::RoundRobin(p) => T::RoundRobin(p.build(endpoints, match previous {
+                Some(T::RoundRobin(t)) => Some(t),
+                _ => None,
+            })),
+            Algorithm::LeastConnections(p) => T::LeastConnections(p.build(endpoints, match previous {
+                Some(T::LeastConnections(t)) => Some(t),
+                _ => None,
+            })),
+            Algorithm::Hashing(p) => T::Hashing(p.build(endpoints, match previous {
+                Some(T::Hashing(t)) => Some(t),
+                _ => None,
+            })),
+        }
+    }
+
+    #[inline]
+    fn pick(&self, table: &AlgorithmTable, endpoints: &[Endpoint], key: Option<u64>) -> Option<usize> {
+        match (self, table) {
+            (Algorithm::RoundRobin(p), AlgorithmTable::RoundRobin(t)) => p.pick(t, endpoints, key),
+            (Algorithm::LeastConnections(p), AlgorithmTable::LeastConnections(t)) => {
+                p.pick(t, endpoints, key)
+            }
+            (Algorithm::Hashing(p), AlgorithmTable::Hashing(t)) => p.pick(t, endpoints, key),
+            // A snapshot always pairs a policy with the table it built.
+            _ => unreachable!("policy and table of one snapshot always match"),
+        }
+    }
+}

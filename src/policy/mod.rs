@@ -1,0 +1,187 @@
+//! Backend selection policies.
+//!
+//! A [`Policy`] decides which backend of the current set takes a request. The balancer calls
+//! it in two places:
+//!
+//! - [`Policy::build`] runs off the request path, whenever the backend set, a weight or a
+//!   health state changes. It derives whatever table the policy needs (a weighted sequence,
+//!   a hash ring) from the [`Endpoint`]s. It gets the previous table, so that a policy can
+//!   keep an expensive structure when only health changed.
+//! - [`Policy::pick`] runs once per request, against an immutable snapshot: no lock is
+//!   taken. It returns the index of a healthy endpoint, or `None` when no endpoint can take
+//!   the request, which the balancer turns into an immediate
+//!   [`NoHealthyBackend`](crate::balance::error::NoHealthyBackend) error.
+//!
+//! The built-in policies, one file each:
+//!
+//! | policy | picks | state per pick |
+//! | --- | --- | --- |
+//! | [`RoundRobin`] | the next entry of a smooth weighted round-robin sequence | one atomic counter |
+//! | [`LeastConnections`] | the fewest requests in flight relative to weight; ties rotate | one scan |
+//! | [`Hashing`] | the owner of the request's key on a consistent hash ring | one table lookup |
+//!
+//! [`Algorithm`] wraps the three so that the choice can be made (and changed) at run time,
+//! for example from a configuration file.
+//!
+//! # Examples
+//!
+//! A custom policy is one type and one trait impl. This one sends everything to the first
+//! healthy backend, the others being standbys:
+//!
+//! ```
+//! use tower_lb::policy::{Endpoint, Policy};
+//!
+//! #[derive(Debug)]
+//! struct FirstHealthy;
+//!
+//! impl Policy for FirstHealthy {
+//!     type Table = ();
+//!
+//!     fn build(&self, _endpoints: &[Endpoint], _previous: Option<&()>) {}
+//!
+//!     fn pick(&self, _table: &(), endpoints: &[Endpoint], _key: Option<u64>) -> Option<usize> {
+//!         endpoints.iter().position(Endpoint::is_healthy)
+//!     }
+//! }
+//!
+//! let backends = tower_lb::Backends::new(FirstHealthy);
+//! backends.insert("primary", ());
+//! backends.insert("standby", ());
+//! assert_eq!(backends.pick(None), Some("primary"));
+//! backends.set_healthy(&"primary", false);
+//! assert_eq!(backends.pick(None), Some("standby"));
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+mod algorithm;
+mod hashing;
+mod least_connections;
+mod round_robin;
+
+pub use self::algorithm::{Algorithm, AlgorithmTable, UnknownAlgorithm};
+pub use self::hashing::{stable_hash, Hashing, HashingTable};
+pub use self::least_connections::{LeastConnections, LeastConnectionsTable};
+pub use self::round_robin::{RoundRobin, RoundRobinTable};
+
+/// Chooses a backend for each request. See the [module docs](self).
+pub trait Policy: Send + Sync + 'static {
+    /// What the policy derives from the backend set, rebuilt only when the set changes.
+    type Table: Send + Sync + 'static;
+
+    /// Builds the table for `endpoints`; `previous` is the table of the snapshot being
+    /// replaced, if any (and if it was built by this same policy value).
+    fn build(&self, endpoints: &[Endpoint], previous: Option<&Self::Table>) -> Self::Table;
+
+    /// Picks the index of a healthy endpoint for a request whose key (for hashing) is `key`.
+    ///
+    /// Returns `None` only when no endpoint can take the request.
+    fn pick(&self, table: &Self::Table, endpoints: &[Endpoint], key: Option<u64>) -> Option<usize>;
+}
+
+/// What a policy sees of one backend.
+///
+/// `weight`, health and identity are fixed for the life of one snapshot; the in-flight count
+/// is live, shared by every snapshot the backend appears in.
+#[derive(Clone)]
+pub struct Endpoint {
+    id: u64,
+    weight: u32,
+    healthy: bool,
+    load: Arc<Load>,
+}
+
+impl Endpoint {
+    pub(crate) fn new(id: u64, weight: u32, healthy: bool, load: Arc<Load>) -> Self {
+        Self {
+            id,
+            weight: weight.max(1),
+            healthy,
+            load,
+        }
+    }
+
+    /// A stable identity: the [`stable_hash`] of the backend's key. The same key has the same
+    /// id in every process, which is what makes hashing agree across proxies.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The backend's weight, at least 1.
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// Whether the backend may take new requests.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy
+    }
+
+    /// Requests picked for this backend that have not finished yet.
+    pub fn in_flight(&self) -> usize {
+        self.load.get()
+    }
+
+    pub(crate) fn load(&self) -> &Arc<Load> {
+        &self.load
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("id", &format_args!("{:#018x}", self.id))
+            .field("weight", &self.weight)
+            .field("healthy", &self.healthy)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// The in-flight counter of one backend.
+#[derive(Debug, Default)]
+pub(crate) struct Load(AtomicUsize);
+
+impl Load {
+    pub(crate) fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn incr(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn decr(&self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// Indices of the healthy endpoints, the starting point of most tables.
+pub(crate) fn healthy_indices(endpoints: &[Endpoint]) -> Vec<u32> {
+    endpoints
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.healthy)
+        .map(|(i, _)| i as u32)
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Endpoints with the given weights, all healthy, ids 0, 1, 2, ...
+    pub(crate) fn endpoints(weights: &[u32]) -> Vec<Endpoint> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Endpoint::new(stable_hash(&i), w, true, Arc::default()))
+            .collect()
+    }
+
+    pub(crate) fn set_health(endpoints: &mut [Endpoint], i: usize, healthy: bool) {
+        endpoints[i].healthy = healthy;
+    }
+}
