@@ -100,7 +100,10 @@ impl<K, S, P: Policy> Snapshot<K, S, P> {
 
     /// Keys and endpoints, in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &Endpoint)> {
-        self.members.iter().map(|(k, _)| k).zip(self.endpoints.iter())
+        self.members
+            .iter()
+            .map(|(k, _)| k)
+            .zip(self.endpoints.iter())
     }
 
     /// The policy in force.
@@ -149,11 +152,16 @@ impl<K: Hash + Eq, S, P> Update<'_, K, S, P> {
             Some(i) => {
                 let m = &mut self.writer.members[i];
                 m.service = service;
-                m.endpoint = Endpoint::new(m.endpoint.id(), weight, healthy, m.endpoint.load().clone());
+                m.endpoint =
+                    Endpoint::new(m.endpoint.id(), weight, healthy, m.endpoint.load().clone());
             }
             None => {
                 let endpoint = Endpoint::new(stable_hash(&key), weight, healthy, Arc::default());
-                self.writer.members.push(Member { key, service, endpoint });
+                self.writer.members.push(Member {
+                    key,
+                    service,
+                    endpoint,
+                });
             }
         }
     }
@@ -171,12 +179,16 @@ impl<K: Hash + Eq, S, P> Update<'_, K, S, P> {
 
     /// Sets whether a backend may take new requests; returns whether it was present.
     pub fn set_healthy(&mut self, key: &K, healthy: bool) -> bool {
-        self.modify(key, |e| Endpoint::new(e.id(), e.weight(), healthy, e.load().clone()))
+        self.modify(key, |e| {
+            Endpoint::new(e.id(), e.weight(), healthy, e.load().clone())
+        })
     }
 
     /// Sets a backend's weight (at least 1); returns whether it was present.
     pub fn set_weight(&mut self, key: &K, weight: u32) -> bool {
-        self.modify(key, |e| Endpoint::new(e.id(), weight, e.is_healthy(), e.load().clone()))
+        self.modify(key, |e| {
+            Endpoint::new(e.id(), weight, e.is_healthy(), e.load().clone())
+        })
     }
 
     /// Replaces the policy; its table is built from the new set.
@@ -252,7 +264,9 @@ where
     /// Applies a batch of changes and publishes the result as one snapshot.
     pub fn update<R>(&self, f: impl FnOnce(&mut Update<'_, K, S, P>) -> R) -> R {
         let mut writer = self.lock();
-        let out = f(&mut Update { writer: &mut writer });
+        let out = f(&mut Update {
+            writer: &mut writer,
+        });
         self.publish(&writer);
         out
     }
@@ -265,7 +279,8 @@ where
 
     fn publish(&self, writer: &Writer<K, S, P>) {
         let previous = self.shared.snapshot.load();
-        let endpoints: Box<[Endpoint]> = writer.members.iter().map(|m| m.endpoint.clone()).collect();
+        let endpoints: Box<[Endpoint]> =
+            writer.members.iter().map(|m| m.endpoint.clone()).collect();
         let same_policy = Arc::ptr_eq(&previous.policy, &writer.policy);
         let table = writer
             .policy
@@ -358,7 +373,7 @@ where
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let backends = Backends::<&str, (), _>::new(RoundRobin::new());
-    /// let changes = futures_util::stream::iter([
+    /// let changes = futures::stream::iter([
     ///     Ok::<_, std::convert::Infallible>(Change::Insert("a", ())),
     ///     Ok(Change::Insert("b", ())),
     ///     Ok(Change::Remove("a")),
@@ -441,6 +456,9 @@ impl<K, S, P: Policy> Snapshot<K, S, P> {
     /// Starts a request on the backend at `index`: its service and in-flight guard.
     #[inline]
     pub(crate) fn start(&self, index: usize) -> (&S, InFlight) {
-        (&self.members[index].1, InFlight::new(self.endpoints[index].load()))
+        (
+            &self.members[index].1,
+            InFlight::new(self.endpoints[index].load()),
+        )
     }
 }

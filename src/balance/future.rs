@@ -69,9 +69,13 @@ where
         let this = self.project();
         match this.state.project() {
             StateProj::Called { call } => {
-                let response = ready!(call.poll(cx)).map_err(Into::into)?;
+                let result = ready!(call.poll(cx));
+                // The request ends here unless the response carries the guard on.
                 let guard = this.guard.take().expect("polled after completion");
-                Poll::Ready(Ok(this.completion.track_completion(guard, response)))
+                Poll::Ready(match result {
+                    Ok(response) => Ok(this.completion.track_completion(guard, response)),
+                    Err(error) => Err(error.into()),
+                })
             }
             StateProj::Failed { error } => {
                 Poll::Ready(Err(error.take().expect("polled after completion")))

@@ -39,7 +39,7 @@ where
 ///
 /// ```
 /// use std::convert::Infallible;
-/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+/// use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 /// use tower_lb::{policy::RoundRobin, BalanceLayer};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {

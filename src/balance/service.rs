@@ -108,13 +108,14 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let key = self.key.key(&request);
         let completion = self.completion.clone();
-        self.backends.with_snapshot(|snapshot| match snapshot.pick(key) {
-            Some(index) => {
-                let (service, guard) = snapshot.start(index);
-                ResponseFuture::called(service.clone(), request, guard, completion)
-            }
-            None => ResponseFuture::unavailable(completion),
-        })
+        self.backends
+            .with_snapshot(|snapshot| match snapshot.pick(key) {
+                Some(index) => {
+                    let (service, guard) = snapshot.start(index);
+                    ResponseFuture::called(service.clone(), request, guard, completion)
+                }
+                None => ResponseFuture::unavailable(completion),
+            })
     }
 }
 
@@ -128,7 +129,9 @@ impl<K, S, P: Policy, E: Clone, C: Clone> Clone for Balance<K, S, P, E, C> {
     }
 }
 
-impl<K: fmt::Debug, S, P: Policy + fmt::Debug, E: fmt::Debug, C> fmt::Debug for Balance<K, S, P, E, C> {
+impl<K: fmt::Debug, S, P: Policy + fmt::Debug, E: fmt::Debug, C> fmt::Debug
+    for Balance<K, S, P, E, C>
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Balance")
             .field("backends", &self.backends)

@@ -101,23 +101,37 @@ impl Policy for Algorithm {
     fn build(&self, endpoints: &[Endpoint], previous: Option<&AlgorithmTable>) -> AlgorithmTable {
         use AlgorithmTable as T;
         match self {
-            Algorithm::RoundRobin(p) => T::RoundRobin(p.build(endpoints, match previous {
-                Some(T::RoundRobin(t)) => Some(t),
-                _ => None,
-            })),
-            Algorithm::LeastConnections(p) => T::LeastConnections(p.build(endpoints, match previous {
-                Some(T::LeastConnections(t)) => Some(t),
-                _ => None,
-            })),
-            Algorithm::Hashing(p) => T::Hashing(p.build(endpoints, match previous {
-                Some(T::Hashing(t)) => Some(t),
-                _ => None,
-            })),
+            Algorithm::RoundRobin(p) => T::RoundRobin(p.build(
+                endpoints,
+                match previous {
+                    Some(T::RoundRobin(t)) => Some(t),
+                    _ => None,
+                },
+            )),
+            Algorithm::LeastConnections(p) => T::LeastConnections(p.build(
+                endpoints,
+                match previous {
+                    Some(T::LeastConnections(t)) => Some(t),
+                    _ => None,
+                },
+            )),
+            Algorithm::Hashing(p) => T::Hashing(p.build(
+                endpoints,
+                match previous {
+                    Some(T::Hashing(t)) => Some(t),
+                    _ => None,
+                },
+            )),
         }
     }
 
     #[inline]
-    fn pick(&self, table: &AlgorithmTable, endpoints: &[Endpoint], key: Option<u64>) -> Option<usize> {
+    fn pick(
+        &self,
+        table: &AlgorithmTable,
+        endpoints: &[Endpoint],
+        key: Option<u64>,
+    ) -> Option<usize> {
         match (self, table) {
             (Algorithm::RoundRobin(p), AlgorithmTable::RoundRobin(t)) => p.pick(t, endpoints, key),
             (Algorithm::LeastConnections(p), AlgorithmTable::LeastConnections(t)) => {

@@ -125,7 +125,12 @@ impl Policy for Hashing {
     }
 
     #[inline]
-    fn pick(&self, table: &HashingTable, endpoints: &[Endpoint], key: Option<u64>) -> Option<usize> {
+    fn pick(
+        &self,
+        table: &HashingTable,
+        endpoints: &[Endpoint],
+        key: Option<u64>,
+    ) -> Option<usize> {
         if table.healthy == 0 {
             return None;
         }
@@ -210,7 +215,10 @@ mod tests {
     #[test]
     fn same_set_same_mapping() {
         let eps = endpoints(&[1, 1, 1, 1]);
-        assert_eq!(map(&Hashing::new(), &eps, 1000), map(&Hashing::new(), &eps, 1000));
+        assert_eq!(
+            map(&Hashing::new(), &eps, 1000),
+            map(&Hashing::new(), &eps, 1000)
+        );
     }
 
     #[test]
@@ -233,7 +241,12 @@ mod tests {
             let before = map(&Hashing::new(), &eps, KEYS);
             let gone = n / 2;
             // Removed from the set: the survivors keep their ids, in a shorter list.
-            let rest: Vec<Endpoint> = eps.iter().enumerate().filter(|(i, _)| *i != gone).map(|(_, e)| e.clone()).collect();
+            let rest: Vec<Endpoint> = eps
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != gone)
+                .map(|(_, e)| e.clone())
+                .collect();
             let after = map(&Hashing::new(), &rest, KEYS);
             let mut moved = 0;
             for (b, a) in before.iter().zip(&after) {
@@ -264,7 +277,12 @@ mod tests {
             }
         }
         // Same as a ring built without it.
-        let rest: Vec<Endpoint> = eps.iter().enumerate().filter(|(i, _)| *i != 3).map(|(_, e)| e.clone()).collect();
+        let rest: Vec<Endpoint> = eps
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 3)
+            .map(|(_, e)| e.clone())
+            .collect();
         let without = map(&policy, &rest, 5_000);
         for (d, w) in during.iter().zip(&without) {
             assert_eq!(eps[*d].id(), rest[*w].id());

@@ -1,6 +1,6 @@
 //! Fewest requests in flight, relative to weight.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 use std::sync::Arc;
 
 use super::{Endpoint, Load, Policy};
@@ -10,19 +10,17 @@ use super::{Endpoint, Load, Policy};
 /// A request counts from the pick until its response is finished or dropped (for HTTP,
 /// until the response body ends; see [`Balance`](crate::Balance)). Ties are broken by
 /// rotating the starting point of the scan, so that an idle pool is used round-robin rather
-/// than always from its first backend.
+/// than always from its first backend. The rotation is per thread: a shared counter would
+/// cost a contended atomic on every pick for no better spread.
 ///
-/// A pick scans the healthy backends once: O(n), with the counters laid out in one array.
-#[derive(Debug, Default)]
+/// A pick scans the healthy backends once: O(n).
+#[derive(Debug, Default, Clone)]
 pub struct LeastConnections {
-    rotor: AtomicUsize,
+    _priv: (),
 }
 
-/// A clone has the same configuration and a fresh rotation.
-impl Clone for LeastConnections {
-    fn clone(&self) -> Self {
-        Self::default()
-    }
+thread_local! {
+    static ROTOR: Cell<usize> = const { Cell::new(0) };
 }
 
 impl LeastConnections {
@@ -36,6 +34,8 @@ impl LeastConnections {
 #[derive(Debug)]
 pub struct LeastConnectionsTable {
     candidates: Box<[Candidate]>,
+    /// All weights are equal: compare counts directly.
+    uniform: bool,
 }
 
 #[derive(Debug)]
@@ -58,8 +58,12 @@ impl Policy for LeastConnections {
                 weight: u64::from(e.weight()),
                 index,
             })
-            .collect();
-        LeastConnectionsTable { candidates }
+            .collect::<Box<[Candidate]>>();
+        let uniform = candidates.windows(2).all(|w| w[0].weight == w[1].weight);
+        LeastConnectionsTable {
+            candidates,
+            uniform,
+        }
     }
 
     #[inline]
@@ -68,16 +72,30 @@ impl Policy for LeastConnections {
         if candidates.is_empty() {
             return None;
         }
-        let start = self.rotor.fetch_add(1, Ordering::Relaxed) % candidates.len();
+        let start = ROTOR.with(|r| {
+            let n = r.get();
+            r.set(n.wrapping_add(1));
+            n % candidates.len()
+        });
         let (tail, head) = candidates.split_at(start);
         let mut best = &head[0];
         let mut best_load = best.load.get() as u64;
-        // a / wa < b / wb  <=>  a * wb < b * wa, in integers.
-        for c in head[1..].iter().chain(tail) {
-            let load = c.load.get() as u64;
-            if load * best.weight < best_load * c.weight {
-                best = c;
-                best_load = load;
+        if table.uniform {
+            for c in head[1..].iter().chain(tail) {
+                let load = c.load.get() as u64;
+                if load < best_load {
+                    best = c;
+                    best_load = load;
+                }
+            }
+        } else {
+            // a / wa < b / wb  <=>  a * wb < b * wa, in integers.
+            for c in head[1..].iter().chain(tail) {
+                let load = c.load.get() as u64;
+                if load * best.weight < best_load * c.weight {
+                    best = c;
+                    best_load = load;
+                }
             }
         }
         Some(best.index)
@@ -110,7 +128,9 @@ mod tests {
         let eps = endpoints(&[1, 1, 1]);
         let policy = LeastConnections::new();
         let table = policy.build(&eps, None);
-        let picks: Vec<_> = (0..6).map(|_| policy.pick(&table, &eps, None).unwrap()).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| policy.pick(&table, &eps, None).unwrap())
+            .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 

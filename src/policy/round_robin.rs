@@ -48,7 +48,11 @@ const MAX_NAIVE_WORK: u64 = 1 << 24;
 impl Policy for RoundRobin {
     type Table = RoundRobinTable;
 
-    fn build(&self, endpoints: &[Endpoint], _previous: Option<&RoundRobinTable>) -> RoundRobinTable {
+    fn build(
+        &self,
+        endpoints: &[Endpoint],
+        _previous: Option<&RoundRobinTable>,
+    ) -> RoundRobinTable {
         let healthy = healthy_indices(endpoints);
         let weights: Vec<u64> = healthy
             .iter()
@@ -186,11 +190,18 @@ mod tests {
     fn stride_fallback_keeps_proportions_and_spreads() {
         // 2,000 items with total weight 20,000 go past the naive bound.
         let items: Vec<u32> = (0..2000).collect();
-        let weights: Vec<u64> = (0..2000).map(|i| if i == 0 { 1001 } else { 9 + i % 3 }).collect();
+        let weights: Vec<u64> = (0..2000)
+            .map(|i| if i == 0 { 1001 } else { 9 + i % 3 })
+            .collect();
         assert!(items.len() as u64 * weights.iter().sum::<u64>() > MAX_NAIVE_WORK);
         let cycle = smooth_cycle(&items, &weights);
         assert_eq!(cycle.len() as u64, weights.iter().sum::<u64>());
-        let heavy: Vec<usize> = cycle.iter().enumerate().filter(|(_, &x)| x == 0).map(|(i, _)| i).collect();
+        let heavy: Vec<usize> = cycle
+            .iter()
+            .enumerate()
+            .filter(|(_, &x)| x == 0)
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(heavy.len(), 1001);
         // Smooth: the heavy item never comes back-to-back more than its share allows.
         let max_gap = heavy.windows(2).map(|w| w[1] - w[0]).max().unwrap();
