@@ -144,17 +144,39 @@ async fn a_backend_that_is_not_ready_holds_up_only_its_requests() {
 }
 
 #[tokio::test]
-async fn readiness_errors_fail_only_that_request() {
+async fn a_readiness_error_retries_once_on_another_backend() {
     let (backends, mut handles) = mocks(RoundRobin::new(), &["bad", "good"]);
-    handles[0].send_error("not ready");
+    handles[0].send_error("connect refused");
     let lb = Balance::new(backends.clone());
-    let mut bad = task::spawn(lb.clone().oneshot("1"));
-    assert_eq!(assert_ready_err!(bad.poll()).to_string(), "not ready");
-    let mut good = task::spawn(lb.clone().oneshot("2"));
-    assert_pending!(good.poll());
-    answer(&mut handles[1], "good").await;
-    assert_eq!(assert_ready_ok!(good.poll()), "good");
+    // Picked for "bad", whose readiness fails before it got the request: "good" gets it.
+    let mut fut = task::spawn(lb.clone().oneshot("1"));
+    assert_pending!(fut.poll());
     assert_eq!(backends.in_flight(&"bad"), Some(0));
+    assert_eq!(backends.in_flight(&"good"), Some(1));
+    assert_eq!(answer(&mut handles[1], "good").await, "1");
+    assert_eq!(assert_ready_ok!(fut.poll()), "good");
+    assert_eq!(backends.in_flight(&"good"), Some(0));
+}
+
+#[tokio::test]
+async fn a_readiness_error_with_nowhere_else_to_go_is_the_error() {
+    let (backends, mut handles) = mocks(RoundRobin::new(), &["only"]);
+    handles[0].send_error("connect refused");
+    let lb = Balance::new(backends.clone());
+    let mut fut = task::spawn(lb.clone().oneshot("1"));
+    assert_eq!(assert_ready_err!(fut.poll()).to_string(), "connect refused");
+    assert_eq!(backends.in_flight(&"only"), Some(0));
+
+    // Two failing backends: one retry, then the second error.
+    let (backends, mut handles) = mocks(RoundRobin::new(), &["a", "b", "c"]);
+    handles[0].send_error("a refused");
+    handles[1].send_error("b refused");
+    let lb = Balance::new(backends.clone());
+    let mut fut = task::spawn(lb.clone().oneshot("1"));
+    assert_eq!(assert_ready_err!(fut.poll()).to_string(), "b refused");
+    assert!(["a", "b", "c"]
+        .iter()
+        .all(|k| backends.in_flight(k) == Some(0)));
 }
 
 #[tokio::test]

@@ -349,6 +349,24 @@ where
         self.with_snapshot(|s| s.pick(key).map(|i| s.members[i].0.clone()))
     }
 
+    /// Starts a request on another backend than the one with id `failed`, for a request
+    /// that one could not take.
+    pub(crate) fn start_excluding(
+        &self,
+        key: Option<u64>,
+        failed: u64,
+    ) -> Option<(S, InFlight, u64)> {
+        self.with_snapshot(|s| {
+            let index = match s.endpoints.iter().position(|e| e.id() == failed) {
+                Some(exclude) => s
+                    .policy
+                    .pick_excluding(&s.table, &s.endpoints, key, exclude),
+                None => s.pick(key),
+            };
+            index.map(|i| s.start(i))
+        })
+    }
+
     /// Whether a backend is healthy, or `None` if it is not in the set.
     pub fn is_healthy(&self, key: &K) -> Option<bool> {
         self.find(key, Endpoint::is_healthy)
@@ -452,13 +470,15 @@ impl fmt::Debug for InFlight {
     }
 }
 
-impl<K, S, P: Policy> Snapshot<K, S, P> {
-    /// Starts a request on the backend at `index`: its service and in-flight guard.
+impl<K, S: Clone, P: Policy> Snapshot<K, S, P> {
+    /// Starts a request on the backend at `index`: its service, in-flight guard and id.
     #[inline]
-    pub(crate) fn start(&self, index: usize) -> (&S, InFlight) {
+    pub(crate) fn start(&self, index: usize) -> (S, InFlight, u64) {
+        let endpoint = &self.endpoints[index];
         (
-            &self.members[index].1,
-            InFlight::new(self.endpoints[index].load()),
+            self.members[index].1.clone(),
+            InFlight::new(endpoint.load()),
+            endpoint.id(),
         )
     }
 }

@@ -2,27 +2,30 @@
 
 use std::fmt;
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
 use tower::load::completion::TrackCompletion;
-use tower::util::Oneshot;
 use tower_service::Service;
 
 use super::error::NoHealthyBackend;
-use super::InFlight;
+use super::{Backends, InFlight};
+use crate::policy::Policy;
 use crate::BoxError;
 
 pin_project! {
     /// Response future of [`Balance`](super::Balance).
     ///
     /// It carries the request's [`InFlight`] guard: dropping the future (cancelling the
-    /// request) ends the request for the policy's bookkeeping.
-    pub struct ResponseFuture<S: Service<Req>, Req, C> {
+    /// request) ends the request for the policy's bookkeeping. If the chosen backend fails
+    /// to become ready, the request (never handed to it) is tried once on another backend.
+    pub struct ResponseFuture<K, S: Service<Req>, P: Policy, Req, C> {
         #[pin]
         state: State<S, Req>,
         guard: Option<InFlight>,
+        retry: Option<Retry<K, S, P>>,
         completion: C,
     }
 }
@@ -30,18 +33,38 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S: Service<Req>, Req> {
-        Called { #[pin] call: Oneshot<S, Req> },
+        Ready { service: S, request: Option<Req> },
+        Called { #[pin] call: S::Future },
         Failed { error: Option<BoxError> },
     }
 }
 
-impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
-    pub(crate) fn called(service: S, request: Req, guard: InFlight, completion: C) -> Self {
+/// What it takes to pick again.
+struct Retry<K, S, P: Policy> {
+    backends: Backends<K, S, P>,
+    key: Option<u64>,
+    failed: u64,
+}
+
+impl<K, S: Service<Req>, P: Policy, Req, C> ResponseFuture<K, S, P, Req, C> {
+    pub(crate) fn called(
+        service: S,
+        request: Req,
+        guard: InFlight,
+        retry: (Backends<K, S, P>, Option<u64>, u64),
+        completion: C,
+    ) -> Self {
         ResponseFuture {
-            state: State::Called {
-                call: Oneshot::new(service, request),
+            state: State::Ready {
+                service,
+                request: Some(request),
             },
             guard: Some(guard),
+            retry: Some(Retry {
+                backends: retry.0,
+                key: retry.1,
+                failed: retry.2,
+            }),
             completion,
         }
     }
@@ -52,39 +75,75 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
                 error: Some(NoHealthyBackend::new().into()),
             },
             guard: None,
+            retry: None,
             completion,
         }
     }
 }
 
-impl<S, Req, C> Future for ResponseFuture<S, Req, C>
+impl<K, S, P, Req, C> Future for ResponseFuture<K, S, P, Req, C>
 where
-    S: Service<Req>,
+    K: Hash + Eq + Clone,
+    S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
+    P: Policy,
     C: TrackCompletion<InFlight, S::Response>,
 {
     type Output = Result<C::Output, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        match this.state.project() {
-            StateProj::Called { call } => {
-                let result = ready!(call.poll(cx));
-                // The request ends here unless the response carries the guard on.
-                let guard = this.guard.take().expect("polled after completion");
-                Poll::Ready(match result {
-                    Ok(response) => Ok(this.completion.track_completion(guard, response)),
-                    Err(error) => Err(error.into()),
-                })
-            }
-            StateProj::Failed { error } => {
-                Poll::Ready(Err(error.take().expect("polled after completion")))
-            }
+        let mut this = self.project();
+        loop {
+            let next = match this.state.as_mut().project() {
+                StateProj::Ready { service, request } => match ready!(service.poll_ready(cx)) {
+                    Ok(()) => {
+                        let request = request.take().expect("polled after completion");
+                        State::Called {
+                            call: service.call(request),
+                        }
+                    }
+                    Err(error) => {
+                        let error = error.into();
+                        let again = this
+                            .retry
+                            .take()
+                            .and_then(|r| r.backends.start_excluding(r.key, r.failed));
+                        match (again, request.take()) {
+                            (Some((service, guard, _)), Some(request)) => {
+                                tracing::debug!(%error, "backend not ready; trying another");
+                                *this.guard = Some(guard);
+                                State::Ready {
+                                    service,
+                                    request: Some(request),
+                                }
+                            }
+                            _ => {
+                                this.guard.take();
+                                return Poll::Ready(Err(error));
+                            }
+                        }
+                    }
+                },
+                StateProj::Called { call } => {
+                    let result = ready!(call.poll(cx));
+                    // The request ends here unless the response carries the guard on.
+                    let guard = this.guard.take().expect("polled after completion");
+                    this.retry.take();
+                    return Poll::Ready(match result {
+                        Ok(response) => Ok(this.completion.track_completion(guard, response)),
+                        Err(error) => Err(error.into()),
+                    });
+                }
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(error.take().expect("polled after completion")));
+                }
+            };
+            this.state.set(next);
         }
     }
 }
 
-impl<S: Service<Req>, Req, C> fmt::Debug for ResponseFuture<S, Req, C> {
+impl<K, S: Service<Req>, P: Policy, Req, C> fmt::Debug for ResponseFuture<K, S, P, Req, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

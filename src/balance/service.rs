@@ -27,9 +27,12 @@ use crate::BoxError;
 ///   [`NoHealthyBackend`](super::error::NoHealthyBackend); it never waits for a backend to
 ///   come back.
 /// - Otherwise the future drives a clone of the chosen backend's service to readiness and
-///   then calls it ([`Oneshot`](tower::util::Oneshot)). A backend that is not ready holds up
-///   only the requests picked for it; they count as in flight, so least connections steers
-///   away from it. Its readiness errors are the request's error.
+///   then calls it. A backend that is not ready holds up only the requests picked for it;
+///   they count as in flight, so least connections steers away from it.
+/// - A backend whose readiness fails never received the request, so the request is tried
+///   once more on another backend ([`Policy::pick_excluding`]); if there is none, or that
+///   one fails too, the readiness error is the request's error. (For HTTP, readiness is
+///   the connection: a refused connect is retried elsewhere.)
 /// - The request counts as in flight on its backend from the pick until the
 ///   [`TrackCompletion`] `C` drops the [`InFlight`] guard: by default when the response
 ///   arrives; with [`TrackBody`](crate::http::TrackBody), when the response body ends.
@@ -97,7 +100,7 @@ where
 {
     type Response = C::Output;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req, C>;
+    type Future = ResponseFuture<K, S, P, Req, C>;
 
     #[inline]
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -111,8 +114,9 @@ where
         self.backends
             .with_snapshot(|snapshot| match snapshot.pick(key) {
                 Some(index) => {
-                    let (service, guard) = snapshot.start(index);
-                    ResponseFuture::called(service.clone(), request, guard, completion)
+                    let (service, guard, id) = snapshot.start(index);
+                    let retry = (self.backends.clone(), key, id);
+                    ResponseFuture::called(service, request, guard, retry, completion)
                 }
                 None => ResponseFuture::unavailable(completion),
             })

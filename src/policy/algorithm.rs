@@ -142,4 +142,24 @@ impl Policy for Algorithm {
             _ => unreachable!("policy and table of one snapshot always match"),
         }
     }
+
+    fn pick_excluding(
+        &self,
+        table: &AlgorithmTable,
+        endpoints: &[Endpoint],
+        key: Option<u64>,
+        exclude: usize,
+    ) -> Option<usize> {
+        use AlgorithmTable as T;
+        match (self, table) {
+            (Algorithm::RoundRobin(p), T::RoundRobin(t)) => {
+                p.pick_excluding(t, endpoints, key, exclude)
+            }
+            (Algorithm::LeastConnections(p), T::LeastConnections(t)) => {
+                p.pick_excluding(t, endpoints, key, exclude)
+            }
+            (Algorithm::Hashing(p), T::Hashing(t)) => p.pick_excluding(t, endpoints, key, exclude),
+            _ => unreachable!("policy and table of one snapshot always match"),
+        }
+    }
 }

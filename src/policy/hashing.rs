@@ -131,7 +131,33 @@ impl Policy for Hashing {
         endpoints: &[Endpoint],
         key: Option<u64>,
     ) -> Option<usize> {
-        if table.healthy == 0 {
+        self.walk(table, endpoints, key, None)
+    }
+
+    /// The next healthy owner on the ring after the key's, skipping `exclude`: where the key
+    /// would go if `exclude` were unhealthy.
+    fn pick_excluding(
+        &self,
+        table: &HashingTable,
+        endpoints: &[Endpoint],
+        key: Option<u64>,
+        exclude: usize,
+    ) -> Option<usize> {
+        self.walk(table, endpoints, key, Some(exclude))
+    }
+}
+
+impl Hashing {
+    #[inline]
+    fn walk(
+        &self,
+        table: &HashingTable,
+        endpoints: &[Endpoint],
+        key: Option<u64>,
+        skip: Option<usize>,
+    ) -> Option<usize> {
+        let usable = table.healthy - usize::from(skip.is_some_and(|i| endpoints[i].is_healthy()));
+        if usable == 0 {
             return None;
         }
         let ring = &*table.ring;
@@ -140,10 +166,10 @@ impl Policy for Hashing {
             None => mix(self.unkeyed.fetch_add(1, Ordering::Relaxed)),
         };
         let mut at = ring.buckets[(key >> ring.shift) as usize] as usize;
-        // Terminates: at least one owner is healthy, and every endpoint owns points.
+        // Terminates: some endpoint is usable, and every endpoint owns points.
         loop {
             let owner = ring.owners[at] as usize;
-            if endpoints[owner].is_healthy() {
+            if endpoints[owner].is_healthy() && Some(owner) != skip {
                 return Some(owner);
             }
             at += 1;
@@ -313,6 +339,38 @@ mod tests {
         }
         let share = count[1] as f64 / 40_000.0;
         assert!((0.70..0.80).contains(&share), "{count:?}");
+    }
+
+    #[test]
+    fn excluding_walks_on_like_an_unhealthy_owner() {
+        let mut eps = endpoints(&[1; 4]);
+        let policy = Hashing::new();
+        let table = policy.build(&eps, None);
+        let keys: Vec<u64> = (0..500u64).map(|k| stable_hash(&k)).collect();
+        let first: Vec<usize> = keys
+            .iter()
+            .map(|&k| policy.pick(&table, &eps, Some(k)).unwrap())
+            .collect();
+        let retried: Vec<usize> = keys
+            .iter()
+            .zip(&first)
+            .map(|(&k, &f)| policy.pick_excluding(&table, &eps, Some(k), f).unwrap())
+            .collect();
+        for (f, r) in first.iter().zip(&retried) {
+            assert_ne!(f, r);
+        }
+        // Same as marking that owner unhealthy.
+        set_health(&mut eps, 2, false);
+        let table = policy.build(&eps, Some(&table));
+        for ((&k, &f), &r) in keys.iter().zip(&first).zip(&retried) {
+            if f == 2 {
+                assert_eq!(policy.pick(&table, &eps, Some(k)), Some(r));
+            }
+        }
+        // Nothing else to go to.
+        let one = endpoints(&[1]);
+        let table = policy.build(&one, None);
+        assert_eq!(policy.pick_excluding(&table, &one, Some(1), 0), None);
     }
 
     #[test]

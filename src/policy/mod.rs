@@ -79,6 +79,29 @@ pub trait Policy: Send + Sync + 'static {
     ///
     /// Returns `None` only when no endpoint can take the request.
     fn pick(&self, table: &Self::Table, endpoints: &[Endpoint], key: Option<u64>) -> Option<usize>;
+
+    /// Picks a healthy endpoint other than `exclude`, for a request that `exclude` could
+    /// not take (its connection failed before the request was sent).
+    ///
+    /// The default asks [`pick`](Policy::pick) once more and, if that lands on `exclude`
+    /// again, falls back deterministically to the next healthy endpoint after it.
+    fn pick_excluding(
+        &self,
+        table: &Self::Table,
+        endpoints: &[Endpoint],
+        key: Option<u64>,
+        exclude: usize,
+    ) -> Option<usize> {
+        match self.pick(table, endpoints, key) {
+            Some(i) if i != exclude => Some(i),
+            _ => {
+                let n = endpoints.len();
+                (1..n)
+                    .map(|d| (exclude + d) % n)
+                    .find(|&i| endpoints[i].is_healthy())
+            }
+        }
+    }
 }
 
 /// What a policy sees of one backend.
