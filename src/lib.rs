@@ -39,6 +39,9 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod health;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod policy;
 
 pub use crate::balance::{Backends, Balance, BalanceLayer};

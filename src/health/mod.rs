@@ -1,0 +1,436 @@
+//! Active health checks as a [`Stream`] of health transitions.
+//!
+//! A [`HealthCheck`] probes every target on a schedule and yields a [`Transition`] each
+//! time a target's state flips; [`HealthCheck::drive`] feeds those into a
+//! [`Backends`] set, which takes unhealthy backends out of rotation without removing them.
+//! Targets are added and removed through a [`Handle`] (on discovery or reload); one stream
+//! serves them all, so a reload never multiplies probes.
+//!
+//! The rules (those of `config.json`, as in Envoy):
+//!
+//! - a probe passes when the [`Probe`] future returns `Ok` within `timeout`;
+//! - a target starts unhealthy, is probed as soon as it is added, and turns healthy on its
+//!   first pass; later, `unhealthy_threshold` consecutive failures turn it unhealthy and
+//!   `healthy_threshold` consecutive passes turn it healthy again;
+//! - at most one probe per target is in flight; probes start every `interval`, and after
+//!   the first probe each target is offset by a stable fraction of the interval, so that
+//!   the probes of a pool spread over the interval instead of arriving in bursts;
+//! - a target that stays across changes keeps its state; changing the settings keeps every
+//!   target's state and reschedules its next probe.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Duration;
+//! use futures::StreamExt;
+//! use tower_lb::health::{HealthCheck, Settings};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! // A probe that passes for "up" only.
+//! let probe = |target: &&'static str| {
+//!     let up = *target == "up";
+//!     async move { if up { Ok(()) } else { Err("down".into()) } }
+//! };
+//! let (mut checks, handle) = HealthCheck::new(probe, Settings::default());
+//! handle.insert("up");
+//! handle.insert("down");
+//! let first = checks.next().await.unwrap();
+//! assert_eq!((first.target, first.healthy), ("up", true));
+//! # }
+//! ```
+//!
+//! [`Backends`]: crate::Backends
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+
+use crate::policy::{stable_hash, Policy};
+use crate::{Backends, BoxError};
+
+#[cfg(feature = "http")]
+mod http;
+#[cfg(feature = "http")]
+pub use self::http::HttpProbe;
+
+/// Checks one target once. Closures `Fn(&K) -> impl Future<Output = Result<(), BoxError>>`
+/// are probes.
+pub trait Probe<K> {
+    /// The check in progress.
+    type Future: Future<Output = Result<(), BoxError>> + Send + 'static;
+
+    /// Starts a check of `target`. The health check applies the timeout.
+    fn probe(&self, target: &K) -> Self::Future;
+}
+
+impl<K, F, Fut> Probe<K> for F
+where
+    F: Fn(&K) -> Fut,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    type Future = Fut;
+
+    fn probe(&self, target: &K) -> Fut {
+        self(target)
+    }
+}
+
+/// Health-check settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// Time between the starts of two probes of one target.
+    pub interval: Duration,
+    /// Time a probe may take before it counts as failed.
+    pub timeout: Duration,
+    /// Consecutive passes that turn an unhealthy target healthy (except the first pass of
+    /// a new target, which is enough on its own).
+    pub healthy_threshold: u32,
+    /// Consecutive failures that turn a healthy target unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for Settings {
+    /// The defaults of `config.json`: every 10 s, 2 s timeout, thresholds of 1.
+    fn default() -> Self {
+        Settings {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(2),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        }
+    }
+}
+
+/// A target's health flipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition<K> {
+    /// The target.
+    pub target: K,
+    /// Its new state.
+    pub healthy: bool,
+}
+
+/// Adds and removes the targets of a [`HealthCheck`], and changes its settings.
+/// The stream ends once every handle is dropped and no target is left.
+#[derive(Debug)]
+pub struct Handle<K> {
+    tx: mpsc::UnboundedSender<Command<K>>,
+}
+
+impl<K> Clone for Handle<K> {
+    fn clone(&self) -> Self {
+        Handle {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Command<K> {
+    Insert(K),
+    Remove(K),
+    Settings(Settings),
+}
+
+impl<K> Handle<K> {
+    /// Starts checking `target` (at once) unless it is checked already.
+    pub fn insert(&self, target: K) {
+        let _ = self.tx.send(Command::Insert(target));
+    }
+
+    /// Stops checking `target`; a probe in flight is disregarded.
+    pub fn remove(&self, target: K) {
+        let _ = self.tx.send(Command::Remove(target));
+    }
+
+    /// Changes the settings; states are kept, next probes rescheduled.
+    pub fn set_settings(&self, settings: Settings) {
+        let _ = self.tx.send(Command::Settings(settings));
+    }
+}
+
+struct Target {
+    /// Changes when the target is rescheduled: stale timers are recognised by it.
+    generation: u64,
+    /// Set when the target is added: results of probes of an earlier incarnation (removed,
+    /// then added again) are recognised by it.
+    incarnation: u64,
+    healthy: bool,
+    /// No probe has passed yet.
+    fresh: bool,
+    passes: u32,
+    failures: u32,
+    probing: bool,
+    probes: u64,
+    /// A stable fraction of the interval, in [0, 1).
+    phase: f64,
+}
+
+type Running<K> = Pin<Box<dyn Future<Output = (K, u64, Result<(), BoxError>)> + Send>>;
+
+/// The health-check stream. See the [module docs](self).
+pub struct HealthCheck<K, P> {
+    probe: P,
+    settings: Settings,
+    targets: HashMap<K, Target>,
+    next_generation: u64,
+    schedule: BinaryHeap<Reverse<(Instant, u64)>>,
+    by_generation: HashMap<u64, K>,
+    running: FuturesUnordered<Running<K>>,
+    commands: mpsc::UnboundedReceiver<Command<K>>,
+    commands_closed: bool,
+    timer: Pin<Box<Sleep>>,
+    ready: VecDeque<Transition<K>>,
+}
+
+impl<K, P> HealthCheck<K, P>
+where
+    K: Hash + Eq + Clone + fmt::Display + Send + Unpin + 'static,
+    P: Probe<K> + Unpin,
+{
+    /// A health check with no targets yet, and the handle that adds them.
+    pub fn new(probe: P, settings: Settings) -> (Self, Handle<K>) {
+        let (tx, commands) = mpsc::unbounded_channel();
+        let check = HealthCheck {
+            probe,
+            settings,
+            targets: HashMap::new(),
+            next_generation: 0,
+            schedule: BinaryHeap::new(),
+            by_generation: HashMap::new(),
+            running: FuturesUnordered::new(),
+            commands,
+            commands_closed: false,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            ready: VecDeque::new(),
+        };
+        (check, Handle { tx })
+    }
+
+    /// Applies every transition to `backends` until the stream ends. Spawn it.
+    pub async fn drive<S, Pol>(mut self, backends: Backends<K, S, Pol>)
+    where
+        S: Clone,
+        Pol: Policy,
+    {
+        while let Some(t) = self.next().await {
+            backends.set_healthy(&t.target, t.healthy);
+        }
+    }
+
+    /// Whether `target` is healthy, as far as this stream knows.
+    pub fn is_healthy(&self, target: &K) -> Option<bool> {
+        self.targets.get(target).map(|t| t.healthy)
+    }
+
+    fn schedule(&mut self, target: &K, at: Instant) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        if let Some(t) = self.targets.get_mut(target) {
+            let old = std::mem::replace(&mut t.generation, generation);
+            self.by_generation.remove(&old);
+            self.by_generation.insert(generation, target.clone());
+            self.schedule.push(Reverse((at, generation)));
+        }
+    }
+
+    fn command(&mut self, command: Command<K>) {
+        let now = Instant::now();
+        match command {
+            Command::Insert(key) => {
+                if self.targets.contains_key(&key) {
+                    return;
+                }
+                let phase = (stable_hash(&key) % 1_000_000) as f64 / 1_000_000.0;
+                let incarnation = self.next_generation;
+                self.next_generation += 1;
+                self.targets.insert(
+                    key.clone(),
+                    Target {
+                        generation: u64::MAX,
+                        incarnation,
+                        healthy: false,
+                        fresh: true,
+                        passes: 0,
+                        failures: 0,
+                        probing: false,
+                        probes: 0,
+                        phase,
+                    },
+                );
+                self.schedule(&key, now);
+            }
+            Command::Remove(key) => {
+                if let Some(t) = self.targets.remove(&key) {
+                    self.by_generation.remove(&t.generation);
+                }
+            }
+            Command::Settings(settings) => {
+                let changed = settings.interval != self.settings.interval;
+                self.settings = settings;
+                if changed {
+                    let keys: Vec<K> = self.targets.keys().cloned().collect();
+                    for key in keys {
+                        let at = now + self.settings.interval.mul_f64(self.targets[&key].phase);
+                        self.schedule(&key, at);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_due(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, generation))) = self.schedule.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.schedule.pop();
+            let Some(key) = self.by_generation.get(&generation).cloned() else {
+                continue; // stale: removed or rescheduled
+            };
+            let Some(target) = self.targets.get_mut(&key) else {
+                continue;
+            };
+            if target.probing {
+                // Still probing (settings changed under it): try again an interval on.
+                self.schedule
+                    .push(Reverse((now + self.settings.interval, generation)));
+                continue;
+            }
+            target.probing = true;
+            target.probes += 1;
+            // The next start: one interval on, and for the second probe a stable offset,
+            // which spreads a pool's probes over the interval.
+            let interval = self.settings.interval;
+            let next = if target.probes == 1 {
+                now + interval.mul_f64(0.5 + target.phase / 2.0)
+            } else {
+                now + interval
+            };
+            let timeout = self.settings.timeout;
+            let probe = self.probe.probe(&key);
+            let incarnation = target.incarnation;
+            let key2 = key.clone();
+            self.running.push(Box::pin(async move {
+                let result = match tokio::time::timeout(timeout, probe).await {
+                    Ok(result) => result,
+                    Err(_) => Err(format!("no answer within {timeout:?}").into()),
+                };
+                (key2, incarnation, result)
+            }));
+            self.schedule.push(Reverse((next, generation)));
+        }
+    }
+
+    fn finished(&mut self, key: K, incarnation: u64, result: Result<(), BoxError>) {
+        let settings = self.settings;
+        let Some(t) = self.targets.get_mut(&key) else {
+            return;
+        };
+        if t.incarnation != incarnation {
+            return;
+        }
+        t.probing = false;
+        let flip = match &result {
+            Ok(()) => {
+                t.failures = 0;
+                t.passes = t.passes.saturating_add(1);
+                !t.healthy && (t.fresh || t.passes >= settings.healthy_threshold)
+            }
+            Err(_) => {
+                t.passes = 0;
+                t.failures = t.failures.saturating_add(1);
+                t.healthy && t.failures >= settings.unhealthy_threshold
+            }
+        };
+        if result.is_ok() {
+            t.fresh = false;
+        }
+        match (&result, flip) {
+            (Ok(()), true) => tracing::info!(backend = %key, "backend is healthy"),
+            (Err(error), true) => tracing::warn!(backend = %key, %error, "backend is unhealthy"),
+            (Err(error), false) if !t.healthy && t.fresh => {
+                tracing::debug!(backend = %key, %error, "backend not healthy yet")
+            }
+            _ => {}
+        }
+        if flip {
+            t.healthy = !t.healthy;
+            t.passes = 0;
+            t.failures = 0;
+            self.ready.push_back(Transition {
+                target: key,
+                healthy: t.healthy,
+            });
+        }
+    }
+}
+
+impl<K, P> Stream for HealthCheck<K, P>
+where
+    K: Hash + Eq + Clone + fmt::Display + Send + Unpin + 'static,
+    P: Probe<K> + Unpin,
+{
+    type Item = Transition<K>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Transition<K>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(t) = this.ready.pop_front() {
+                return Poll::Ready(Some(t));
+            }
+            while !this.commands_closed {
+                match this.commands.poll_recv(cx) {
+                    Poll::Ready(Some(command)) => this.command(command),
+                    Poll::Ready(None) => this.commands_closed = true,
+                    Poll::Pending => break,
+                }
+            }
+            if this.commands_closed && this.targets.is_empty() {
+                return Poll::Ready(None);
+            }
+            this.start_due();
+            let mut progressed = false;
+            while let Poll::Ready(Some((key, incarnation, result))) =
+                this.running.poll_next_unpin(cx)
+            {
+                this.finished(key, incarnation, result);
+                progressed = true;
+            }
+            if progressed || !this.ready.is_empty() {
+                continue;
+            }
+            // Sleep until the next scheduled start.
+            if let Some(Reverse((at, _))) = this.schedule.peek() {
+                let at = *at;
+                if this.timer.deadline() != at {
+                    this.timer.as_mut().reset(at);
+                }
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    continue;
+                }
+            }
+            return Poll::Pending;
+        }
+    }
+}
+
+impl<K: fmt::Debug, P> fmt::Debug for HealthCheck<K, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthCheck")
+            .field("settings", &self.settings)
+            .field("targets", &self.targets.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,71 @@
+//! Error types of the HTTP backend service, and the responses they become.
+
+use std::fmt;
+use std::time::Duration;
+
+use http::uri::Authority;
+
+/// The connection to a backend could not be opened (refused, unreachable, or not within
+/// `connect_timeout`). The request was not sent: the balancer retries it on another backend.
+/// Answered with `502 Bad Gateway`.
+#[derive(Debug)]
+pub struct ConnectError {
+    pub(crate) backend: Authority,
+    pub(crate) source: std::io::Error,
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot connect to backend {}: {}",
+            self.backend, self.source
+        )
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The backend did not send response headers within `response_timeout`.
+/// Answered with `504 Gateway Timeout`.
+#[derive(Debug)]
+pub struct ResponseTimeout {
+    pub(crate) backend: Authority,
+    pub(crate) after: Duration,
+}
+
+impl fmt::Display for ResponseTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "backend {} sent no response within {:?}",
+            self.backend, self.after
+        )
+    }
+}
+
+impl std::error::Error for ResponseTimeout {}
+
+/// The backend reset or closed the connection, or sent something that is not HTTP.
+/// Answered with `502 Bad Gateway`.
+#[derive(Debug)]
+pub struct BackendError {
+    pub(crate) backend: Authority,
+    pub(crate) source: hyper::Error,
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "backend {} failed: {}", self.backend, self.source)
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}

@@ -1,0 +1,87 @@
+//! HTTP load balancing: the pieces of a reverse proxy.
+//!
+//! - [`Client`] is the transport: HTTP/1.1 over pooled keep-alive connections. As a
+//!   [`MakeBackend`](crate::balance::MakeBackend) it makes one [`Backend`] service per
+//!   backend address, which rewrites requests for that backend (URI, hop-by-hop headers,
+//!   `X-Forwarded-For`) and connects in `poll_ready`, so that a refused connection is
+//!   retried on another backend by the balancer.
+//! - [`TrackBody`] keeps a request in flight until its response body ends.
+//! - [`ClientIpKey`] keys hashing by the client IP ([`ClientAddr`], or axum's
+//!   `ConnectInfo` with the `axum` feature), trusting `X-Forwarded-For` only from
+//!   configured proxies.
+//! - [`ErrorResponses`] answers failures with `502`, `503` and `504`.
+//! - [`Server`] / [`serve`] serve HTTP/1.1 with safe defaults and graceful shutdown.
+//!
+//! [`HttpBalance`] and [`balancer`] put them together.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use tower_lb::http::{self, Client};
+//! use tower_lb::policy::RoundRobin;
+//!
+//! # #[tokio::main] async fn main() -> std::io::Result<()> {
+//! let backends = http::backends(RoundRobin::new(), &Client::new(), [
+//!     "127.0.0.1:9001".parse().unwrap(),
+//!     "127.0.0.1:9002".parse().unwrap(),
+//! ]);
+//! let service = http::balancer(backends.clone(), http::ClientIpKey::new());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! http::serve(listener, service, std::future::pending()).await
+//! # }
+//! ```
+
+mod backend;
+mod body;
+mod client_ip;
+pub mod error;
+mod headers;
+mod respond;
+mod server;
+
+use http::uri::Authority;
+use hyper::body::Incoming;
+
+pub use self::backend::{Backend, Client, Pooled, ResponseFuture};
+pub use self::body::{OnEnd, TrackBody, TrackedBody};
+pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
+pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
+pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
+pub use self::server::{serve, Server};
+
+use crate::balance::MakeBackend;
+use crate::policy::Policy;
+use crate::{Backends, Balance};
+
+/// The backend set of an HTTP balancer: backends by address.
+pub type HttpBackends<P, B = Incoming> = Backends<Authority, Backend<B>, P>;
+
+/// A complete HTTP balancer: errors answered, hashing by client IP, requests in flight
+/// until their response body ends.
+pub type HttpBalance<P, B = Incoming> =
+    ErrorResponses<Balance<Authority, Backend<B>, P, ClientIpKey, TrackBody>>;
+
+/// A set of HTTP backends at `addresses`, with weight 1 each, all healthy.
+pub fn backends<P: Policy, B>(
+    policy: P,
+    client: &Client<B>,
+    addresses: impl IntoIterator<Item = Authority>,
+) -> HttpBackends<P, B> {
+    let set = Backends::new(policy);
+    set.update(|u| {
+        for address in addresses {
+            let backend = client.make_backend(&address);
+            u.insert(address, backend);
+        }
+    });
+    set
+}
+
+/// The HTTP balancer over `backends`: see [`HttpBalance`].
+pub fn balancer<P: Policy, B>(backends: HttpBackends<P, B>, key: ClientIpKey) -> HttpBalance<P, B> {
+    ErrorResponses::new(
+        Balance::new(backends)
+            .with_key(key)
+            .with_completion(TrackBody),
+    )
+}

@@ -1,0 +1,224 @@
+//! Turning balancer and backend errors into HTTP responses.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::error::{BackendError, ConnectError, ResponseTimeout};
+use crate::balance::error::NoHealthyBackend;
+use crate::BoxError;
+
+/// The body of a proxied response: the backend's, or a short error text.
+pub type ProxyBody<B> = Either<B, Full<Bytes>>;
+
+/// Answers errors with responses instead of closing the connection:
+///
+/// | error | status |
+/// | --- | --- |
+/// | [`NoHealthyBackend`] | `503 Service Unavailable` |
+/// | [`ConnectError`], [`BackendError`] or any other | `502 Bad Gateway` |
+/// | [`ResponseTimeout`] | `504 Gateway Timeout` |
+///
+/// The body is one line of plain text saying which; the full error goes to the log.
+#[derive(Debug)]
+pub struct ErrorResponses<S> {
+    inner: S,
+    /// A readiness error of `inner`, answered on the next call.
+    unready: Option<BoxError>,
+}
+
+impl<S: Clone> Clone for ErrorResponses<S> {
+    fn clone(&self) -> Self {
+        ErrorResponses::new(self.inner.clone())
+    }
+}
+
+impl<S> ErrorResponses<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        ErrorResponses {
+            inner,
+            unready: None,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// A [`Layer`] for [`ErrorResponses`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ErrorResponsesLayer;
+
+impl<S> Layer<S> for ErrorResponsesLayer {
+    type Service = ErrorResponses<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ErrorResponses::new(inner)
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for ErrorResponses<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody<RB>>;
+    type Error = Infallible;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if self.unready.is_none() {
+            if let Err(error) = ready!(self.inner.poll_ready(cx)) {
+                // Answered by the next call, which must not reach `inner`.
+                self.unready = Some(error.into());
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        match self.unready.take() {
+            Some(error) => ResponseFuture {
+                inner: None,
+                error: Some(error),
+            },
+            None => ResponseFuture {
+                inner: Some(self.inner.call(request)),
+                error: None,
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`ErrorResponses`].
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        error: Option<BoxError>,
+    }
+}
+
+impl<F, RB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<ProxyBody<RB>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.inner.as_pin_mut() {
+            Some(inner) => ready!(inner.poll(cx)).map_err(Into::into),
+            None => Err(this
+                .error
+                .take()
+                .unwrap_or_else(|| "polled after completion".into())),
+        };
+        Poll::Ready(Ok(match result {
+            Ok(response) => response.map(Either::Left),
+            Err(error) => error_response(&error).map(Either::Right),
+        }))
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+/// The response for a proxying error (see [`ErrorResponses`]).
+pub fn error_response(error: &BoxError) -> Response<Full<Bytes>> {
+    let (status, text) = classify(error);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        tracing::debug!(%error, "no healthy backend");
+    } else {
+        tracing::warn!(%error, "{}", status);
+    }
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn classify(error: &BoxError) -> (StatusCode, &'static str) {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
+    while let Some(e) = source {
+        if e.is::<NoHealthyBackend>() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Unavailable: no healthy backend\n",
+            );
+        }
+        if e.is::<ResponseTimeout>() {
+            return (
+                StatusCode::GATEWAY_TIMEOUT,
+                "504 Gateway Timeout: the backend did not answer in time\n",
+            );
+        }
+        if e.is::<ConnectError>() {
+            return (
+                StatusCode::BAD_GATEWAY,
+                "502 Bad Gateway: cannot connect to the backend\n",
+            );
+        }
+        if e.is::<BackendError>() {
+            return (
+                StatusCode::BAD_GATEWAY,
+                "502 Bad Gateway: the backend closed or reset the connection\n",
+            );
+        }
+        source = e.source();
+    }
+    (StatusCode::BAD_GATEWAY, "502 Bad Gateway\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        let cases: [(BoxError, u16); 3] = [
+            (NoHealthyBackend::new().into(), 503),
+            (
+                ResponseTimeout {
+                    backend: "a:1".parse().unwrap(),
+                    after: std::time::Duration::from_secs(1),
+                }
+                .into(),
+                504,
+            ),
+            ("anything else".into(), 502),
+        ];
+        for (error, status) in cases {
+            assert_eq!(error_response(&error).status(), status);
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Serving HTTP/1.1 connections with a tower service, safely by default.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use super::ClientAddr;
+use crate::BoxError;
+
+/// Serves HTTP/1.1 on a listener.
+///
+/// Safe defaults for a proxy facing clients:
+/// - a client must send its request headers within `header_read_timeout` (10 s) or the
+///   connection is closed (slowloris);
+/// - request heads over `max_header_bytes` (64 KiB) are refused with `431`;
+/// - malformed requests get `400` from hyper and only their connection is affected;
+/// - every request carries its connection's [`ClientAddr`];
+/// - TCP_NODELAY on accepted sockets.
+#[derive(Debug, Clone)]
+pub struct Server {
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Server {
+    /// A server with the defaults above.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Time a client has to send a request's headers.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// Largest request head accepted (at least 8 KiB).
+    pub fn max_header_bytes(mut self, bytes: usize) -> Self {
+        self.max_header_bytes = bytes.max(8 * 1024);
+        self
+    }
+
+    /// Accepts connections on `listener` and serves each with a clone of `service` until
+    /// `shutdown` completes; then stops accepting (the listener is closed, so new
+    /// connections are refused), lets requests in flight finish, and returns.
+    pub async fn serve<S, B>(
+        &self,
+        listener: TcpListener,
+        service: S,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()>
+    where
+        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let graceful = GracefulShutdown::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size(self.max_header_bytes);
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let service = service.clone();
+            let hyper_service =
+                hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                    request.extensions_mut().insert(ClientAddr(peer));
+                    service.clone().oneshot(request)
+                });
+            let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%peer, %error, "client connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        graceful.shutdown().await;
+        Ok(())
+    }
+}
+
+/// [`Server::serve`] with the default settings.
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Server::new().serve(listener, service, shutdown).await
+}

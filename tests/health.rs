@@ -1,0 +1,277 @@
+//! The health-check stream under tokio's paused clock: schedule, thresholds, timeouts, at
+//! most one probe in flight, reloads that do not multiply probes, and the feed into a
+//! backend set.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::Instant;
+use tower_lb::health::{HealthCheck, Settings, Transition};
+use tower_lb::policy::RoundRobin;
+use tower_lb::{Backends, BoxError};
+
+/// A probe whose answers the test sets per target, recording every probe it runs.
+#[derive(Clone, Default)]
+struct Script {
+    up: Arc<Mutex<HashMap<&'static str, bool>>>,
+    delay: Arc<Mutex<Duration>>,
+    log: Arc<Mutex<Vec<(&'static str, Instant)>>>,
+    running: Arc<Mutex<HashMap<&'static str, usize>>>,
+    max_running: Arc<Mutex<usize>>,
+}
+
+impl Script {
+    fn set(&self, target: &'static str, up: bool) {
+        self.up.lock().unwrap().insert(target, up);
+    }
+
+    fn probes(&self, target: &str) -> Vec<Instant> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| *t == target)
+            .map(|(_, at)| *at)
+            .collect()
+    }
+
+    fn probe(
+        &self,
+    ) -> impl Fn(
+        &&'static str,
+    )
+        -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send>>
+           + Unpin {
+        let s = self.clone();
+        move |target: &&'static str| {
+            let s = s.clone();
+            let target = *target;
+            Box::pin(async move {
+                s.log.lock().unwrap().push((target, Instant::now()));
+                {
+                    let mut running = s.running.lock().unwrap();
+                    let n = running.entry(target).or_default();
+                    *n += 1;
+                    let mut max = s.max_running.lock().unwrap();
+                    *max = (*max).max(*n);
+                }
+                struct Done(Script, &'static str);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        *self.0.running.lock().unwrap().get_mut(self.1).unwrap() -= 1;
+                    }
+                }
+                let _done = Done(s.clone(), target);
+                let delay = *s.delay.lock().unwrap();
+                tokio::time::sleep(delay).await;
+                if s.up.lock().unwrap().get(target).copied().unwrap_or(false) {
+                    Ok(())
+                } else {
+                    Err("down".into())
+                }
+            })
+        }
+    }
+}
+
+fn settings(interval: u64, timeout: u64, healthy: u32, unhealthy: u32) -> Settings {
+    Settings {
+        interval: Duration::from_secs(interval),
+        timeout: Duration::from_secs(timeout),
+        healthy_threshold: healthy,
+        unhealthy_threshold: unhealthy,
+    }
+}
+
+fn flip(target: &'static str, healthy: bool) -> Transition<&'static str> {
+    Transition { target, healthy }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_target_is_probed_at_once_and_healthy_on_its_first_pass() {
+    let script = Script::default();
+    script.set("a", true);
+    let (mut checks, handle) = HealthCheck::new(script.probe(), settings(10, 2, 3, 1));
+    let start = Instant::now();
+    handle.insert("a");
+    // healthy_threshold is 3, but the first pass of a new target is enough (as in Envoy).
+    assert_eq!(checks.next().await, Some(flip("a", true)));
+    assert_eq!(script.probes("a"), [start]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn thresholds_count_consecutive_results() {
+    let script = Script::default();
+    script.set("a", true);
+    let (mut checks, handle) = HealthCheck::new(script.probe(), settings(1, 0, 2, 3));
+    let mut checks_timeout = settings(1, 0, 2, 3);
+    checks_timeout.timeout = Duration::from_millis(500);
+    handle.set_settings(checks_timeout);
+    handle.insert("a");
+    assert_eq!(checks.next().await, Some(flip("a", true)));
+
+    script.set("a", false);
+    let went_down = Instant::now();
+    assert_eq!(checks.next().await, Some(flip("a", false)));
+    // Three consecutive failures, one interval apart (give or take the first offset).
+    let failures = script
+        .probes("a")
+        .into_iter()
+        .filter(|at| *at > went_down)
+        .count();
+    assert_eq!(failures, 3);
+
+    script.set("a", true);
+    let went_up = Instant::now();
+    assert_eq!(checks.next().await, Some(flip("a", true)));
+    let passes = script
+        .probes("a")
+        .into_iter()
+        .filter(|at| *at > went_up)
+        .count();
+    assert_eq!(passes, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_probe_fails_by_timeout_and_never_overlaps() {
+    let script = Script::default();
+    script.set("a", true);
+    let (mut checks, handle) = HealthCheck::new(script.probe(), settings(3, 1, 1, 1));
+    handle.insert("a");
+    assert_eq!(checks.next().await, Some(flip("a", true)));
+    // Answers now take 10 s: longer than the timeout and than the interval.
+    *script.delay.lock().unwrap() = Duration::from_secs(10);
+    assert_eq!(checks.next().await, Some(flip("a", false)));
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        tokio::select! {
+            _ = checks.next() => {}
+            _ = tokio::time::sleep_until(until) => {}
+        }
+    }
+    assert_eq!(*script.max_running.lock().unwrap(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reloads_do_not_multiply_probes() {
+    let script = Script::default();
+    script.set("a", true);
+    script.set("b", true);
+    let (mut checks, handle) = HealthCheck::new(script.probe(), settings(10, 2, 1, 1));
+    handle.insert("a");
+    handle.insert("b");
+    let mut up = vec![checks.next().await.unwrap(), checks.next().await.unwrap()];
+    up.sort_by_key(|t| t.target);
+    assert_eq!(up, [flip("a", true), flip("b", true)]);
+
+    // A reload re-inserts both and changes the timeout: states and schedules stay.
+    handle.insert("a");
+    handle.insert("b");
+    handle.set_settings(settings(10, 1, 1, 1));
+    let start = Instant::now();
+    let until = start + Duration::from_secs(100);
+    tokio::select! {
+        t = checks.next() => panic!("no transition expected, got {t:?}"),
+        _ = tokio::time::sleep_until(until) => {}
+    }
+    for target in ["a", "b"] {
+        let n = script
+            .probes(target)
+            .into_iter()
+            .filter(|at| *at > start)
+            .count();
+        assert!(
+            (9..=11).contains(&n),
+            "{target}: {n} probes in 10 intervals"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn probes_spread_over_the_interval() {
+    let script = Script::default();
+    let names = ["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7"];
+    for n in names {
+        script.set(n, true);
+    }
+    let (mut checks, handle) = HealthCheck::new(script.probe(), settings(10, 2, 1, 1));
+    let start = Instant::now();
+    for n in names {
+        handle.insert(n);
+    }
+    for _ in names {
+        checks.next().await;
+    }
+    let until = start + Duration::from_secs(25);
+    tokio::select! {
+        _ = checks.next() => panic!("no transition expected"),
+        _ = tokio::time::sleep_until(until) => {}
+    }
+    // All first probes at once; the second ones at distinct offsets within the interval.
+    let mut second: Vec<Duration> = names.iter().map(|n| script.probes(n)[1] - start).collect();
+    second.sort();
+    second.dedup();
+    assert_eq!(second.len(), names.len(), "{second:?}");
+    assert!(
+        second
+            .iter()
+            .all(|d| *d >= Duration::from_secs(5) && *d < Duration::from_secs(10)),
+        "{second:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn removed_targets_are_no_longer_probed() {
+    let script = Script::default();
+    script.set("a", true);
+    let (mut checks, handle) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
+    handle.insert("a");
+    assert_eq!(checks.next().await, Some(flip("a", true)));
+    handle.remove("a");
+    tokio::select! {
+        _ = checks.next() => {}
+        _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+    }
+    let removed = Instant::now();
+    tokio::select! {
+        t = checks.next() => panic!("unexpected {t:?}"),
+        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+    }
+    assert!(script.probes("a").iter().all(|at| *at <= removed));
+    // With the handle gone and no target left, the stream ends.
+    drop(handle);
+    assert_eq!(checks.next().await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transitions_drive_a_backend_set() {
+    let script = Script::default();
+    script.set("a", true);
+    script.set("b", false);
+    let backends = Backends::<&'static str, (), _>::new(RoundRobin::new());
+    backends.healthy_on_insert(false);
+    backends.insert("a", ());
+    backends.insert("b", ());
+    assert_eq!(backends.pick(None), None);
+
+    let (checks, handle) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
+    handle.insert("a");
+    handle.insert("b");
+    let driver = tokio::spawn(checks.drive(backends.clone()));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(backends.is_healthy(&"a"), Some(true));
+    assert_eq!(backends.is_healthy(&"b"), Some(false));
+    script.set("b", true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(backends.is_healthy(&"b"), Some(true));
+    script.set("a", false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(backends.is_healthy(&"a"), Some(false));
+    assert_eq!(backends.pick(None), Some("b"));
+    handle.remove("a");
+    handle.remove("b");
+    drop(handle);
+    driver.await.unwrap();
+}
