@@ -39,10 +39,14 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+#[cfg(feature = "config")]
+pub mod config;
 pub mod health;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod policy;
+#[cfg(feature = "config")]
+pub mod standalone;
 
 pub use crate::balance::{Backends, Balance, BalanceLayer};
 

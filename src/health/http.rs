@@ -1,6 +1,8 @@
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
 use http::{header, Request};
@@ -15,15 +17,24 @@ use crate::BoxError;
 ///
 /// A fresh connection per probe checks what a new client connection would meet (the
 /// backend accepts, parses and answers), independent of the proxy's pooled connections.
+///
+/// Clones share the path, which [`set_path`](HttpProbe::set_path) changes for all.
 #[derive(Debug, Clone)]
 pub struct HttpProbe {
-    path: PathAndQuery,
+    path: Arc<ArcSwap<PathAndQuery>>,
 }
 
 impl HttpProbe {
     /// Probes `path`, e.g. `/health`.
     pub fn new(path: PathAndQuery) -> Self {
-        HttpProbe { path }
+        HttpProbe {
+            path: Arc::new(ArcSwap::from_pointee(path)),
+        }
+    }
+
+    /// Probes `path` from the next probe on.
+    pub fn set_path(&self, path: PathAndQuery) {
+        self.path.store(Arc::new(path));
     }
 }
 
@@ -32,7 +43,7 @@ impl Probe<Authority> for HttpProbe {
 
     fn probe(&self, target: &Authority) -> Self::Future {
         let target = target.clone();
-        let path = self.path.clone();
+        let path = PathAndQuery::clone(&self.path.load());
         Box::pin(async move {
             let host = target.host();
             let host = host

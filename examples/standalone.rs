@@ -1,0 +1,100 @@
+//! The standalone reverse proxy: demo backends, health checks, live reload, all from
+//! `config.json`.
+//!
+//! ```text
+//! cargo run --release --example standalone [-- CONFIG]     # CONFIG defaults to ./config.json
+//! curl http://127.0.0.1:8080                                # the backends take turns
+//! ```
+//!
+//! Edit the configuration while it runs: servers, weights, algorithm and health-check
+//! settings apply within a second, without dropping a request. An invalid edit is logged and
+//! the running configuration stays. Ctrl-C or SIGTERM stop accepting, let requests in flight
+//! finish, and exit 0. `RUST_LOG` sets the log level (default `info`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tower_lb::config::{self, Config};
+use tower_lb::standalone::Proxy;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let path = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("config.json"));
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listen = config.listen;
+    let mut proxy = match Proxy::start(config).await {
+        Ok(proxy) => proxy,
+        Err(error) => {
+            eprintln!("error: cannot listen on {listen}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!("listening on http://{}", proxy.local_addr());
+
+    let mut edits = config::watch(&path, Duration::from_millis(500));
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            Some(edit) = edits.next() => match edit {
+                Ok(next) => {
+                    proxy.apply(next).await;
+                }
+                Err(error) => tracing::error!("{error}; keeping the running configuration"),
+            },
+        }
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+    drop(edits);
+    match proxy.shutdown().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

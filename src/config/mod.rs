@@ -1,0 +1,596 @@
+//! `config.json`: schema, validation, diffs, and live reload.
+//!
+//! [`Config::from_json`] parses and validates a configuration (see the contract in the
+//! README for every key); every error names the file, the field and, for JSON syntax
+//! errors, the line and column. [`Config::diff`] tells what changed between two
+//! configurations, and [`watch`] turns edits of the file into a stream of new
+//! configurations, never yielding a half-written or invalid one as valid.
+//!
+//! # Examples
+//!
+//! ```
+//! use tower_lb::config::Config;
+//!
+//! let config = Config::from_json(r#"{
+//!     "servers": [{ "host": "127.0.0.1", "port": 9001 }, { "host": "127.0.0.1", "port": 9002, "weight": 2 }],
+//!     "algorithm": "least_connections"
+//! }"#).unwrap();
+//! assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+//! assert_eq!(config.servers[1].weight, 2);
+//!
+//! let err = Config::from_json(r#"{ "servers": [{ "host": "127.0.0.1", "port": 0 }] }"#).unwrap_err();
+//! assert_eq!(err.to_string(), "servers[0].port: 0 is not a port (1-65535)");
+//! let err = Config::from_json("{\n  \"servers\": [,]\n}").unwrap_err();
+//! assert!(err.to_string().contains("line 2 column 15"), "{err}");
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery};
+use serde::Deserialize;
+
+use crate::health::Settings;
+use crate::http::TrustedProxy;
+use crate::policy::Algorithm;
+
+mod watch;
+pub use self::watch::watch;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Address the proxy listens on.
+    pub listen: SocketAddr,
+    /// The backends, in file order.
+    pub servers: Vec<Server>,
+    /// The policy's name, one of [`Algorithm::NAMES`].
+    pub algorithm: String,
+    /// Path probed with `GET` on every backend.
+    pub health_check_url: PathAndQuery,
+    /// Interval, timeout and thresholds of the health checks.
+    pub health: Settings,
+    /// Time to open a connection to a backend.
+    pub connect_timeout: Duration,
+    /// Time from sending a request until its response headers arrive.
+    pub response_timeout: Duration,
+    /// Standalone proxy only: start demo backends on the server addresses.
+    pub spawn_backends: bool,
+    /// Proxies whose `X-Forwarded-For` is trusted for the client IP (default: none).
+    pub trusted_proxies: Vec<TrustedProxy>,
+}
+
+/// One backend of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port, 1-65535.
+    pub port: u16,
+    /// Weight, at least 1.
+    pub weight: u32,
+}
+
+impl Server {
+    /// `host:port`, with IPv6 addresses in brackets: the backend's identity.
+    pub fn authority(&self) -> Authority {
+        let text = match self.host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.port),
+            _ => format!("{}:{}", self.host, self.port),
+        };
+        // Validation checked that it parses.
+        text.parse().expect("validated server address")
+    }
+}
+
+/// An invalid configuration: where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    file: Option<PathBuf>,
+    field: Option<String>,
+    message: String,
+}
+
+impl ConfigError {
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: None,
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    fn in_file(mut self, file: &Path) -> Self {
+        self.file = Some(file.to_owned());
+        self
+    }
+
+    /// The field at fault, like `servers[1].port`, if the error is about one.
+    pub fn field_name(&self) -> Option<&str> {
+        self.field.as_deref()
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}: ", file.display())?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The file as written: every key optional here, so that missing ones get defaults and
+/// wrong ones get messages that name them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: Option<String>,
+    servers: Option<Vec<RawServer>>,
+    algorithm: Option<String>,
+    health_check_url: Option<String>,
+    health_check_interval: Option<f64>,
+    health_check_timeout: Option<f64>,
+    healthy_threshold: Option<i64>,
+    unhealthy_threshold: Option<i64>,
+    connect_timeout: Option<f64>,
+    response_timeout: Option<f64>,
+    spawn_backends: Option<bool>,
+    trusted_proxies: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    host: String,
+    port: i64,
+    weight: Option<i64>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_owned()),
+            field: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::from_json(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Parses and validates a configuration.
+    pub fn from_json(text: &str) -> Result<Config, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: Raw = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = match inner.classify() {
+                serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                    return ConfigError {
+                        file: None,
+                        field: None,
+                        message: format!("invalid JSON: {inner}"),
+                    }
+                }
+                _ => inner.to_string(),
+            };
+            ConfigError {
+                file: None,
+                field: (path != ".").then_some(path),
+                message,
+            }
+        })?;
+        Config::validate(raw)
+    }
+
+    fn validate(raw: Raw) -> Result<Config, ConfigError> {
+        let listen = match raw.listen {
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+            Some(text) => text.parse().map_err(|_| {
+                ConfigError::field("listen", format!("{text:?} is not an IP address and port"))
+            })?,
+        };
+
+        let raw_servers = raw
+            .servers
+            .ok_or_else(|| ConfigError::field("servers", "missing: list at least one backend"))?;
+        if raw_servers.is_empty() {
+            return Err(ConfigError::field(
+                "servers",
+                "is empty: list at least one backend",
+            ));
+        }
+        let mut servers = Vec::with_capacity(raw_servers.len());
+        let mut seen = HashSet::new();
+        for (i, s) in raw_servers.into_iter().enumerate() {
+            let field = |name: &str| format!("servers[{i}].{name}");
+            let host = s.host.trim().to_owned();
+            if host.is_empty() {
+                return Err(ConfigError::field(field("host"), "is empty"));
+            }
+            let port = u16::try_from(s.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    ConfigError::field(field("port"), format!("{} is not a port (1-65535)", s.port))
+                })?;
+            let weight = match s.weight {
+                None => 1,
+                Some(w) => u32::try_from(w).ok().filter(|w| *w >= 1).ok_or_else(|| {
+                    ConfigError::field(
+                        field("weight"),
+                        format!("{w} is not a weight (an integer of at least 1)"),
+                    )
+                })?,
+            };
+            let server = Server { host, port, weight };
+            let authority = match server.host.parse::<IpAddr>() {
+                Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+                _ => format!("{}:{port}", server.host),
+            };
+            if authority.parse::<Authority>().is_err()
+                || server.host.contains(['/', '@', '?', '#', ' '])
+            {
+                return Err(ConfigError::field(
+                    field("host"),
+                    format!("{:?} is not a host name or IP address", server.host),
+                ));
+            }
+            if !seen.insert((server.host.to_ascii_lowercase(), port)) {
+                return Err(ConfigError::field(
+                    format!("servers[{i}]"),
+                    format!("{authority} is listed twice"),
+                ));
+            }
+            servers.push(server);
+        }
+
+        let algorithm = raw.algorithm.unwrap_or_else(|| "round_robin".to_owned());
+        if let Err(e) = algorithm.parse::<Algorithm>() {
+            return Err(ConfigError::field("algorithm", e.to_string()));
+        }
+
+        let url = raw.health_check_url.unwrap_or_else(|| "/health".to_owned());
+        let health_check_url = url
+            .parse::<PathAndQuery>()
+            .ok()
+            .filter(|_| url.starts_with('/'))
+            .ok_or_else(|| {
+                ConfigError::field(
+                    "health_check_url",
+                    format!("{url:?} is not a path starting with /"),
+                )
+            })?;
+
+        let interval = seconds("health_check_interval", raw.health_check_interval, 10.0)?;
+        let timeout = seconds("health_check_timeout", raw.health_check_timeout, 2.0)?;
+        if timeout >= interval {
+            return Err(ConfigError::field(
+                "health_check_timeout",
+                format!("{timeout:?} must be less than health_check_interval ({interval:?})"),
+            ));
+        }
+        let health = Settings {
+            interval,
+            timeout,
+            healthy_threshold: threshold("healthy_threshold", raw.healthy_threshold)?,
+            unhealthy_threshold: threshold("unhealthy_threshold", raw.unhealthy_threshold)?,
+        };
+
+        let trusted_proxies = raw
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.parse().map_err(|e: crate::http::InvalidTrustedProxy| {
+                    ConfigError::field(format!("trusted_proxies[{i}]"), e.to_string())
+                })
+            })
+            .collect::<Result<_, _>>()?;
+
+        Ok(Config {
+            listen,
+            servers,
+            algorithm,
+            health_check_url,
+            health,
+            connect_timeout: seconds("connect_timeout", raw.connect_timeout, 2.0)?,
+            response_timeout: seconds("response_timeout", raw.response_timeout, 30.0)?,
+            spawn_backends: raw.spawn_backends.unwrap_or(true),
+            trusted_proxies,
+        })
+    }
+
+    /// What changed from `self` (running) to `next`.
+    pub fn diff(&self, next: &Config) -> Diff {
+        let old: Vec<Authority> = self.servers.iter().map(Server::authority).collect();
+        let new: Vec<Authority> = next.servers.iter().map(Server::authority).collect();
+        let added = next
+            .servers
+            .iter()
+            .zip(&new)
+            .filter(|(_, a)| !old.contains(a))
+            .map(|(s, _)| s.clone())
+            .collect();
+        let removed = self
+            .servers
+            .iter()
+            .zip(&old)
+            .filter(|(_, a)| !new.contains(a))
+            .map(|(s, _)| s.clone())
+            .collect();
+        let reweighted = next
+            .servers
+            .iter()
+            .filter(|s| {
+                self.servers
+                    .iter()
+                    .any(|o| o.authority() == s.authority() && o.weight != s.weight)
+            })
+            .cloned()
+            .collect();
+        Diff {
+            added,
+            removed,
+            reweighted,
+            algorithm: (self.algorithm != next.algorithm).then(|| next.algorithm.clone()),
+            health: self.health != next.health || self.health_check_url != next.health_check_url,
+            timeouts: self.connect_timeout != next.connect_timeout
+                || self.response_timeout != next.response_timeout,
+            spawn_backends: self.spawn_backends != next.spawn_backends,
+            needs_restart: [
+                (self.listen != next.listen).then_some("listen"),
+                (self.trusted_proxies != next.trusted_proxies).then_some("trusted_proxies"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        }
+    }
+}
+
+/// The difference between two configurations. See [`Config::diff`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// Servers to add.
+    pub added: Vec<Server>,
+    /// Servers to remove (they drain).
+    pub removed: Vec<Server>,
+    /// Servers that stay with a new weight.
+    pub reweighted: Vec<Server>,
+    /// The new algorithm, if it changed.
+    pub algorithm: Option<String>,
+    /// Health-check settings or URL changed.
+    pub health: bool,
+    /// `connect_timeout` or `response_timeout` changed.
+    pub timeouts: bool,
+    /// `spawn_backends` changed.
+    pub spawn_backends: bool,
+    /// Keys whose change takes a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl Diff {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        *self == Diff::default()
+    }
+}
+
+fn seconds(field: &str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
+    let v = value.unwrap_or(default);
+    if !(v > 0.0 && v.is_finite() && v < 1e9) {
+        return Err(ConfigError::field(
+            field,
+            format!("{v} is not a positive number of seconds"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn threshold(field: &str, value: Option<i64>) -> Result<u32, ConfigError> {
+    match value {
+        None => Ok(1),
+        Some(v) => u32::try_from(v).ok().filter(|v| *v >= 1).ok_or_else(|| {
+            ConfigError::field(
+                field,
+                format!("{v} is not a count (an integer of at least 1)"),
+            )
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        Config::from_json(json).unwrap_err().to_string()
+    }
+
+    const ONE: &str = r#""servers": [{"host": "127.0.0.1", "port": 9001}]"#;
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_json(&format!("{{{ONE}}}")).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.algorithm, "round_robin");
+        assert_eq!(c.health_check_url, "/health");
+        assert_eq!(c.health, Settings::default());
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.response_timeout, Duration::from_secs(30));
+        assert!(c.spawn_backends);
+        assert_eq!(c.servers[0].weight, 1);
+    }
+
+    #[test]
+    fn fractions_of_seconds() {
+        let c = Config::from_json(&format!(
+            r#"{{{ONE}, "health_check_interval": 0.5, "health_check_timeout": 0.25}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.health.interval, Duration::from_millis(500));
+        assert_eq!(c.health.timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        let cases = [
+            (
+                format!(r#"{{{ONE}, "algorithim": "hashing"}}"#),
+                "unknown field `algorithim`",
+            ),
+            (r#"{"servers": []}"#.to_owned(), "servers: is empty"),
+            (r#"{}"#.to_owned(), "servers: missing"),
+            (
+                r#"{"servers": [{"host": "a", "port": 1}, {"host": "a", "port": 1}]}"#.to_owned(),
+                "servers[1]: a:1 is listed twice",
+            ),
+            (
+                r#"{"servers": [{"host": "a", "port": 70000}]}"#.to_owned(),
+                "servers[0].port: 70000 is not a port",
+            ),
+            (
+                r#"{"servers": [{"host": "a", "port": 0}]}"#.to_owned(),
+                "servers[0].port: 0 is not a port",
+            ),
+            (
+                r#"{"servers": [{"host": "a", "port": "80"}]}"#.to_owned(),
+                "servers[0].port: invalid type",
+            ),
+            (
+                r#"{"servers": [{"host": "a", "port": 1, "weight": 0}]}"#.to_owned(),
+                "servers[0].weight: 0 is not a weight",
+            ),
+            (
+                r#"{"servers": [{"host": "a", "port": 1, "wieght": 2}]}"#.to_owned(),
+                "servers[0].wieght: unknown field `wieght`",
+            ),
+            (
+                r#"{"servers": [{"host": "a b", "port": 1}]}"#.to_owned(),
+                "servers[0].host:",
+            ),
+            (
+                format!(r#"{{{ONE}, "algorithm": "random"}}"#),
+                "algorithm: unknown algorithm \"random\"",
+            ),
+            (
+                format!(r#"{{{ONE}, "health_check_interval": 2, "health_check_timeout": 2}}"#),
+                "health_check_timeout: 2s must be less than health_check_interval",
+            ),
+            (
+                format!(r#"{{{ONE}, "health_check_interval": -1}}"#),
+                "health_check_interval: -1 is not a positive number",
+            ),
+            (
+                format!(r#"{{{ONE}, "healthy_threshold": 0}}"#),
+                "healthy_threshold: 0 is not a count",
+            ),
+            (
+                format!(r#"{{{ONE}, "listen": "localhost"}}"#),
+                "listen: \"localhost\" is not an IP address and port",
+            ),
+            (
+                format!(r#"{{{ONE}, "health_check_url": "health"}}"#),
+                "health_check_url: \"health\" is not a path",
+            ),
+            (
+                format!(r#"{{{ONE}, "trusted_proxies": ["10.0.0.0/99"]}}"#),
+                "trusted_proxies[0]: \"10.0.0.0/99\"",
+            ),
+            (
+                format!(r#"{{{ONE}, "spawn_backends": "yes"}}"#),
+                "spawn_backends: invalid type",
+            ),
+        ];
+        for (json, expected) in cases {
+            let e = err(&json);
+            assert!(
+                e.contains(expected),
+                "{json}\n  gave: {e}\n  want: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn syntax_errors_have_line_and_column() {
+        let e = err("{\n  \"servers\": [\n    {\"host\": \"a\" \"port\": 1}\n  ]\n}");
+        assert!(e.starts_with("invalid JSON: "), "{e}");
+        assert!(e.contains("line 3 column 18"), "{e}");
+        let e = err("{\"servers\": [");
+        assert!(e.contains("line 1 column 13"), "{e}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("tower-lb-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(&path, r#"{"servers": [{"host": "a", "port": 0}]}"#).unwrap();
+        let e = Config::load(&path).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: servers[0].port: 0 is not a port (1-65535)",
+                path.display()
+            )
+        );
+        assert_eq!(e.field_name(), Some("servers[0].port"));
+        let e = Config::load(&dir.join("missing.json")).unwrap_err();
+        assert!(e.to_string().contains("missing.json: cannot read"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn diffs() {
+        let a = Config::from_json(
+            r#"{"servers": [{"host": "a", "port": 1}, {"host": "b", "port": 1, "weight": 2}]}"#,
+        )
+        .unwrap();
+        let b = Config::from_json(
+            r#"{"servers": [{"host": "b", "port": 1, "weight": 3}, {"host": "c", "port": 1}], "algorithm": "hashing",
+                "health_check_interval": 5, "listen": "127.0.0.1:9999"}"#,
+        )
+        .unwrap();
+        let d = a.diff(&b);
+        assert_eq!(
+            d.added.iter().map(|s| s.host.as_str()).collect::<Vec<_>>(),
+            ["c"]
+        );
+        assert_eq!(
+            d.removed
+                .iter()
+                .map(|s| s.host.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
+        assert_eq!(
+            d.reweighted,
+            [Server {
+                host: "b".into(),
+                port: 1,
+                weight: 3
+            }]
+        );
+        assert_eq!(d.algorithm.as_deref(), Some("hashing"));
+        assert!(d.health);
+        assert!(!d.timeouts);
+        assert_eq!(d.needs_restart, ["listen"]);
+        assert!(a.diff(&a).is_empty());
+    }
+
+    #[test]
+    fn ipv6_hosts() {
+        let c = Config::from_json(r#"{"servers": [{"host": "::1", "port": 9001}]}"#).unwrap();
+        assert_eq!(c.servers[0].authority(), "[::1]:9001");
+    }
+}
