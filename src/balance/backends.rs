@@ -48,6 +48,8 @@ pub struct Backends<K, S, P: Policy> {
 struct Shared<K, S, P: Policy> {
     snapshot: ArcSwap<Snapshot<K, S, P>>,
     writer: Mutex<Writer<K, S, P>>,
+    /// Bumped after every publish, for [`Backends::wait_until`].
+    published: tokio::sync::watch::Sender<u64>,
 }
 
 struct Writer<K, S, P> {
@@ -242,6 +244,7 @@ where
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 writer: Mutex::new(writer),
+                published: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -296,6 +299,36 @@ where
             table,
         };
         self.shared.snapshot.store(Arc::new(snapshot));
+        self.shared.published.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until `condition` holds for the current snapshot, re-checking after every
+    /// change. For instance, to wait for a first healthy backend before taking traffic:
+    ///
+    /// ```
+    /// # use tower_lb::{policy::RoundRobin, Backends};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let backends = Backends::new(RoundRobin::new());
+    /// backends.healthy_on_insert(false).insert("a", ());
+    /// let waiting = tokio::spawn({
+    ///     let backends = backends.clone();
+    ///     async move { backends.wait_until(|s| s.iter().any(|(_, e)| e.is_healthy())).await }
+    /// });
+    /// backends.set_healthy(&"a", true);
+    /// waiting.await.unwrap();
+    /// # }
+    /// ```
+    pub async fn wait_until(&self, mut condition: impl FnMut(&Snapshot<K, S, P>) -> bool) {
+        let mut published = self.shared.published.subscribe();
+        loop {
+            if condition(&self.shared.snapshot.load()) {
+                return;
+            }
+            // The sender lives as long as `self`: this cannot fail while we wait.
+            if published.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Inserts a backend (see [`Update::insert`]).

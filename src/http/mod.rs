@@ -1,7 +1,7 @@
 //! HTTP load balancing: the pieces of a reverse proxy.
 //!
 //! - [`Client`] is the transport: HTTP/1.1 over pooled keep-alive connections. As a
-//!   [`MakeBackend`](crate::balance::MakeBackend) it makes one [`Backend`] service per
+//!   [`MakeBackend`] it makes one [`Backend`] service per
 //!   backend address, which rewrites requests for that backend (URI, hop-by-hop headers,
 //!   `X-Forwarded-For`) and connects in `poll_ready`, so that a refused connection is
 //!   retried on another backend by the balancer.
@@ -35,6 +35,7 @@ mod backend;
 mod body;
 mod client_ip;
 pub mod error;
+mod framing;
 mod headers;
 mod respond;
 mod server;

@@ -2,10 +2,13 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -13,6 +16,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tower_service::Service;
 
+use super::framing::FramingGuard;
 use super::ClientAddr;
 use crate::BoxError;
 
@@ -22,7 +26,9 @@ use crate::BoxError;
 /// - a client must send its request headers within `header_read_timeout` (10 s) or the
 ///   connection is closed (slowloris);
 /// - request heads over `max_header_bytes` (64 KiB) are refused with `431`;
-/// - malformed requests get `400` from hyper and only their connection is affected;
+/// - malformed requests get `400` from hyper and only their connection is affected; so do
+///   requests with both `Content-Length` and `Transfer-Encoding` (and two different
+///   `Content-Length`s), which are never passed on: the connection closes after the `400`;
 /// - every request carries its connection's [`ClientAddr`];
 /// - TCP_NODELAY on accepted sockets.
 #[derive(Debug, Clone)]
@@ -73,15 +79,14 @@ impl Server {
             + Send
             + 'static,
         S::Future: Send + 'static,
-        B: Body + Send + 'static,
-        B::Data: Send,
+        B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let graceful = GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
-            .max_buf_size(self.max_header_bytes);
+            .max_header_size(self.max_header_bytes);
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -98,12 +103,25 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
+            let (stream, verdict) = FramingGuard::new(stream);
             let service = service.clone();
-            let hyper_service =
-                hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            let requests = AtomicU64::new(0);
+            let hyper_service = hyper::service::service_fn(
+                move |mut request: Request<Incoming>| {
+                    let index = requests.fetch_add(1, Ordering::Relaxed);
                     request.extensions_mut().insert(ClientAddr(peer));
-                    service.clone().oneshot(request)
-                });
+                    let call = (!verdict.refuses(index)).then(|| service.clone().oneshot(request));
+                    async move {
+                        match call {
+                            Some(call) => call.await.map(|r| r.map(Either::Left)),
+                            None => {
+                                tracing::debug!(%peer, "refused a request with both Content-Length and Transfer-Encoding");
+                                Ok(ambiguous_framing())
+                            }
+                        }
+                    }
+                },
+            );
             let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
@@ -118,6 +136,21 @@ impl Server {
     }
 }
 
+/// `400` for a request whose framing is ambiguous; the connection closes after it.
+fn ambiguous_framing<B>() -> Response<Either<B, Full<Bytes>>> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
+        b"400 Bad Request: both Content-Length and Transfer-Encoding\n",
+    ))));
+    *response.status_mut() = StatusCode::BAD_REQUEST;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
 /// [`Server::serve`] with the default settings.
 pub async fn serve<S, B>(
     listener: TcpListener,
@@ -130,8 +163,7 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     Server::new().serve(listener, service, shutdown).await

@@ -1,0 +1,520 @@
+//! The HTTP proxy over real loopback sockets: every line of the contract's HTTP behaviour.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use support::*;
+use tower_lb::config::Config;
+
+#[tokio::test]
+async fn round_robin_per_request_on_one_keep_alive_connection() {
+    let backends = [
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let proxy = proxy(config(&addrs, "")).await;
+    let mut client = Client::connect(proxy.local_addr()).await;
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let (status, body) = client.get("/").await;
+        assert_eq!(status, StatusCode::OK);
+        seen.push(body);
+    }
+    let names: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let expected: Vec<String> = names.iter().chain(&names).cloned().collect();
+    assert_eq!(seen, expected);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn weights_split_traffic() {
+    let backends = [Backend::start().await, Backend::start().await];
+    let json = format!(
+        r#"{{"listen": "127.0.0.1:0", "spawn_backends": false, "health_check_interval": 0.2, "health_check_timeout": 0.1,
+            "servers": [{{"host": "127.0.0.1", "port": {}, "weight": 3}}, {{"host": "127.0.0.1", "port": {}}}]}}"#,
+        backends[0].addr.port(),
+        backends[1].addr.port()
+    );
+    let proxy = proxy(Config::from_json(&json).unwrap()).await;
+    let mut client = Client::connect(proxy.local_addr()).await;
+    for _ in 0..40 {
+        client.get("/").await;
+    }
+    assert_eq!((backends[0].hits(), backends[1].hits()), (30, 10));
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn least_connections_counts_until_the_response_body_ends() {
+    let backends = [Backend::start().await, Backend::start().await];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let proxy = proxy(config(&addrs, r#""algorithm": "least_connections""#)).await;
+
+    // A download whose headers arrived but whose body is still streaming.
+    let mut slow = Client::connect(proxy.local_addr()).await;
+    let res = slow
+        .send(Request::get("/hold").body(empty()).unwrap())
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first;");
+    let busy = if backends[0].hits() == 1 { 0 } else { 1 };
+
+    // Every other request goes to the other backend while that body is open.
+    let mut client = Client::connect(proxy.local_addr()).await;
+    for _ in 0..5 {
+        let (_, who) = client.get("/").await;
+        assert_eq!(who, addrs[1 - busy].to_string());
+    }
+    let key: http::uri::Authority = addrs[busy].to_string().parse().unwrap();
+    assert_eq!(proxy.backends().in_flight(&key), Some(1));
+
+    // The body ends: the count drops, and the backends take turns again.
+    backends[busy].release(1);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"last");
+    within(
+        proxy
+            .backends()
+            .wait_until(|s| s.iter().all(|(_, e)| e.in_flight() == 0)),
+    )
+    .await;
+    let mut seen = HashSet::new();
+    for _ in 0..2 {
+        seen.insert(client.get("/").await.1);
+    }
+    assert_eq!(seen.len(), 2);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn hashing_by_client_ip_is_sticky_and_consistent() {
+    let backends = [
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let mut proxy = proxy(config(&addrs, r#""algorithm": "hashing""#)).await;
+
+    let clients: Vec<IpAddr> = (2..=17)
+        .map(|i| format!("127.0.0.{i}").parse().unwrap())
+        .collect();
+    let mut owner = HashMap::new();
+    for ip in &clients {
+        // Several connections (different source ports) from one IP: same backend.
+        for _ in 0..3 {
+            let (_, who) = Client::connect_from(proxy.local_addr(), *ip)
+                .await
+                .get("/")
+                .await;
+            assert_eq!(*owner.entry(*ip).or_insert(who.clone()), who, "{ip} moved");
+        }
+    }
+    // A client cannot choose its backend with X-Forwarded-For (not trusted by default).
+    let mut c = Client::connect_from(proxy.local_addr(), clients[0]).await;
+    for fake in ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"] {
+        let res = c
+            .send(
+                Request::get("/")
+                    .header("x-forwarded-for", fake)
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await;
+        let who = String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec())
+            .unwrap();
+        assert_eq!(who, owner[&clients[0]]);
+    }
+    assert!(
+        owner.values().collect::<HashSet<_>>().len() >= 2,
+        "16 clients all on one backend"
+    );
+
+    // One backend leaves: only its clients move.
+    let gone = owner[&clients[0]].clone();
+    let rest: Vec<_> = addrs
+        .iter()
+        .filter(|a| a.to_string() != gone)
+        .copied()
+        .collect();
+    let next = config(&rest, r#""algorithm": "hashing""#);
+    let mut next = next;
+    next.listen = proxy.config().listen;
+    proxy.apply(next).await;
+    for ip in &clients {
+        let (_, who) = Client::connect_from(proxy.local_addr(), *ip)
+            .await
+            .get("/")
+            .await;
+        if owner[ip] == gone {
+            assert_ne!(who, gone);
+        } else {
+            assert_eq!(who, owner[ip], "{ip} moved although its backend stayed");
+        }
+    }
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unhealthy_backends_leave_rotation_and_come_back() {
+    let backends = [Backend::start().await, Backend::start().await];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let proxy = proxy(config(&addrs, "")).await;
+    backends[0].set_healthy(false);
+    wait_health(&proxy, &backends[0], false).await;
+    let before = backends[0].hits();
+    let mut client = Client::connect(proxy.local_addr()).await;
+    for _ in 0..6 {
+        assert_eq!(client.get("/").await.1, addrs[1].to_string());
+    }
+    assert_eq!(backends[0].hits(), before);
+
+    backends[0].set_healthy(true);
+    wait_health(&proxy, &backends[0], true).await;
+    let seen: HashSet<String> = [client.get("/").await.1, client.get("/").await.1].into();
+    assert_eq!(seen.len(), 2);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_healthy_backend_is_503_at_once_and_idle() {
+    let backends = [Backend::start().await, Backend::start().await];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let proxy = proxy(config(&addrs, "")).await;
+    for b in &backends {
+        b.set_healthy(false);
+    }
+    for b in &backends {
+        wait_health(&proxy, b, false).await;
+    }
+    let mut client = Client::connect(proxy.local_addr()).await;
+    for _ in 0..3 {
+        let (status, body) = within(client.get("/")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("no healthy backend"), "{body}");
+    }
+    // No busy loop: the proxy's process is idle while nothing can be served. Measured as
+    // CPU time used over 1 s of wall time by this test process (which holds the proxy).
+    let cpu = || {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<u64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        fields[0] + fields[1]
+    };
+    let before = cpu();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ticks = cpu() - before;
+    assert!(ticks < 30, "{ticks} CPU ticks in 1 s while idle");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_on_another_backend() {
+    let up = Backend::start().await;
+    let doomed = Backend::start().await;
+    let addrs = [doomed.addr, up.addr];
+    // Long health interval: the proxy does not know the backend died.
+    let mut cfg = config(&addrs, "");
+    cfg.health.interval = Duration::from_secs(60);
+    cfg.health.timeout = Duration::from_secs(1);
+    let proxy = proxy(cfg).await;
+    doomed.kill();
+    let mut client = Client::connect(proxy.local_addr()).await;
+    for _ in 0..6 {
+        let (status, body) = client.get("/").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, up.addr.to_string());
+    }
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_only_backend_is_502() {
+    let doomed = Backend::start().await;
+    let mut cfg = config(&[doomed.addr], "");
+    cfg.health.interval = Duration::from_secs(60);
+    cfg.health.timeout = Duration::from_secs(1);
+    let proxy = proxy(cfg).await;
+    doomed.kill();
+    let (status, body) = get(proxy.local_addr(), "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("cannot connect"), "{body}");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reset_is_502() {
+    let reset = ResetBackend::start().await;
+    let proxy = proxy(config(&[reset.addr], "")).await;
+    let (status, body) = get(proxy.local_addr(), "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("closed or reset"), "{body}");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_backend_is_504() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], r#""response_timeout": 0.3"#)).await;
+    let (status, body) = within(get(proxy.local_addr(), "/stall")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(body.contains("did not answer in time"), "{body}");
+    // The proxy still serves.
+    assert_eq!(get(proxy.local_addr(), "/").await.0, StatusCode::OK);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways_and_forwarded_for_appended() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let mut client = Client::connect_from(proxy.local_addr(), "127.0.0.7".parse().unwrap()).await;
+    let req = Request::get("/hop")
+        .header("connection", "keep-alive, x-client-secret")
+        .header("x-client-secret", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "trailers")
+        .header("upgrade", "websocket")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-kept", "1")
+        .body(empty())
+        .unwrap();
+    let res = client.send(req).await;
+    for h in ["x-backend-secret", "keep-alive"] {
+        assert!(!res.headers().contains_key(h), "response kept {h}");
+    }
+    assert_eq!(res.headers()["x-kept"], "1");
+    let seen = b.seen().pop().unwrap();
+    for h in [
+        "connection",
+        "x-client-secret",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ] {
+        assert!(!seen.contains_key(h), "request kept {h}");
+    }
+    assert_eq!(seen["x-kept"], "1");
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.7");
+    assert_eq!(seen["host"], proxy.local_addr().to_string());
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn eight_mib_stream_each_way_without_buffering() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    const SIZE: usize = 8 << 20;
+    const CHUNK: usize = 64 << 10;
+
+    // Upload through /echo: the backend starts answering before the client has sent it all,
+    // which a proxy that buffered the request body could not do.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(2);
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let mut client = Client::connect(proxy.local_addr()).await;
+    let sending = tokio::spawn(async move {
+        let res = client
+            .send(
+                Request::post("/echo")
+                    .body(StreamBody::new(stream).boxed())
+                    .unwrap(),
+            )
+            .await;
+        let mut body = res.into_body();
+        let mut received = 0usize;
+        let mut sum = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                received += data.len();
+                sum += data.iter().map(|&b| u64::from(b)).sum::<u64>();
+            }
+        }
+        (received, sum)
+    });
+    tx.send(Ok(Frame::data(Bytes::from(vec![1u8; CHUNK]))))
+        .await
+        .unwrap();
+    within(b.started()).await;
+    let mut expected_sum = CHUNK as u64;
+    for i in 1..SIZE / CHUNK {
+        let byte = (i % 251) as u8;
+        expected_sum += u64::from(byte) * CHUNK as u64;
+        tx.send(Ok(Frame::data(Bytes::from(vec![byte; CHUNK]))))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    let (received, sum) = within(sending).await.unwrap();
+    assert_eq!(received, SIZE);
+    assert_eq!(sum, expected_sum);
+
+    // Download: 8 MiB arrive intact.
+    let mut client = Client::connect(proxy.local_addr()).await;
+    let res = client
+        .send(
+            Request::get(format!("/download/{SIZE}"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), SIZE);
+    assert_eq!(body[SIZE - 1], ((SIZE - 1) / 65536) as u8);
+
+    // And a held body streams: its first part arrives before the backend finishes it.
+    let res = client
+        .send(Request::get("/hold").body(empty()).unwrap())
+        .await;
+    let mut body = res.into_body();
+    let first = within(body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(&first[..], b"first;");
+    b.release(1);
+    assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"last");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_clients() {
+    let backends = [
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let proxy = proxy(config(&addrs, r#""algorithm": "least_connections""#)).await;
+    let target = proxy.local_addr();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut client = Client::connect(target).await;
+                let mut ok = 0;
+                for _ in 0..20 {
+                    if client.get("/").await.0 == StatusCode::OK {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += within(t).await.unwrap();
+    }
+    assert_eq!(ok, 2000);
+    let hits: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
+    assert_eq!(hits.iter().sum::<usize>(), 2000);
+    assert!(hits.iter().all(|&h| h > 300), "{hits:?}");
+    within(
+        proxy
+            .backends()
+            .wait_until(|s| s.iter().all(|(_, e)| e.in_flight() == 0)),
+    )
+    .await;
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_malformed_request_is_400_and_the_proxy_keeps_serving() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let answer = raw(proxy.local_addr(), b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw(
+        proxy.local_addr(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(get(proxy.local_addr(), "/").await.0, StatusCode::OK);
+    assert_eq!(b.hits(), 1);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn ambiguous_framing_is_400_and_closed_and_never_forwarded() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let cases: [&[u8]; 3] = [
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    ];
+    for case in cases {
+        let answer = raw(proxy.local_addr(), case).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        // One answer, then the connection is closed (raw() read to EOF).
+        assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+    }
+    assert_eq!(b.hits(), 0, "the backend saw an ambiguous request");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let answer = raw(proxy.local_addr(), big.as_bytes()).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(100)]
+    );
+    assert_eq!(b.hits(), 0);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let addr = proxy.local_addr();
+    let mut client = Client::connect(addr).await;
+    let res = client
+        .send(Request::get("/hold").body(empty()).unwrap())
+        .await;
+    let stopping = tokio::spawn(proxy.shutdown());
+    // The listener closes: new connections are refused.
+    within(async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(!stopping.is_finished());
+    // The request in flight completes.
+    b.release(1);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"first;last");
+    within(stopping).await.unwrap().unwrap();
+}

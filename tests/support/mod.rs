@@ -1,0 +1,356 @@
+//! Helpers for tests over real loopback sockets: scriptable backends, clients bound to a
+//! chosen 127.0.0.x address, and a proxy started from a configuration.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tower_lb::config::Config;
+use tower_lb::standalone::Proxy;
+
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A backend on 127.0.0.1:0. Paths:
+/// - `/health`: 200, or 503 after `set_healthy(false)`;
+/// - `/hold`: headers at once, then the body waits for `release()` (one permit per request);
+/// - `/stall`: never answers;
+/// - `/echo`: streams the request body back;
+/// - `/download/N`: N bytes, in 64 KiB chunks;
+/// - `/hop`: answers with hop-by-hop headers;
+/// - anything else: its own address as the body.
+///
+/// Every non-health request's headers are recorded.
+pub struct Backend {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+struct State {
+    healthy: AtomicBool,
+    hits: AtomicUsize,
+    seen: Mutex<Vec<HeaderMap>>,
+    gate: Semaphore,
+    started: Notify,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            healthy: AtomicBool::new(true),
+            hits: AtomicUsize::new(0),
+            seen: Mutex::default(),
+            gate: Semaphore::new(0),
+            started: Notify::new(),
+        }
+    }
+}
+
+impl Backend {
+    pub async fn start() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener)
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        Self::serve(listener)
+    }
+
+    fn serve(listener: TcpListener) -> Backend {
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        state.healthy.store(true, Ordering::SeqCst);
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), addr, req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend { addr, state, task }
+    }
+
+    pub fn authority(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// Requests other than health checks.
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn seen(&self) -> Vec<HeaderMap> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Lets one held body finish.
+    pub fn release(&self, n: usize) {
+        self.state.gate.add_permits(n);
+    }
+
+    /// Waits until a `/hold` or `/echo` request has started on this backend.
+    pub async fn started(&self) {
+        self.state.started.notified().await
+    }
+
+    /// Stops the backend: the listener closes and connections are dropped.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn handle(
+    st: Arc<State>,
+    addr: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if path == "/health" {
+        let status = if st.healthy.load(Ordering::SeqCst) {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let mut r = Response::new(full("health"));
+        *r.status_mut() = status;
+        return Ok(r);
+    }
+    st.hits.fetch_add(1, Ordering::SeqCst);
+    st.seen.lock().unwrap().push(req.headers().clone());
+    match path.as_str() {
+        "/hold" => {
+            st.started.notify_one();
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+            tokio::spawn(async move {
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"first;"))))
+                    .await;
+                if let Ok(permit) = st.gate.acquire().await {
+                    permit.forget();
+                }
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"last")))).await;
+            });
+            let stream =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
+                );
+            Ok(Response::new(StreamBody::new(stream).boxed()))
+        }
+        "/stall" => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        "/echo" => {
+            st.started.notify_one();
+            let body = req.into_body().map_err(std::io::Error::other).boxed();
+            Ok(Response::new(body))
+        }
+        "/hop" => {
+            let mut r = Response::new(full(addr.to_string()));
+            let h = r.headers_mut();
+            h.insert("connection", "x-backend-secret".parse().unwrap());
+            h.insert("x-backend-secret", "1".parse().unwrap());
+            h.insert("keep-alive", "timeout=5".parse().unwrap());
+            h.insert("x-kept", "1".parse().unwrap());
+            Ok(r)
+        }
+        p if p.starts_with("/download/") => {
+            let n: usize = p["/download/".len()..].parse().unwrap_or(0);
+            let chunks = (0..n).step_by(65536).map(move |i| {
+                Ok(Frame::data(Bytes::from(vec![
+                    (i / 65536) as u8;
+                    65536.min(n - i)
+                ])))
+            });
+            Ok(Response::new(
+                StreamBody::new(futures::stream::iter(chunks)).boxed(),
+            ))
+        }
+        _ => Ok(Response::new(full(addr.to_string()))),
+    }
+}
+
+/// A backend that reads a request and resets the connection without answering.
+pub struct ResetBackend {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl ResetBackend {
+    pub async fn start() -> ResetBackend {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut buf = [0u8; 4096];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                // Health checks pass; everything else is reset.
+                if buf[..n].starts_with(b"GET /health ") {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                    continue;
+                }
+                // A zero linger turns the close into a reset; it does not block.
+                #[allow(deprecated)]
+                let _ = stream.set_linger(Some(Duration::ZERO));
+                drop(stream);
+            }
+        });
+        ResetBackend { addr, task }
+    }
+}
+
+impl Drop for ResetBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection to `addr` from the local address `from` (127.0.0.x).
+pub struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Body>,
+    target: SocketAddr,
+}
+
+impl Client {
+    pub async fn connect(target: SocketAddr) -> Client {
+        Self::connect_from(target, "127.0.0.1".parse().unwrap()).await
+    }
+
+    pub async fn connect_from(target: SocketAddr, from: IpAddr) -> Client {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(from, 0)).unwrap();
+        let stream = socket.connect(target).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Client { sender, target }
+    }
+
+    pub async fn send(&mut self, mut req: Request<Body>) -> Response<Incoming> {
+        if !req.headers().contains_key("host") {
+            req.headers_mut()
+                .insert("host", self.target.to_string().parse().unwrap());
+        }
+        self.sender.ready().await.unwrap();
+        self.sender.send_request(req).await.unwrap()
+    }
+
+    pub async fn get(&mut self, path: &str) -> (StatusCode, String) {
+        let res = self.send(Request::get(path).body(full("")).unwrap()).await;
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+pub fn empty() -> Body {
+    full("")
+}
+
+/// One GET on a fresh connection.
+pub async fn get(target: SocketAddr, path: &str) -> (StatusCode, String) {
+    Client::connect(target).await.get(path).await
+}
+
+/// A config for `backends`, listening on an ephemeral port, with fast health checks.
+pub fn config(backends: &[SocketAddr], extra: &str) -> Config {
+    let servers: Vec<String> = backends
+        .iter()
+        .map(|b| format!(r#"{{"host": "127.0.0.1", "port": {}}}"#, b.port()))
+        .collect();
+    let json = format!(
+        r#"{{"listen": "127.0.0.1:0", "servers": [{}], "spawn_backends": false,
+            "health_check_interval": 0.2, "health_check_timeout": 0.1{}{}}}"#,
+        servers.join(", "),
+        if extra.is_empty() { "" } else { ", " },
+        extra
+    );
+    Config::from_json(&json).unwrap()
+}
+
+/// Starts a proxy and waits until every backend that answers its health check is healthy.
+pub async fn proxy(config: Config) -> Proxy {
+    let proxy = Proxy::start(config).await.unwrap();
+    let expect = proxy.config().servers.len();
+    within(
+        proxy
+            .backends()
+            .wait_until(|s| s.iter().filter(|(_, e)| e.is_healthy()).count() == expect),
+    )
+    .await;
+    proxy
+}
+
+/// Fails the test instead of hanging when `f` takes more than 10 s.
+pub async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .expect("timed out after 10 s")
+}
+
+/// Waits until the proxy's view of `backend`'s health is `healthy`.
+pub async fn wait_health(proxy: &Proxy, backend: &Backend, healthy: bool) {
+    let key: http::uri::Authority = backend.authority().parse().unwrap();
+    within(proxy.backends().wait_until(|s| {
+        s.iter()
+            .any(|(k, e)| *k == key && e.is_healthy() == healthy)
+    }))
+    .await;
+}
+
+/// Raw bytes on a new connection; returns everything read until the proxy closes it (or 5 s).
+pub async fn raw(target: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(target).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
