@@ -28,6 +28,7 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 /// - `/echo`: streams the request body back;
 /// - `/download/N`: N bytes, in 64 KiB chunks;
 /// - `/hop`: answers with hop-by-hop headers;
+/// - `/missing...`: 404;
 /// - anything else: its own address as the body.
 ///
 /// Every non-health request's headers are recorded.
@@ -189,6 +190,11 @@ async fn handle(
             h.insert("x-backend-secret", "1".parse().unwrap());
             h.insert("keep-alive", "timeout=5".parse().unwrap());
             h.insert("x-kept", "1".parse().unwrap());
+            Ok(r)
+        }
+        p if p.starts_with("/missing") => {
+            let mut r = Response::new(full("not here"));
+            *r.status_mut() = StatusCode::NOT_FOUND;
             Ok(r)
         }
         p if p.starts_with("/download/") => {

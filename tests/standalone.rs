@@ -1,0 +1,376 @@
+//! `examples/standalone.rs` as a process: bad configurations at start, demo backends,
+//! round robin, live edits of its config file, and SIGTERM with a request in flight.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use support::*;
+use tower_lb::config::Config;
+
+/// The example binary, which `cargo test` builds next to this test's binary. Running this
+/// test target alone (`cargo test --test standalone`) does not build examples: then it is
+/// built here, once.
+fn example() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir
+        .join("examples")
+        .join(format!("standalone{}", std::env::consts::EXE_SUFFIX));
+    BUILD.call_once(|| {
+        if !path.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--example", "standalone"])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    });
+    assert!(path.exists(), "{} not built", path.display());
+    path
+}
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tower-lb-standalone-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A port that was free a moment ago (for demo backends, which need fixed ports).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The proxy process, with its stderr lines.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Lines read so far, and whether a `wait_for` has taken each.
+    log: Vec<(String, bool)>,
+}
+
+impl Running {
+    fn start(config: &Path) -> Running {
+        let mut child = Command::new(example())
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Takes the first log line containing `text` that no earlier call took, waiting for
+    /// it if need be; returns it.
+    fn wait_for(&mut self, text: &str) -> String {
+        if let Some((line, taken)) = self
+            .log
+            .iter_mut()
+            .find(|(l, taken)| !*taken && l.contains(text))
+        {
+            *taken = true;
+            return line.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(text);
+                    self.log.push((line.clone(), hit));
+                    if hit {
+                        return line;
+                    }
+                }
+                Err(_) => {
+                    let log: Vec<&str> = self.log.iter().map(|(l, _)| l.as_str()).collect();
+                    panic!("no log line with {text:?}; log:\n{}", log.join("\n"))
+                }
+            }
+        }
+    }
+
+    fn listening(&mut self) -> SocketAddr {
+        let line = self.wait_for("listening on http://");
+        line.rsplit("http://")
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.wait()
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the proxy did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_with(config: &str) -> (ExitStatus, String, PathBuf) {
+    let dir = tempdir();
+    let path = dir.join("config.json");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(example()).arg(&path).output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        path,
+    )
+}
+
+#[test]
+fn invalid_configs_at_start_exit_non_zero_with_one_message() {
+    let cases = [
+        (
+            "{\n  \"servers\": [\n    {\"host\": \"127.0.0.1\" \"port\": 9001}\n  ]\n}",
+            "line 3 column 26",
+        ),
+        (
+            r#"{"servers": [{"host": "127.0.0.1", "port": 0}]}"#,
+            "servers[0].port: 0 is not a port",
+        ),
+        (r#"{"servers": []}"#, "servers: is empty"),
+        (
+            r#"{"servers": [{"host": "127.0.0.1", "port": 1}], "algoritm": "hashing"}"#,
+            "unknown field `algoritm`",
+        ),
+        (
+            r#"{"servers": [{"host": "127.0.0.1", "port": 1, "weight": 0}]}"#,
+            "servers[0].weight",
+        ),
+        (
+            r#"{"servers": [{"host": "127.0.0.1", "port": 1}], "health_check_interval": 1, "health_check_timeout": 1}"#,
+            "health_check_timeout",
+        ),
+    ];
+    for (config, expected) in cases {
+        let (status, stderr, path) = run_with(config);
+        assert!(!status.success(), "{config}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one message: {stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()),
+            "names the file: {stderr}"
+        );
+        assert!(stderr.contains(expected), "{stderr} lacks {expected}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+    let out = Command::new(example())
+        .arg("/nonexistent/config.json")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/config.json: cannot read"));
+}
+
+#[test]
+fn the_shipped_config_json_is_valid_and_as_documented() {
+    let config = Config::load(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config.json")
+            .as_path(),
+    )
+    .unwrap();
+    assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+    let ports: Vec<u16> = config.servers.iter().map(|s| s.port).collect();
+    assert_eq!(ports, [9001, 9002, 9003]);
+    assert!(config.spawn_backends);
+}
+
+/// Replaces the file in one step, as editors do, so that no reader sees it half-written.
+fn replace(path: &Path, text: String) {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn demo_config(ports: &[u16], extra: &str) -> String {
+    let servers: Vec<String> = ports
+        .iter()
+        .map(|p| format!(r#"{{"host": "127.0.0.1", "port": {p}}}"#))
+        .collect();
+    format!(
+        r#"{{"listen": "127.0.0.1:0", "servers": [{}], "spawn_backends": true,
+            "health_check_interval": 0.5, "health_check_timeout": 0.25{extra}}}"#,
+        servers.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_demo_backends_and_applies_edits_live() {
+    let dir = tempdir();
+    let path = dir.join("config.json");
+    let ports = [free_port(), free_port(), free_port()];
+    std::fs::write(&path, demo_config(&ports, "")).unwrap();
+    let mut proxy = Running::start(&path);
+    let addr = proxy.listening();
+    for _ in 0..3 {
+        proxy.wait_for("backend is healthy");
+    }
+
+    // The demo backends take turns, each naming itself.
+    let mut client = Client::connect(addr).await;
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let (status, body) = client.get("/").await;
+        assert_eq!(status, StatusCode::OK);
+        seen.push(body);
+    }
+    let names: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    assert_eq!(seen[..3], names[..]);
+    assert_eq!(seen[3..], names[..]);
+
+    // Add a server (its demo backend starts) and remove one (its demo backend stops).
+    let fourth = free_port();
+    replace(&path, demo_config(&[ports[1], ports[2], fourth], ""));
+    proxy.wait_for("configuration applied");
+    proxy.wait_for("backend is healthy");
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(client.get("/").await.1);
+    }
+    let expected: std::collections::HashSet<String> = [ports[1], ports[2], fourth]
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    assert_eq!(seen, expected);
+    proxy.wait_for(&format!(
+        "demo backend stopped backend=127.0.0.1:{}",
+        ports[0]
+    ));
+
+    // An invalid edit: logged, and the running configuration stays.
+    replace(
+        &path,
+        demo_config(&[ports[1]], r#", "algorithm": "fastest""#),
+    );
+    let line = proxy.wait_for("keeping the running configuration");
+    assert!(line.contains("algorithm"), "{line}");
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(client.get("/").await.1);
+    }
+    assert_eq!(seen, expected);
+
+    // Algorithm switch: one client sticks to one backend.
+    replace(
+        &path,
+        demo_config(&[ports[1], ports[2], fourth], r#", "algorithm": "hashing""#),
+    );
+    proxy.wait_for("algorithm=hashing");
+    let sticky: std::collections::HashSet<String> = [
+        client.get("/").await.1,
+        client.get("/").await.1,
+        client.get("/").await.1,
+    ]
+    .into();
+    assert_eq!(sticky.len(), 1);
+
+    drop(client);
+    assert!(proxy.terminate().success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
+    let backend = Backend::start().await;
+    let dir = tempdir();
+    let path = dir.join("config.json");
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{"listen": "127.0.0.1:0", "servers": [{{"host": "127.0.0.1", "port": {}}}], "spawn_backends": false,
+                "health_check_interval": 0.5, "health_check_timeout": 0.25}}"#,
+            backend.addr.port()
+        ),
+    )
+    .unwrap();
+    let mut proxy = Running::start(&path);
+    let addr = proxy.listening();
+    proxy.wait_for("backend is healthy");
+
+    let mut client = Client::connect(addr).await;
+    let res = client
+        .send(Request::get("/hold").body(empty()).unwrap())
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let pid = proxy.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    proxy.wait_for("shutting down");
+    within(async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "exited with a request in flight"
+    );
+
+    backend.release(1);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"first;last");
+    let status = proxy.wait();
+    assert_eq!(status.code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
