@@ -317,6 +317,8 @@ async fn hop_by_hop_headers_are_removed_both_ways_and_forwarded_for_appended() {
     assert_eq!(seen["x-kept"], "1");
     assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.7");
     assert_eq!(seen["host"], proxy.local_addr().to_string());
+    // Origin form, as a server expects from a reverse proxy.
+    assert_eq!(b.paths(), ["/hop"]);
     proxy.shutdown().await.unwrap();
 }
 

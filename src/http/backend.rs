@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme, Uri};
+use http::uri::{Authority, Uri};
 use http::{header, HeaderValue, Request, Response, Version};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -123,7 +123,7 @@ impl<B> MakeBackend<Authority> for Client<B> {
 /// - [`poll_ready`](Service::poll_ready) takes an idle pooled connection or opens a new one
 ///   (TCP_NODELAY, `connect_timeout`). A failure there is a [`ConnectError`] *before* the
 ///   request was handed over, so the balancer can retry it on another backend.
-/// - [`call`](Service::call) rewrites the request for the backend (absolute URI, HTTP/1.1,
+/// - [`call`](Service::call) rewrites the request for the backend (origin-form target, HTTP/1.1,
 ///   hop-by-hop headers removed, the client appended to `X-Forwarded-For`, `Host` kept) and
 ///   sends it; a pooled connection that turns out closed before the request was written is
 ///   replaced by a fresh one once. Response headers must arrive within `response_timeout`
@@ -301,17 +301,14 @@ where
 impl<B> Backend<B> {
     fn prepare(&self, request: &mut Request<B>) {
         let client = peer_ip(request);
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(self.shared.authority.clone());
-        parts.path_and_query = Some(path);
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *request.uri_mut() = uri;
+        // Origin form (`/path?query`) for the backend, whatever form the client used.
+        if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+            let path = request
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            *request.uri_mut() = Uri::from(path);
         }
         *request.version_mut() = Version::HTTP_11;
         let headers = request.headers_mut();

@@ -50,6 +50,9 @@ pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
 pub use self::server::{serve, Server};
 
+/// Re-exported for naming backend addresses.
+pub use ::http::uri;
+
 use crate::balance::MakeBackend;
 use crate::policy::Policy;
 use crate::{Backends, Balance};

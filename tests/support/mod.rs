@@ -42,6 +42,7 @@ struct State {
     healthy: AtomicBool,
     hits: AtomicUsize,
     seen: Mutex<Vec<HeaderMap>>,
+    paths: Mutex<Vec<String>>,
     gate: Semaphore,
     started: Notify,
 }
@@ -52,6 +53,7 @@ impl Default for State {
             healthy: AtomicBool::new(true),
             hits: AtomicUsize::new(0),
             seen: Mutex::default(),
+            paths: Mutex::default(),
             gate: Semaphore::new(0),
             started: Notify::new(),
         }
@@ -108,6 +110,11 @@ impl Backend {
         self.state.seen.lock().unwrap().clone()
     }
 
+    /// Request targets received, as the backend saw them.
+    pub fn paths(&self) -> Vec<String> {
+        self.state.paths.lock().unwrap().clone()
+    }
+
     /// Lets one held body finish.
     pub fn release(&self, n: usize) {
         self.state.gate.add_permits(n);
@@ -154,6 +161,7 @@ async fn handle(
     }
     st.hits.fetch_add(1, Ordering::SeqCst);
     st.seen.lock().unwrap().push(req.headers().clone());
+    st.paths.lock().unwrap().push(req.uri().to_string());
     match path.as_str() {
         "/hold" => {
             st.started.notify_one();
