@@ -109,17 +109,23 @@ where
 
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        let key = self.key.key(&request);
         let completion = self.completion.clone();
-        self.backends
-            .with_snapshot(|snapshot| match snapshot.pick(key) {
+        let key = &self.key;
+        self.backends.with_snapshot(|snapshot| {
+            let key = if snapshot.policy().needs_key() {
+                key.key(&request)
+            } else {
+                None
+            };
+            match snapshot.pick(key) {
                 Some(index) => {
                     let (service, guard, id) = snapshot.start(index);
                     let retry = (self.backends.clone(), key, id);
                     ResponseFuture::called(service, request, guard, retry, completion)
                 }
                 None => ResponseFuture::unavailable(completion),
-            })
+            }
+        })
     }
 }
 

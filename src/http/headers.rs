@@ -33,58 +33,113 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 /// assert!(headers.contains_key("accept"));
 /// ```
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Fast path: most messages carry none of these.
-    if headers.contains_key(header::CONNECTION) {
-        // Names listed in Connection; a value that is not a token list is ignored.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
+    // One pass over the names; most messages carry none of these, or only
+    // `Connection: keep-alive`/`close`, which name no other field.
+    let mut found = false;
+    let mut named = false;
+    for name in headers.keys() {
+        if is_hop_by_hop(name) {
+            found = true;
+        }
+        if name == header::CONNECTION {
+            named = true;
+        }
+    }
+    if !found {
+        return;
+    }
+    if named {
+        // Fields listed in Connection; a value that is not a token list is ignored.
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    listed.push(name);
+                }
+            }
+        }
+        for name in listed {
             headers.remove(name);
         }
     }
     for name in &HOP_BY_HOP {
-        if headers.contains_key(name) {
-            headers.remove(name);
-        }
+        headers.remove(name);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    // Standard names compare as enum values; the two others by their (short) text.
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// Appends `client` to `X-Forwarded-For`, joining any values the message already has into
 /// one comma-separated list (RFC 7239's order: the client first, each proxy appending).
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     let mut buf = [0u8; 64];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    // An IPv6 address is at most 45 bytes: this cannot fail.
-    let _ = write!(cursor, "{client}");
-    let len = cursor.position() as usize;
-    let ip = &buf[..len];
-
-    let value = match headers.entry(X_FORWARDED_FOR) {
+    let ip = format_ip(client, &mut buf);
+    match headers.entry(X_FORWARDED_FOR) {
         header::Entry::Vacant(entry) => {
             entry.insert(
                 HeaderValue::from_bytes(ip).expect("an IP address is a valid header value"),
             );
-            return;
         }
-        header::Entry::Occupied(entry) => {
+        header::Entry::Occupied(mut entry) => {
             let mut joined = Vec::with_capacity(64);
             for v in entry.iter() {
                 joined.extend_from_slice(v.as_bytes());
                 joined.extend_from_slice(b", ");
             }
             joined.extend_from_slice(ip);
-            drop(entry.remove_entry_mult());
-            joined
+            // Existing values were valid header values; joined with ", " they still are.
+            if let Ok(value) = HeaderValue::from_bytes(&joined) {
+                entry.insert(value);
+            }
         }
-    };
-    // Existing values were valid header values; joined with ", " they still are.
-    if let Ok(value) = HeaderValue::from_bytes(&value) {
-        headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+/// Writes `ip` in its usual text form into `buf`; IPv4 without `fmt` (this runs on every
+/// request, and `fmt` costs a few hundred instructions more).
+fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    buf[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    buf[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                buf[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            &buf[..len]
+        }
+        IpAddr::V6(_) => {
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            // An IPv6 address is at most 45 bytes: this cannot fail.
+            let _ = write!(cursor, "{ip}");
+            let len = cursor.position() as usize;
+            &buf[..len]
+        }
     }
 }
 
@@ -113,6 +168,32 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["host", "x-kept"]);
+    }
+
+    #[test]
+    fn ips_format_as_std_does() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.30.40",
+            "255.255.255.255",
+            "1.2.3.100",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut buf = [0u8; 64];
+            assert_eq!(format_ip(ip, &mut buf), ip.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn connection_keep_alive_names_nothing_else() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Keep-Alive".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

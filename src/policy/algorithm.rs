@@ -125,6 +125,14 @@ impl Policy for Algorithm {
         }
     }
 
+    fn needs_key(&self) -> bool {
+        match self {
+            Algorithm::RoundRobin(p) => p.needs_key(),
+            Algorithm::LeastConnections(p) => p.needs_key(),
+            Algorithm::Hashing(p) => p.needs_key(),
+        }
+    }
+
     #[inline]
     fn pick(
         &self,

@@ -66,6 +66,10 @@ impl Policy for LeastConnections {
         }
     }
 
+    fn needs_key(&self) -> bool {
+        false
+    }
+
     #[inline]
     fn pick(&self, table: &Self::Table, _: &[Endpoint], _key: Option<u64>) -> Option<usize> {
         let candidates = &table.candidates[..];

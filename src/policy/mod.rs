@@ -80,6 +80,13 @@ pub trait Policy: Send + Sync + 'static {
     /// Returns `None` only when no endpoint can take the request.
     fn pick(&self, table: &Self::Table, endpoints: &[Endpoint], key: Option<u64>) -> Option<usize>;
 
+    /// Whether [`pick`](Policy::pick) looks at the request's key. When it does not, the
+    /// balancer skips extracting it (hashing a client IP on every request for nothing).
+    /// The default is `true`, which is always correct.
+    fn needs_key(&self) -> bool {
+        true
+    }
+
     /// Picks a healthy endpoint other than `exclude`, for a request that `exclude` could
     /// not take (its connection failed before the request was sent).
     ///

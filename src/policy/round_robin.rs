@@ -63,6 +63,10 @@ impl Policy for RoundRobin {
         }
     }
 
+    fn needs_key(&self) -> bool {
+        false
+    }
+
     #[inline]
     fn pick(&self, table: &RoundRobinTable, _: &[Endpoint], _key: Option<u64>) -> Option<usize> {
         let len = table.sequence.len();
