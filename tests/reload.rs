@@ -268,16 +268,3 @@ async fn the_watcher_sees_edits_and_reports_invalid_ones() {
     drop(edits);
     std::fs::remove_dir_all(&dir).unwrap();
 }
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tower-lb-test-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}

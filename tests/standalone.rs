@@ -39,19 +39,6 @@ fn example() -> PathBuf {
     path
 }
 
-fn tempdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "tower-lb-standalone-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A port that was free a moment ago (for demo backends, which need fixed ports).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

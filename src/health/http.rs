@@ -45,12 +45,7 @@ impl Probe<Authority> for HttpProbe {
         let target = target.clone();
         let path = PathAndQuery::clone(&self.path.load());
         Box::pin(async move {
-            let host = target.host();
-            let host = host
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .unwrap_or(host);
-            let stream = TcpStream::connect((host, target.port_u16().unwrap_or(80))).await?;
+            let stream = TcpStream::connect(crate::http::socket_target(&target)).await?;
             stream.set_nodelay(true)?;
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

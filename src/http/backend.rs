@@ -21,7 +21,7 @@ use tower_service::Service;
 use super::body::{OnEnd, TrackedBody};
 use super::error::{BackendError, ConnectError, ResponseTimeout};
 use super::headers::{append_forwarded_for, remove_hop_by_hop};
-use super::peer_ip;
+use super::{peer_ip, socket_target};
 use crate::balance::MakeBackend;
 use crate::BoxError;
 
@@ -204,19 +204,12 @@ where
             backend: self.authority.clone(),
             source,
         };
-        let host = self.authority.host();
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let port = self.authority.port_u16().unwrap_or(80);
-        let stream = tokio::time::timeout(
-            self.settings.connect_timeout,
-            TcpStream::connect((host, port)),
-        )
-        .await
-        .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(err)?;
+        let target = socket_target(&self.authority);
+        let stream =
+            tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(target))
+                .await
+                .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
+                .map_err(err)?;
         stream.set_nodelay(true).map_err(err)?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))

@@ -57,6 +57,22 @@ use crate::balance::MakeBackend;
 use crate::policy::Policy;
 use crate::{Backends, Balance};
 
+/// The host and port to connect to for `authority`: IPv6 hosts without their brackets,
+/// port 80 when none is given.
+///
+/// ```
+/// let a: http::uri::Authority = "[::1]:9001".parse().unwrap();
+/// assert_eq!(tower_lb::http::socket_target(&a), ("::1", 9001));
+/// ```
+pub fn socket_target(authority: &Authority) -> (&str, u16) {
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (host, authority.port_u16().unwrap_or(80))
+}
+
 /// The backend set of an HTTP balancer: backends by address.
 pub type HttpBackends<P, B = Incoming> = Backends<Authority, Backend<B>, P>;
 

@@ -27,12 +27,7 @@ pub struct DemoBackend {
 impl DemoBackend {
     /// Binds `address` (`host:port`) and starts serving.
     pub async fn spawn(address: Authority, health_path: PathAndQuery) -> io::Result<DemoBackend> {
-        let host = address.host();
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let listener = TcpListener::bind((host, address.port_u16().unwrap_or(80))).await?;
+        let listener = TcpListener::bind(crate::http::socket_target(&address)).await?;
         let local_addr = listener.local_addr()?;
         let body = Bytes::from(address.to_string());
         let service = tower::service_fn(move |request: Request<Incoming>| {
