@@ -271,6 +271,33 @@ async fn a_reset_is_502() {
 }
 
 #[tokio::test]
+async fn stale_pooled_connections_are_not_a_client_error() {
+    // Every pooled connection to this backend is closed by it as the next request arrives:
+    // the request was never answered, so the proxy sends it again on a fresh connection.
+    let backend = OneShotBackend::start().await;
+    let mut cfg = config(&[backend.addr], "");
+    cfg.health.interval = Duration::from_secs(60);
+    cfg.health.timeout = Duration::from_secs(1);
+    let proxy = proxy(cfg).await;
+    let mut client = Client::connect(proxy.local_addr()).await;
+    for i in 0..20 {
+        let (status, body) = client.get("/").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "ok"),
+            "request {i}"
+        );
+    }
+    // One connection per request (the first, then one fresh one per resent request), and
+    // the health probe's.
+    assert_eq!(
+        backend.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        20 + 1
+    );
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_slow_backend_is_504() {
     let b = Backend::start().await;
     let proxy = proxy(config(&[b.addr], r#""response_timeout": 0.3"#)).await;

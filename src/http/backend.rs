@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -12,15 +12,13 @@ use http::uri::{Authority, Uri};
 use http::{header, HeaderValue, Request, Response, Version};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use sync_wrapper::SyncWrapper;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use super::body::{OnEnd, TrackedBody};
 use super::error::{BackendError, ConnectError, ResponseTimeout};
 use super::headers::{append_forwarded_for, remove_hop_by_hop};
+use super::upstream::{encode_head, exchange, Conn, Pool, UpstreamBody};
 use super::{peer_ip, socket_target};
 use crate::balance::MakeBackend;
 use crate::BoxError;
@@ -120,38 +118,43 @@ impl<B> MakeBackend<Authority> for Client<B> {
 
 /// Forwards HTTP requests to one backend.
 ///
-/// - [`poll_ready`](Service::poll_ready) takes an idle pooled connection or opens a new one
-///   (TCP_NODELAY, `connect_timeout`). A failure there is a [`ConnectError`] *before* the
-///   request was handed over, so the balancer can retry it on another backend.
-/// - [`call`](Service::call) rewrites the request for the backend (origin-form target, HTTP/1.1,
-///   hop-by-hop headers removed, the client appended to `X-Forwarded-For`, `Host` kept) and
-///   sends it; a pooled connection that turns out closed before the request was written is
-///   replaced by a fresh one once. Response headers must arrive within `response_timeout`
-///   ([`ResponseTimeout`]); the response's hop-by-hop headers are removed.
-/// - Bodies stream both ways. The connection goes back to the pool when the response body
-///   has been read to its end; a body dropped early closes it.
+/// - [`poll_ready`](Service::poll_ready) takes an idle pooled connection (one the backend
+///   has not closed) or opens a new one (TCP_NODELAY, `connect_timeout`). A failure there is
+///   a [`ConnectError`] *before* the request was handed over, so the balancer can retry it
+///   on another backend.
+/// - [`call`](Service::call) rewrites the request for the backend (origin-form target,
+///   HTTP/1.1, hop-by-hop headers removed, the client appended to `X-Forwarded-For`, `Host`
+///   kept) and sends it. If a pooled connection turns out to have been closed by the
+///   backend as the request went out (no byte of an answer, no byte of the body read yet),
+///   an idempotent request is sent once more on a fresh connection. Response headers must
+///   arrive within `response_timeout` ([`ResponseTimeout`]); the response's hop-by-hop
+///   headers are removed.
+/// - The exchange runs in the task that polls the response future and body (for a proxy,
+///   the client's connection task): no task or channel per upstream connection. Bodies
+///   stream both ways, the request body still being sent while the response streams. The
+///   connection goes back to the pool when the response has been read to its end with the
+///   request sent in full and neither side asking to close; a body dropped early closes it.
 pub struct Backend<B = Incoming> {
-    shared: Arc<Shared<B>>,
-    conn: Conn<B>,
+    shared: Arc<Shared>,
+    conn: State,
+    _body: PhantomData<fn(B)>,
 }
 
-struct Shared<B> {
+struct Shared {
     authority: Authority,
     host: HeaderValue,
     settings: Settings,
-    idle: Mutex<Vec<http1::SendRequest<B>>>,
+    pool: Arc<Pool>,
 }
 
 // Only ever reached through `&mut self`: SyncWrapper makes the backend `Sync`, as a
 // member of a shared snapshot must be, without a lock.
-type Connecting<B> =
-    SyncWrapper<Pin<Box<dyn Future<Output = Result<http1::SendRequest<B>, ConnectError>> + Send>>>;
+type Connecting = SyncWrapper<Pin<Box<dyn Future<Output = Result<Conn, ConnectError>> + Send>>>;
 
-enum Conn<B> {
+enum State {
     None,
-    Checking(http1::SendRequest<B>),
-    Connecting(Connecting<B>),
-    Ready(http1::SendRequest<B>),
+    Connecting(Connecting),
+    Ready(Conn),
 }
 
 impl<B> Backend<B> {
@@ -162,10 +165,11 @@ impl<B> Backend<B> {
             shared: Arc::new(Shared {
                 authority,
                 host,
+                pool: Arc::new(Pool::new(settings.max_idle)),
                 settings,
-                idle: Mutex::new(Vec::new()),
             }),
-            conn: Conn::None,
+            conn: State::None,
+            _body: PhantomData,
         }
     }
 
@@ -176,30 +180,12 @@ impl<B> Backend<B> {
 
     /// Idle connections in the pool.
     pub fn idle_connections(&self) -> usize {
-        self.shared.lock_idle().len()
+        self.shared.pool.len()
     }
 }
 
-impl<B> Shared<B> {
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<http1::SendRequest<B>>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn checkin(&self, conn: http1::SendRequest<B>) {
-        let mut idle = self.lock_idle();
-        if idle.len() < self.settings.max_idle && !conn.is_closed() {
-            idle.push(conn);
-        }
-    }
-}
-
-impl<B> Shared<B>
-where
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    async fn connect(self: Arc<Self>) -> Result<http1::SendRequest<B>, ConnectError> {
+impl Shared {
+    async fn connect(self: Arc<Self>) -> Result<Conn, ConnectError> {
         let err = |source| ConnectError {
             backend: self.authority.clone(),
             source,
@@ -211,17 +197,7 @@ where
                 .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
                 .map_err(err)?;
         stream.set_nodelay(true).map_err(err)?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| err(std::io::Error::other(e)))?;
-        let authority = self.authority.clone();
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(backend = %authority, %error, "backend connection closed");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(stream))
     }
 }
 
@@ -230,64 +206,51 @@ impl<B> Clone for Backend<B> {
     fn clone(&self) -> Self {
         Backend {
             shared: self.shared.clone(),
-            conn: Conn::None,
+            conn: State::None,
+            _body: PhantomData,
         }
     }
 }
 
 impl<B> Service<Request<B>> for Backend<B>
 where
-    B: Body + Send + 'static,
+    B: Body + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<TrackedBody<Incoming, Pooled<B>>>;
+    type Response = Response<UpstreamBody<B>>;
     type Error = BoxError;
     type Future = ResponseFuture<B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
             match &mut self.conn {
-                Conn::Ready(_) => return Poll::Ready(Ok(())),
-                Conn::None => {
-                    let idle = self.shared.lock_idle().pop();
-                    self.conn = match idle {
-                        Some(conn) => Conn::Checking(conn),
-                        None => Conn::Connecting(SyncWrapper::new(Box::pin(
+                State::Ready(_) => return Poll::Ready(Ok(())),
+                State::None => {
+                    self.conn = match self.shared.pool.checkout(cx) {
+                        Some(conn) => State::Ready(conn),
+                        None => State::Connecting(SyncWrapper::new(Box::pin(
                             self.shared.clone().connect(),
                         ))),
                     };
                 }
-                Conn::Checking(conn) => match conn.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        let Conn::Checking(conn) = std::mem::replace(&mut self.conn, Conn::None)
-                        else {
-                            unreachable!()
-                        };
-                        self.conn = Conn::Ready(conn);
-                    }
-                    // Closed while idle: try the next one.
-                    Poll::Ready(Err(_)) => self.conn = Conn::None,
-                    Poll::Pending => return Poll::Pending,
-                },
-                Conn::Connecting(connecting) => {
+                State::Connecting(connecting) => {
                     let result = ready!(connecting.get_mut().as_mut().poll(cx));
-                    self.conn = Conn::None;
-                    self.conn = Conn::Ready(result?);
+                    self.conn = State::None;
+                    self.conn = State::Ready(result?);
                 }
             }
         }
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let Conn::Ready(conn) = std::mem::replace(&mut self.conn, Conn::None) else {
+        let State::Ready(conn) = std::mem::replace(&mut self.conn, State::None) else {
             return ResponseFuture::new(async {
                 Err(BoxError::from("Backend::call before poll_ready"))
             });
         };
         self.prepare(&mut request);
-        let shared = self.shared.clone();
-        ResponseFuture::new(send(shared, conn, request))
+        ResponseFuture::new(send(self.shared.clone(), conn, request))
     }
 }
 
@@ -316,12 +279,12 @@ impl<B> Backend<B> {
 }
 
 async fn send<B>(
-    shared: Arc<Shared<B>>,
-    mut conn: http1::SendRequest<B>,
+    shared: Arc<Shared>,
+    conn: Conn,
     request: Request<B>,
-) -> Result<Response<TrackedBody<Incoming, Pooled<B>>>, BoxError>
+) -> Result<Response<UpstreamBody<B>>, BoxError>
 where
-    B: Body + Send + 'static,
+    B: Body + Unpin + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
@@ -330,50 +293,36 @@ where
         backend: shared.authority.clone(),
         after: timeout,
     };
-    let sent = tokio::time::timeout(timeout, conn.try_send_request(request)).await;
-    let result = match sent {
-        Err(_) => return Err(timed_out().into()),
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(mut error)) => match error.take_message() {
-            // The pooled connection closed before the request went out: a fresh one.
-            Some(request) => {
-                conn = shared.clone().connect().await?;
-                match tokio::time::timeout(timeout, conn.try_send_request(request)).await {
-                    Err(_) => return Err(timed_out().into()),
-                    Ok(result) => result.map_err(|e| e.into_error()),
-                }
-            }
-            None => Err(error.into_error()),
-        },
-    };
-    let mut response = result.map_err(|source| BackendError {
+    let failed = |source| BackendError {
         backend: shared.authority.clone(),
         source,
-    })?;
-    remove_hop_by_hop(response.headers_mut());
-    Ok(response.map(|body| TrackedBody::new(body, Pooled { conn, shared })))
-}
-
-/// A connection lent to one response: back to the pool when the body ends cleanly.
-pub struct Pooled<B> {
-    conn: http1::SendRequest<B>,
-    shared: Arc<Shared<B>>,
-}
-
-impl<B> OnEnd for Pooled<B> {
-    fn on_end(self, clean: bool) {
-        if clean {
-            self.shared.checkin(self.conn);
+    };
+    let head = encode_head(&request);
+    let body = request.into_body();
+    let result = match tokio::time::timeout(
+        timeout,
+        exchange(conn, &head, body, shared.pool.clone()),
+    )
+    .await
+    {
+        Err(_) => return Err(timed_out().into()),
+        // A pooled connection the backend closed as we sent: the request never reached
+        // it, so once more on a fresh connection.
+        Ok(Err((error, Some(body)))) if error.retryable => {
+            tracing::debug!(backend = %shared.authority, error = %error.error, "stale connection; sending again");
+            let conn = shared.clone().connect().await?;
+            match tokio::time::timeout(timeout, exchange(conn, &head, body, shared.pool.clone()))
+                .await
+            {
+                Err(_) => return Err(timed_out().into()),
+                Ok(result) => result,
+            }
         }
-    }
-}
-
-impl<B> fmt::Debug for Pooled<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pooled")
-            .field("backend", &self.shared.authority)
-            .finish()
-    }
+        Ok(result) => result,
+    };
+    let mut response = result.map_err(|(error, _)| failed(error.error))?;
+    remove_hop_by_hop(response.headers_mut());
+    Ok(response)
 }
 
 impl<B> fmt::Debug for Backend<B> {
@@ -385,33 +334,26 @@ impl<B> fmt::Debug for Backend<B> {
     }
 }
 
-type BoxResponse<B> = Pin<
-    Box<dyn Future<Output = Result<Response<TrackedBody<Incoming, Pooled<B>>>, BoxError>> + Send>,
->;
+type BoxResponse<B> =
+    Pin<Box<dyn Future<Output = Result<Response<UpstreamBody<B>>, BoxError>> + Send>>;
 
 pin_project_lite::pin_project! {
     /// Response future of [`Backend`].
     pub struct ResponseFuture<B> {
         inner: BoxResponse<B>,
-        _body: PhantomData<fn(B)>,
     }
 }
 
 impl<B> ResponseFuture<B> {
     fn new(
-        f: impl Future<Output = Result<Response<TrackedBody<Incoming, Pooled<B>>>, BoxError>>
-            + Send
-            + 'static,
+        f: impl Future<Output = Result<Response<UpstreamBody<B>>, BoxError>> + Send + 'static,
     ) -> Self {
-        ResponseFuture {
-            inner: Box::pin(f),
-            _body: PhantomData,
-        }
+        ResponseFuture { inner: Box::pin(f) }
     }
 }
 
 impl<B> Future for ResponseFuture<B> {
-    type Output = Result<Response<TrackedBody<Incoming, Pooled<B>>>, BoxError>;
+    type Output = Result<Response<UpstreamBody<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.project().inner.as_mut().poll(cx)

@@ -55,7 +55,7 @@ impl std::error::Error for ResponseTimeout {}
 #[derive(Debug)]
 pub struct BackendError {
     pub(crate) backend: Authority,
-    pub(crate) source: hyper::Error,
+    pub(crate) source: crate::BoxError,
 }
 
 impl fmt::Display for BackendError {
@@ -66,6 +66,6 @@ impl fmt::Display for BackendError {
 
 impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
+        Some(&*self.source)
     }
 }

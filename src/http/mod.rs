@@ -1,6 +1,7 @@
 //! HTTP load balancing: the pieces of a reverse proxy.
 //!
-//! - [`Client`] is the transport: HTTP/1.1 over pooled keep-alive connections. As a
+//! - [`Client`] is the transport: HTTP/1.1 over pooled keep-alive connections, driven in
+//!   the task of the request that uses them (see [`Backend`]). As a
 //!   [`MakeBackend`] it makes one [`Backend`] service per
 //!   backend address, which rewrites requests for that backend (URI, hop-by-hop headers,
 //!   `X-Forwarded-For`) and connects in `poll_ready`, so that a refused connection is
@@ -39,16 +40,18 @@ mod framing;
 mod headers;
 mod respond;
 mod server;
+mod upstream;
 
 use http::uri::Authority;
 use hyper::body::Incoming;
 
-pub use self::backend::{Backend, Client, Pooled, ResponseFuture};
+pub use self::backend::{Backend, Client, ResponseFuture};
 pub use self::body::{OnEnd, TrackBody, TrackedBody};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
 pub use self::server::{serve, Server};
+pub use self::upstream::UpstreamBody;
 
 /// Re-exported for naming backend addresses.
 pub use ::http::uri;

@@ -265,6 +265,62 @@ impl Drop for ResetBackend {
     }
 }
 
+/// A backend that answers the first request on each connection and closes the connection
+/// on reading the second, without answering: the race of a keep-alive timeout that fires
+/// just as the proxy reuses the connection.
+pub struct OneShotBackend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl OneShotBackend {
+    pub async fn start() -> OneShotBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    for answer in [true, false] {
+                        let mut head = Vec::new();
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        if answer {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                        }
+                    }
+                    // The second request is read, then the connection closes unanswered.
+                });
+            }
+        });
+        OneShotBackend {
+            addr,
+            accepted,
+            task,
+        }
+    }
+}
+
+impl Drop for OneShotBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A keep-alive HTTP/1.1 connection to `addr` from the local address `from` (127.0.0.x).
 pub struct Client {
     sender: hyper::client::conn::http1::SendRequest<Body>,
