@@ -130,7 +130,8 @@ enum Upload {
 
 /// The request head, encoded, with what is needed to send it again.
 pub(crate) struct Head {
-    bytes: Vec<u8>,
+    /// Shared, so that sending it again costs no copy.
+    bytes: Bytes,
     upload: Upload,
     head_request: bool,
     /// Safe to send twice (RFC 9110 §9.2.2).
@@ -181,7 +182,7 @@ pub(crate) fn encode_head<B: Body>(request: &Request<B>) -> Head {
     out.extend_from_slice(b"\r\n");
     let method = request.method();
     Head {
-        bytes: out,
+        bytes: Bytes::from(out),
         upload,
         head_request: method == Method::HEAD,
         idempotent: matches!(
@@ -268,7 +269,8 @@ where
 }
 
 /// Sends `head` and `body` on `conn` and reads the response head. The response body reads
-/// on from the same connection; `on_idle` gets the connection back when it is reusable.
+/// on from the same connection, and puts it back in `pool` when it is reusable. On failure,
+/// the body comes back with the error when the request may be sent again.
 pub(crate) async fn exchange<B>(
     mut conn: Conn,
     head: &Head,
@@ -285,7 +287,7 @@ where
     let mut sender = Sender {
         body: Some(body),
         upload: head.upload,
-        pending: Bytes::copy_from_slice(&head.bytes),
+        pending: head.bytes.clone(),
         started: false,
     };
     let fail = |error: BoxError, sender: &mut Sender<B>, conn: &Conn| {
