@@ -320,9 +320,8 @@ where
         }
         Ok(result) => result,
     };
-    let mut response = result.map_err(|(error, _)| failed(error.error))?;
-    remove_hop_by_hop(response.headers_mut());
-    Ok(response)
+    // The response's hop-by-hop fields were left out as it was parsed.
+    result.map_err(|(error, _)| failed(error.error).into())
 }
 
 impl<B> fmt::Debug for Backend<B> {

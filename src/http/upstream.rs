@@ -16,6 +16,7 @@
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -355,14 +356,20 @@ struct Parsed {
 
 /// Parses a response head from the front of `buf`, skipping 1xx informational heads.
 /// `None` if more bytes are needed.
+///
+/// One pass over the raw fields finds the framing and keep-alive, and leaves out the
+/// hop-by-hop fields (RFC 9110 §7.6.1, and those that `Connection` names), so the head is
+/// ready to forward.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, BoxError> {
     loop {
         if buf.is_empty() {
             return Ok(None);
         }
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut slots);
-        let len = match res.parse(buf)? {
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut res, buf, &mut slots)?
+        {
             httparse::Status::Complete(len) => len,
             httparse::Status::Partial => {
                 if buf.len() > MAX_HEAD {
@@ -382,17 +389,67 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             buf.advance(len);
             continue;
         }
+
+        let mut length: Option<u64> = None;
+        let mut chunked: Option<bool> = None;
+        let mut close = version != Version::HTTP_11;
+        let mut listed: Vec<&[u8]> = Vec::new();
         // Header values are slices of the head, shared rather than copied.
         let base = buf.as_ptr() as usize;
-        let spans: Vec<(HeaderName, usize, usize)> = res
-            .headers
-            .iter()
-            .map(|h| {
-                let name = HeaderName::from_bytes(h.name.as_bytes())?;
-                let start = h.value.as_ptr() as usize - base;
-                Ok((name, start, start + h.value.len()))
-            })
-            .collect::<Result<_, BoxError>>()?;
+        let mut spans: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(res.headers.len());
+        for h in res.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let n: u64 = std::str::from_utf8(h.value)?.trim().parse()?;
+                if length.is_some_and(|l| l != n) {
+                    return Err("conflicting Content-Length in response".into());
+                }
+                length = Some(n);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                continue;
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                        listed.push(token);
+                    }
+                }
+                continue;
+            } else if is_hop_by_hop(name) {
+                continue;
+            }
+            let start = h.value.as_ptr() as usize - base;
+            spans.push((HeaderName::from_bytes(name)?, start, start + h.value.len()));
+        }
+        if chunked.is_some() {
+            // Transfer-Encoding overrides Content-Length, which an intermediary must
+            // remove before forwarding (RFC 9112 §6.3).
+            spans.retain(|(name, ..)| name != header::CONTENT_LENGTH);
+        }
+        if !listed.is_empty() {
+            spans.retain(|(name, ..)| {
+                !listed
+                    .iter()
+                    .any(|l| name.as_str().as_bytes().eq_ignore_ascii_case(l))
+            });
+        }
+        let framing = if head_request
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Framing::Empty
+        } else {
+            match (chunked, length) {
+                (Some(true), _) => Framing::Chunked(Chunk::Size),
+                (Some(false), _) | (None, None) => Framing::Close,
+                (None, Some(0)) => Framing::Empty,
+                (None, Some(n)) => Framing::Length(n),
+            }
+        };
+
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
         for (name, start, end) in spans {
@@ -401,26 +458,21 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
                 HeaderValue::from_maybe_shared(head.slice(start..end))?,
             );
         }
-        let framing = framing(&headers, status, head_request)?;
-        if headers.contains_key(header::TRANSFER_ENCODING) {
-            // Transfer-Encoding overrides Content-Length, which an intermediary must
-            // remove before forwarding (RFC 9112 §6.3).
-            headers.remove(header::CONTENT_LENGTH);
-        }
-        let keep_alive = version == Version::HTTP_11
-            && !headers.get_all(header::CONNECTION).iter().any(|v| {
-                v.as_bytes()
-                    .split(|&b| b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-            });
         return Ok(Some(Parsed {
             status,
             version,
             headers,
             framing,
-            keep_alive,
+            keep_alive: !close,
         }));
     }
+}
+
+/// The hop-by-hop fields other than `Connection` and `Transfer-Encoding`.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    [&b"keep-alive"[..], b"proxy-connection", b"te", b"upgrade"]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -438,45 +490,6 @@ enum Chunk {
     DataEnd,
     Trailers,
     Done,
-}
-
-fn framing(
-    headers: &HeaderMap,
-    status: StatusCode,
-    head_request: bool,
-) -> Result<Framing, BoxError> {
-    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok(Framing::Empty);
-    }
-    if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        let last = te
-            .as_bytes()
-            .rsplit(|&b| b == b',')
-            .next()
-            .unwrap_or_default();
-        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            Framing::Chunked(Chunk::Size)
-        } else {
-            Framing::Close
-        });
-    }
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        let n: u64 = std::str::from_utf8(v.as_bytes())?.trim().parse()?;
-        if length.is_some_and(|l| l != n) {
-            return Err("conflicting Content-Length in response".into());
-        }
-        length = Some(n);
-    }
-    Ok(match length {
-        Some(0) => Framing::Empty,
-        Some(n) => Framing::Length(n),
-        None => Framing::Close,
-    })
 }
 
 /// A response body read straight from the backend connection.
@@ -768,6 +781,20 @@ mod tests {
         let p = parse_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(p.framing, Framing::Close);
         assert!(!p.keep_alive);
+
+        // Hop-by-hop fields, and those Connection names, are not forwarded.
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nUpgrade: h2c\r\nX-Kept: 1\r\nContent-Length: 0\r\n\r\n"[..],
+        );
+        let p = parse_head(&mut buf, false).unwrap().unwrap();
+        let mut names: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert!(p.keep_alive);
+        assert_eq!(p.framing, Framing::Empty);
+
+        let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"[..]);
+        assert!(!parse_head(&mut buf, false).unwrap().unwrap().keep_alive);
 
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"[..]);
         assert_eq!(
