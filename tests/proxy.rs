@@ -428,6 +428,94 @@ async fn eight_mib_stream_each_way_without_buffering() {
     proxy.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn bodiless_responses_and_length_framed_uploads() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let mut client = Client::connect(proxy.local_addr()).await;
+
+    // HEAD: the length of what GET would send, and no body; the connection stays usable.
+    let res = client.send(Request::head("/").body(empty()).unwrap()).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()["content-length"],
+        b.addr.to_string().len().to_string()
+    );
+    assert!(res
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .is_empty());
+
+    // 204: no body.
+    let (status, body) = client.get("/empty").await;
+    assert_eq!((status, body.as_str()), (StatusCode::NO_CONTENT, ""));
+
+    // An upload framed by Content-Length, echoed back.
+    let payload = vec![b'x'; 300_000];
+    let req = Request::post("/echo")
+        .header("content-length", payload.len())
+        .body(
+            http_body_util::Full::new(Bytes::from(payload.clone()))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap();
+    let res = client.send(req).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let echoed = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(echoed.len(), payload.len());
+    let seen = b.seen().pop().unwrap();
+    assert_eq!(seen["content-length"], "300000");
+    assert!(!seen.contains_key("transfer-encoding"));
+
+    // Still one healthy keep-alive connection to the client.
+    assert_eq!(client.get("/").await.0, StatusCode::OK);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn odd_and_broken_backend_responses() {
+    let cases: [(&'static [u8], StatusCode, &str); 4] = [
+        // Framed by the connection's end.
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil close", StatusCode::OK, "until close"),
+        // Transfer-Encoding wins over Content-Length, which is not passed on.
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            StatusCode::OK,
+            "hello",
+        ),
+        // Not HTTP.
+        (b"SSH-2.0-OpenSSH_9.2\r\n", StatusCode::BAD_GATEWAY, "502 Bad Gateway"),
+        // Two different lengths.
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            StatusCode::BAD_GATEWAY,
+            "502 Bad Gateway",
+        ),
+    ];
+    for (answer, status, body) in cases {
+        let backend = RawBackend::start(answer).await;
+        let proxy = proxy(config(&[backend.addr], "")).await;
+        let mut client = Client::connect(proxy.local_addr()).await;
+        let res = client.send(Request::get("/").body(empty()).unwrap()).await;
+        assert_eq!(res.status(), status, "{}", String::from_utf8_lossy(answer));
+        // A length the body does not have never reaches the client.
+        assert_ne!(
+            res.headers().get("content-length").map(|v| v.as_bytes()),
+            Some(&b"99"[..])
+        );
+        let got = res.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&got).starts_with(body), "{got:?}");
+        // The proxy keeps serving this client.
+        let res = client.send(Request::get("/").body(empty()).unwrap()).await;
+        assert_eq!(res.status(), status);
+        proxy.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_clients() {
     let backends = [

@@ -29,6 +29,7 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 /// - `/download/N`: N bytes, in 64 KiB chunks;
 /// - `/hop`: answers with hop-by-hop headers;
 /// - `/missing...`: 404;
+/// - `/empty`: 204;
 /// - anything else: its own address as the body.
 ///
 /// Every non-health request's headers are recorded.
@@ -200,6 +201,11 @@ async fn handle(
             h.insert("x-kept", "1".parse().unwrap());
             Ok(r)
         }
+        "/empty" => {
+            let mut r = Response::new(full(""));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            Ok(r)
+        }
         p if p.starts_with("/missing") => {
             let mut r = Response::new(full("not here"));
             *r.status_mut() = StatusCode::NOT_FOUND;
@@ -316,6 +322,45 @@ impl OneShotBackend {
 }
 
 impl Drop for OneShotBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A backend that answers every request except health checks with fixed bytes, then
+/// closes the connection.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl RawBackend {
+    pub async fn start(answer: &'static [u8]) -> RawBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let n = stream.read(&mut buf).await.unwrap_or(0);
+                    let reply: &[u8] = if buf[..n].starts_with(b"GET /health ") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    } else {
+                        answer
+                    };
+                    let _ = stream.write_all(reply).await;
+                });
+            }
+        });
+        RawBackend { addr, task }
+    }
+}
+
+impl Drop for RawBackend {
     fn drop(&mut self) {
         self.task.abort();
     }
