@@ -1,4 +1,4 @@
-//! Response bodies that carry per-request state until they end.
+//! Response bodies that keep their request in flight until they end.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -28,48 +28,28 @@ impl<B: Body> TrackCompletion<InFlight, Response<B>> for TrackBody {
 }
 
 pin_project! {
-    /// A body that holds a value (an [`InFlight`] guard, a pooled connection) until the
-    /// body's last frame has been read or the body is dropped.
+    /// A body that holds its request's [`InFlight`] guard until the body ends.
     #[derive(Debug)]
-    pub struct TrackedBody<B, H = InFlight> {
+    pub struct TrackedBody<B> {
         #[pin]
         inner: B,
-        handle: Option<H>,
+        guard: Option<InFlight>,
     }
 }
 
-impl<B: Body, H: OnEnd> TrackedBody<B, H> {
-    /// Wraps `inner`, holding `handle` until it ends. An empty body ends at once.
+impl<B: Body> TrackedBody<B> {
+    /// Wraps `inner`, holding `guard` until it ends. An empty body ends at once.
     ///
     /// The end is the first of: a frame after which the body reports
     /// [`is_end_stream`](Body::is_end_stream) (a server stops polling there), the end of
-    /// the stream, or an error. Dropping the body before its end drops the handle.
-    pub fn new(inner: B, handle: H) -> Self {
-        let handle = if inner.is_end_stream() {
-            handle.on_end(true);
-            None
-        } else {
-            Some(handle)
-        };
-        TrackedBody { handle, inner }
+    /// the stream, an error, or the body being dropped.
+    pub fn new(inner: B, guard: InFlight) -> Self {
+        let guard = (!inner.is_end_stream()).then_some(guard);
+        TrackedBody { inner, guard }
     }
 }
 
-/// What a [`TrackedBody`] does with its handle when the body ends.
-pub trait OnEnd {
-    /// The body ended cleanly (`clean`) or with an error.
-    fn on_end(self, clean: bool);
-}
-
-impl OnEnd for InFlight {
-    fn on_end(self, _clean: bool) {}
-}
-
-impl<B, H> Body for TrackedBody<B, H>
-where
-    B: Body,
-    H: OnEnd,
-{
+impl<B: Body> Body for TrackedBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -80,14 +60,11 @@ where
         let mut this = self.project();
         let frame = ready!(this.inner.as_mut().poll_frame(cx));
         let ended = match &frame {
-            None => Some(true),
-            Some(Err(_)) => Some(false),
-            Some(Ok(_)) => this.inner.is_end_stream().then_some(true),
+            None | Some(Err(_)) => true,
+            Some(Ok(_)) => this.inner.is_end_stream(),
         };
-        if let Some(clean) = ended {
-            if let Some(h) = this.handle.take() {
-                h.on_end(clean);
-            }
+        if ended {
+            this.guard.take();
         }
         Poll::Ready(frame)
     }

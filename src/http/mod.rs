@@ -46,7 +46,7 @@ use http::uri::Authority;
 use hyper::body::Incoming;
 
 pub use self::backend::{Backend, Client, ResponseFuture};
-pub use self::body::{OnEnd, TrackBody, TrackedBody};
+pub use self::body::{TrackBody, TrackedBody};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
