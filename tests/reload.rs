@@ -236,12 +236,12 @@ async fn the_watcher_sees_edits_and_reports_invalid_ones() {
     std::fs::write(&path, valid(9001)).unwrap();
     let mut edits = config::watch(&path, Duration::from_millis(200));
     let first = within(edits.next()).await.unwrap().unwrap();
-    assert_eq!(first.servers[0].port, 9001);
+    assert_eq!(first.servers[0].port(), 9001);
 
     // An edit in place.
     std::fs::write(&path, valid(9002)).unwrap();
     let edited = within(edits.next()).await.unwrap().unwrap();
-    assert_eq!(edited.servers[0].port, 9002);
+    assert_eq!(edited.servers[0].port(), 9002);
 
     // A half-written file is reported, never applied; the completed one follows.
     std::fs::write(&path, r#"{"servers": [{"host": "127.0."#).unwrap();
@@ -264,7 +264,7 @@ async fn the_watcher_sees_edits_and_reports_invalid_ones() {
     std::fs::write(&tmp, valid(9003)).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     let renamed = within(edits.next()).await.unwrap().unwrap();
-    assert_eq!(renamed.servers[0].port, 9003);
+    assert_eq!(renamed.servers[0].port(), 9003);
     drop(edits);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -214,7 +214,7 @@ fn the_shipped_config_json_is_valid_and_as_documented() {
     )
     .unwrap();
     assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
-    let ports: Vec<u16> = config.servers.iter().map(|s| s.port).collect();
+    let ports: Vec<u16> = config.servers.iter().map(|s| s.port()).collect();
     assert_eq!(ports, [9001, 9002, 9003]);
     assert!(config.spawn_backends);
 }

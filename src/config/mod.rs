@@ -16,7 +16,7 @@
 //!     "algorithm": "least_connections"
 //! }"#).unwrap();
 //! assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
-//! assert_eq!(config.servers[1].weight, 2);
+//! assert_eq!(config.servers[1].weight(), 2);
 //!
 //! let err = Config::from_json(r#"{ "servers": [{ "host": "127.0.0.1", "port": 0 }] }"#).unwrap_err();
 //! assert_eq!(err.to_string(), "servers[0].port: 0 is not a port (1-65535)");
@@ -63,26 +63,34 @@ pub struct Config {
     pub trusted_proxies: Vec<TrustedProxy>,
 }
 
-/// One backend of the configuration.
+/// One backend of the configuration, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
-    /// Host name or IP address.
-    pub host: String,
-    /// Port, 1-65535.
-    pub port: u16,
-    /// Weight, at least 1.
-    pub weight: u32,
+    host: String,
+    port: u16,
+    weight: u32,
+    authority: Authority,
 }
 
 impl Server {
+    /// Host name or IP address.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Port, 1-65535.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Weight, at least 1.
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
     /// `host:port`, with IPv6 addresses in brackets: the backend's identity.
     pub fn authority(&self) -> Authority {
-        let text = match self.host.parse::<IpAddr>() {
-            Ok(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.port),
-            _ => format!("{}:{}", self.host, self.port),
-        };
-        // Validation checked that it parses.
-        text.parse().expect("validated server address")
+        self.authority.clone()
     }
 }
 
@@ -231,23 +239,29 @@ impl Config {
                     )
                 })?,
             };
-            let server = Server { host, port, weight };
-            let authority = match server.host.parse::<IpAddr>() {
+            let text = match host.parse::<IpAddr>() {
                 Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
-                _ => format!("{}:{port}", server.host),
+                _ => format!("{host}:{port}"),
             };
-            if authority.parse::<Authority>().is_err()
-                || server.host.contains(['/', '@', '?', '#', ' '])
-            {
-                return Err(ConfigError::field(
-                    field("host"),
-                    format!("{:?} is not a host name or IP address", server.host),
-                ));
-            }
+            let authority = match text.parse::<Authority>() {
+                Ok(a) if !host.contains(['/', '@', '?', '#', ' ']) => a,
+                _ => {
+                    return Err(ConfigError::field(
+                        field("host"),
+                        format!("{host:?} is not a host name or IP address"),
+                    ))
+                }
+            };
+            let server = Server {
+                host,
+                port,
+                weight,
+                authority,
+            };
             if !seen.insert((server.host.to_ascii_lowercase(), port)) {
                 return Err(ConfigError::field(
                     format!("servers[{i}]"),
-                    format!("{authority} is listed twice"),
+                    format!("{} is listed twice", server.authority),
                 ));
             }
             servers.push(server);
@@ -573,14 +587,12 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["a"]
         );
-        assert_eq!(
-            d.reweighted,
-            [Server {
-                host: "b".into(),
-                port: 1,
-                weight: 3
-            }]
-        );
+        let reweighted: Vec<(String, u32)> = d
+            .reweighted
+            .iter()
+            .map(|s| (s.authority().to_string(), s.weight()))
+            .collect();
+        assert_eq!(reweighted, [("b:1".to_owned(), 3)]);
         assert_eq!(d.algorithm.as_deref(), Some("hashing"));
         assert!(d.health);
         assert!(!d.timeouts);

@@ -70,7 +70,12 @@ impl Proxy {
         backends.update(|set| {
             for server in &config.servers {
                 let key = server.authority();
-                set.insert_with(key.clone(), client.make_backend(&key), server.weight, false);
+                set.insert_with(
+                    key.clone(),
+                    client.make_backend(&key),
+                    server.weight(),
+                    false,
+                );
             }
         });
 
@@ -156,10 +161,15 @@ impl Proxy {
             }
             for server in &diff.added {
                 let key = server.authority();
-                set.insert_with(key.clone(), client.make_backend(&key), server.weight, false);
+                set.insert_with(
+                    key.clone(),
+                    client.make_backend(&key),
+                    server.weight(),
+                    false,
+                );
             }
             for server in &diff.reweighted {
-                set.set_weight(&server.authority(), server.weight);
+                set.set_weight(&server.authority(), server.weight());
             }
             if let Some(name) = &diff.algorithm {
                 set.set_policy(algorithm(name));
