@@ -159,6 +159,25 @@ async fn a_readiness_error_retries_once_on_another_backend() {
 }
 
 #[tokio::test]
+async fn a_readiness_error_after_waiting_retries_once_on_another_backend() {
+    let (backends, mut handles) = mocks(RoundRobin::new(), &["slow", "good"]);
+    handles[0].allow(0);
+    let lb = Balance::new(backends.clone());
+    // Picked for "slow", which is not ready: the request waits in the future.
+    let mut fut = task::spawn(lb.clone().oneshot("1"));
+    assert_pending!(fut.poll());
+    assert_eq!(backends.in_flight(&"slow"), Some(1));
+    // Then its readiness fails (a connect refused): "good" gets the request.
+    handles[0].send_error("connect refused");
+    assert!(fut.is_woken());
+    assert_pending!(fut.poll());
+    assert_eq!(backends.in_flight(&"slow"), Some(0));
+    assert_eq!(answer(&mut handles[1], "good").await, "1");
+    assert_eq!(assert_ready_ok!(fut.poll()), "good");
+    assert_eq!(backends.in_flight(&"good"), Some(0));
+}
+
+#[tokio::test]
 async fn a_readiness_error_with_nowhere_else_to_go_is_the_error() {
     let (backends, mut handles) = mocks(RoundRobin::new(), &["only"]);
     handles[0].send_error("connect refused");

@@ -68,9 +68,9 @@ struct Member<K, S> {
 /// An immutable view of the backend set, as one request sees it.
 pub struct Snapshot<K, S, P: Policy> {
     members: Box<[(K, S)]>,
-    endpoints: Box<[Endpoint]>,
+    pub(crate) endpoints: Box<[Endpoint]>,
     policy: Arc<P>,
-    table: P::Table,
+    pub(crate) table: P::Table,
 }
 
 impl<K, S, P: Policy> Snapshot<K, S, P> {

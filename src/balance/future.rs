@@ -69,6 +69,38 @@ impl<K, S: Service<Req>, P: Policy, Req, C> ResponseFuture<K, S, P, Req, C> {
         }
     }
 
+    /// The backend was ready at once and has been called.
+    pub(crate) fn sent(call: S::Future, guard: InFlight, completion: C) -> Self {
+        ResponseFuture {
+            state: State::Called { call },
+            guard: Some(guard),
+            retry: None,
+            completion,
+        }
+    }
+
+    /// Waiting for a backend that may no longer be retried elsewhere.
+    pub(crate) fn waiting(service: S, request: Req, guard: InFlight, completion: C) -> Self {
+        ResponseFuture {
+            state: State::Ready {
+                service,
+                request: Some(request),
+            },
+            guard: Some(guard),
+            retry: None,
+            completion,
+        }
+    }
+
+    pub(crate) fn failed(error: BoxError, completion: C) -> Self {
+        ResponseFuture {
+            state: State::Failed { error: Some(error) },
+            guard: None,
+            retry: None,
+            completion,
+        }
+    }
+
     pub(crate) fn unavailable(completion: C) -> Self {
         ResponseFuture {
             state: State::Failed {

@@ -1,6 +1,6 @@
 use std::fmt;
 use std::hash::Hash;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use tower::load::completion::{CompleteOnResponse, TrackCompletion};
 use tower_service::Service;
@@ -117,13 +117,41 @@ where
             } else {
                 None
             };
-            match snapshot.pick(key) {
-                Some(index) => {
-                    let (service, guard, id) = snapshot.start(index);
+            let Some(index) = snapshot.pick(key) else {
+                return ResponseFuture::unavailable(completion);
+            };
+            let (mut service, guard, id) = snapshot.start(index);
+            // Probe readiness now: a backend that is ready at once (a pooled connection, an
+            // always-ready service) is called here, and the future needs no handle for a
+            // retry, which would cost a shared reference count per request. The future's
+            // first poll registers the real waker for a backend that is not ready.
+            let mut probe = Context::from_waker(Waker::noop());
+            match service.poll_ready(&mut probe) {
+                Poll::Ready(Ok(())) => {
+                    ResponseFuture::sent(service.call(request), guard, completion)
+                }
+                Poll::Ready(Err(error)) => {
+                    drop(guard);
+                    let error: BoxError = error.into();
+                    let other = snapshot.policy().pick_excluding(
+                        &snapshot.table,
+                        &snapshot.endpoints,
+                        key,
+                        index,
+                    );
+                    match other {
+                        Some(i) => {
+                            tracing::debug!(%error, "backend not ready; trying another");
+                            let (service, guard, _) = snapshot.start(i);
+                            ResponseFuture::waiting(service, request, guard, completion)
+                        }
+                        None => ResponseFuture::failed(error, completion),
+                    }
+                }
+                Poll::Pending => {
                     let retry = (self.backends.clone(), key, id);
                     ResponseFuture::called(service, request, guard, retry, completion)
                 }
-                None => ResponseFuture::unavailable(completion),
             }
         })
     }
