@@ -26,9 +26,12 @@ use crate::BoxError;
 ///   set, all unhealthy) the returned future fails at once with
 ///   [`NoHealthyBackend`](super::error::NoHealthyBackend); it never waits for a backend to
 ///   come back.
-/// - Otherwise the future drives a clone of the chosen backend's service to readiness and
-///   then calls it. A backend that is not ready holds up only the requests picked for it;
-///   they count as in flight, so least connections steers away from it.
+/// - Otherwise `call` takes a clone of the chosen backend's service and polls its readiness
+///   once, with a no-op waker: a backend that is ready at once is called right there. One
+///   that is not ready is driven to readiness by the returned future (whose first poll
+///   registers the real waker) and then called. A backend that is not ready holds up only
+///   the requests picked for it; they count as in flight, so least connections steers away
+///   from it.
 /// - A backend whose readiness fails never received the request, so the request is tried
 ///   once more on another backend ([`Policy::pick_excluding`]); if there is none, or that
 ///   one fails too, the readiness error is the request's error. (For HTTP, readiness is
