@@ -17,9 +17,10 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::balance::MakeBackend;
-use crate::config::{Config, Diff};
+use crate::balance::Update;
+use crate::config::{Config, Diff, Server};
 use crate::health::{self, HealthCheck, HttpProbe};
-use crate::http::{self as lbhttp, Client, ClientIpKey, HttpBackends};
+use crate::http::{self as lbhttp, Backend, Client, ClientIpKey, HttpBackends};
 use crate::policy::Algorithm;
 use crate::Backends;
 
@@ -69,13 +70,7 @@ impl Proxy {
         backends.healthy_on_insert(false);
         backends.update(|set| {
             for server in &config.servers {
-                let key = server.authority();
-                set.insert_with(
-                    key.clone(),
-                    client.make_backend(&key),
-                    server.weight(),
-                    false,
-                );
+                add_server(set, &client, server);
             }
         });
 
@@ -160,13 +155,7 @@ impl Proxy {
                 set.remove(&server.authority());
             }
             for server in &diff.added {
-                let key = server.authority();
-                set.insert_with(
-                    key.clone(),
-                    client.make_backend(&key),
-                    server.weight(),
-                    false,
-                );
+                add_server(set, client, server);
             }
             for server in &diff.reweighted {
                 set.set_weight(&server.authority(), server.weight());
@@ -235,6 +224,21 @@ impl Proxy {
         }
         served
     }
+}
+
+/// A configured server joins the set unhealthy: it takes traffic from its first passed probe.
+fn add_server(
+    set: &mut Update<'_, Authority, Backend, Algorithm>,
+    client: &Client,
+    server: &Server,
+) {
+    let key = server.authority();
+    set.insert_with(
+        key.clone(),
+        client.make_backend(&key),
+        server.weight(),
+        false,
+    );
 }
 
 async fn start_demo(demos: &mut HashMap<Authority, DemoBackend>, key: Authority, config: &Config) {
