@@ -5,15 +5,24 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// The hop-by-hop fields of RFC 9110 §7.6.1 (besides those that `Connection` names).
-const HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// The hop-by-hop fields of RFC 9110 §7.6.1 (besides those that `Connection` names),
+/// lowercase. The one list that requests and responses are both filtered by.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
 ];
+
+/// Whether the field `name` (in any case) is hop-by-hop by itself.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    // Different lengths compare unequal at once: most names cost one length check each.
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
 
 /// `X-Forwarded-For`.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -38,7 +47,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let mut found = false;
     let mut named = false;
     for name in headers.keys() {
-        if is_hop_by_hop(name) {
+        if is_hop_by_hop(name.as_str().as_bytes()) {
             found = true;
         }
         if name == header::CONNECTION {
@@ -69,18 +78,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // Standard names compare as enum values; the two others by their (short) text.
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// Appends `client` to `X-Forwarded-For`, joining any values the message already has into

@@ -28,6 +28,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
+use super::headers::is_hop_by_hop;
 use crate::BoxError;
 
 /// Largest response head accepted.
@@ -466,13 +467,6 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             keep_alive: !close,
         }));
     }
-}
-
-/// The hop-by-hop fields other than `Connection` and `Transfer-Encoding`.
-fn is_hop_by_hop(name: &[u8]) -> bool {
-    [&b"keep-alive"[..], b"proxy-connection", b"te", b"upgrade"]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
