@@ -326,29 +326,22 @@ impl Config {
 
     /// What changed from `self` (running) to `next`.
     pub fn diff(&self, next: &Config) -> Diff {
-        let old: Vec<Authority> = self.servers.iter().map(Server::authority).collect();
-        let new: Vec<Authority> = next.servers.iter().map(Server::authority).collect();
-        let added = next
-            .servers
-            .iter()
-            .zip(&new)
-            .filter(|(_, a)| !old.contains(a))
-            .map(|(s, _)| s.clone())
-            .collect();
-        let removed = self
-            .servers
-            .iter()
-            .zip(&old)
-            .filter(|(_, a)| !new.contains(a))
-            .map(|(s, _)| s.clone())
-            .collect();
+        // Servers of `a` whose address `b` does not list.
+        let only_in = |a: &[Server], b: &[Server]| -> Vec<Server> {
+            a.iter()
+                .filter(|s| !b.iter().any(|o| o.authority == s.authority))
+                .cloned()
+                .collect()
+        };
+        let added = only_in(&next.servers, &self.servers);
+        let removed = only_in(&self.servers, &next.servers);
         let reweighted = next
             .servers
             .iter()
             .filter(|s| {
                 self.servers
                     .iter()
-                    .any(|o| o.authority() == s.authority() && o.weight != s.weight)
+                    .any(|o| o.authority == s.authority && o.weight != s.weight)
             })
             .cloned()
             .collect();
