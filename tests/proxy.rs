@@ -635,3 +635,97 @@ async fn shutdown_refuses_new_connections_and_finishes_requests_in_flight() {
     assert_eq!(&body[..], b"first;last");
     within(stopping).await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_client_too_slow_with_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = tower::service_fn(|_req: Request<hyper::body::Incoming>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+            Bytes::from_static(b"ok"),
+        )))
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        tower_lb::http::Server::new()
+            .header_read_timeout(Duration::from_millis(200))
+            .serve(listener, service, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    // Half a request head, then nothing: the server closes the connection (hyper's default
+    // would wait 30 s, past the 10 s guard).
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    within(slow.read_to_end(&mut rest)).await.unwrap();
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("200 OK"),
+        "{rest:?}"
+    );
+    // A client that sends its head in time is served.
+    let answer = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let _ = stop.send(());
+    within(server).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_backend_that_does_not_accept_fails_by_connect_timeout() {
+    use tower_lb::http::{self as lbhttp, Client as LbClient, ClientIpKey};
+    use tower_lb::policy::RoundRobin;
+    // A listener that never accepts, its queue full: further connects get no answer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let deaf = socket.listen(0).unwrap();
+    let deaf_addr = deaf.local_addr().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(Ok(s)) = tokio::time::timeout(
+        Duration::from_millis(200),
+        tokio::net::TcpStream::connect(deaf_addr),
+    )
+    .await
+    {
+        queued.push(s);
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+
+    let timeout = Duration::from_millis(300);
+    let client = LbClient::new().connect_timeout(timeout);
+    let set = lbhttp::backends(
+        RoundRobin::new(),
+        &client,
+        [deaf_addr.to_string().parse().unwrap()],
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(lbhttp::serve(
+        listener,
+        lbhttp::balancer(set, ClientIpKey::new()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let started = tokio::time::Instant::now();
+    let (status, body) = within(get(addr, "/")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("cannot connect"), "{body}");
+    // The configured bound, not the 2 s default, ended the attempt.
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = stop.send(());
+    within(server).await.unwrap().unwrap();
+    drop(deaf);
+}
