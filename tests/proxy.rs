@@ -262,7 +262,7 @@ async fn a_dead_only_backend_is_502() {
 
 #[tokio::test]
 async fn a_reset_is_502() {
-    let reset = ResetBackend::start().await;
+    let reset = reset_backend().await;
     let proxy = proxy(config(&[reset.addr], "")).await;
     let (status, body) = get(proxy.local_addr(), "/").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
@@ -274,7 +274,7 @@ async fn a_reset_is_502() {
 async fn stale_pooled_connections_are_not_a_client_error() {
     // Every pooled connection to this backend is closed by it as the next request arrives:
     // the request was never answered, so the proxy sends it again on a fresh connection.
-    let backend = OneShotBackend::start().await;
+    let backend = one_shot_backend().await;
     let mut cfg = config(&[backend.addr], "");
     cfg.health.interval = Duration::from_secs(60);
     cfg.health.timeout = Duration::from_secs(1);
@@ -497,7 +497,7 @@ async fn odd_and_broken_backend_responses() {
         ),
     ];
     for (answer, status, body) in cases {
-        let backend = RawBackend::start(answer).await;
+        let backend = raw_backend(answer).await;
         let proxy = proxy(config(&[backend.addr], "")).await;
         let mut client = Client::connect(proxy.local_addr()).await;
         let res = client.send(Request::get("/").body(empty()).unwrap()).await;

@@ -227,93 +227,35 @@ async fn handle(
     }
 }
 
-/// A backend that reads a request and resets the connection without answering.
-pub struct ResetBackend {
-    pub addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl ResetBackend {
-    pub async fn start() -> ResetBackend {
-        use tokio::io::AsyncReadExt;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let mut buf = [0u8; 4096];
-                let n = stream.read(&mut buf).await.unwrap_or(0);
-                // Health checks pass; everything else is reset.
-                if buf[..n].starts_with(b"GET /health ") {
-                    use tokio::io::AsyncWriteExt;
-                    let _ = stream
-                        .write_all(
-                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                        )
-                        .await;
-                    continue;
-                }
-                // A zero linger turns the close into a reset; it does not block.
-                #[allow(deprecated)]
-                let _ = stream.set_linger(Some(Duration::ZERO));
-                drop(stream);
-            }
-        });
-        ResetBackend { addr, task }
-    }
-}
-
-impl Drop for ResetBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A backend that answers the first request on each connection and closes the connection
-/// on reading the second, without answering: the race of a keep-alive timeout that fires
-/// just as the proxy reuses the connection.
-pub struct OneShotBackend {
+/// A TCP server on 127.0.0.1:0 that gives each connection to `handler`, in a task of its
+/// own: for backends that misbehave as no HTTP server library would. Counts connections;
+/// stops when dropped.
+pub struct RawServer {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
-impl OneShotBackend {
-    pub async fn start() -> OneShotBackend {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+impl RawServer {
+    pub async fn start<F, Fut>(handler: F) -> RawServer
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
+                let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    for answer in [true, false] {
-                        let mut head = Vec::new();
-                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match stream.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => head.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        if answer {
-                            let _ = stream
-                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                                .await;
-                        }
-                    }
-                    // The second request is read, then the connection closes unanswered.
-                });
+                tokio::spawn(handler(stream));
             }
         });
-        OneShotBackend {
+        RawServer {
             addr,
             accepted,
             task,
@@ -321,49 +263,81 @@ impl OneShotBackend {
     }
 }
 
-impl Drop for OneShotBackend {
+impl Drop for RawServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Reads up to the end of one request head; `None` if the connection ends first.
+async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
+/// A backend that passes health checks, reads any other request and resets the connection
+/// without answering.
+pub async fn reset_backend() -> RawServer {
+    RawServer::start(|mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        let Some(head) = read_head(&mut stream).await else {
+            return;
+        };
+        if head.starts_with(b"GET /health ") {
+            let _ = stream.write_all(HEALTH_OK).await;
+            return;
+        }
+        // A zero linger turns the close into a reset; it does not block.
+        #[allow(deprecated)]
+        let _ = stream.set_linger(Some(Duration::ZERO));
+    })
+    .await
+}
+
+/// A backend that answers the first request on each connection and closes the connection
+/// on reading the second, without answering: the race of a keep-alive timeout that fires
+/// just as the proxy reuses the connection.
+pub async fn one_shot_backend() -> RawServer {
+    RawServer::start(|mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        if read_head(&mut stream).await.is_none() {
+            return;
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        // The second request is read, then the connection closes unanswered.
+        let _ = read_head(&mut stream).await;
+    })
+    .await
 }
 
 /// A backend that answers every request except health checks with fixed bytes, then
 /// closes the connection.
-pub struct RawBackend {
-    pub addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl RawBackend {
-    pub async fn start(answer: &'static [u8]) -> RawBackend {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    let n = stream.read(&mut buf).await.unwrap_or(0);
-                    let reply: &[u8] = if buf[..n].starts_with(b"GET /health ") {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                    } else {
-                        answer
-                    };
-                    let _ = stream.write_all(reply).await;
-                });
-            }
-        });
-        RawBackend { addr, task }
-    }
-}
-
-impl Drop for RawBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+pub async fn raw_backend(answer: &'static [u8]) -> RawServer {
+    RawServer::start(move |mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        let Some(head) = read_head(&mut stream).await else {
+            return;
+        };
+        let reply = if head.starts_with(b"GET /health ") {
+            HEALTH_OK
+        } else {
+            answer
+        };
+        let _ = stream.write_all(reply).await;
+    })
+    .await
 }
 
 /// A keep-alive HTTP/1.1 connection to `addr` from the local address `from` (127.0.0.x).
