@@ -309,6 +309,31 @@ async fn a_slow_backend_is_504() {
     proxy.shutdown().await.unwrap();
 }
 
+/// The response timer travels with the pooled connection and is moved forward for each
+/// request: a request on a reused connection gets its whole timeout, also when it ends
+/// after an earlier request's deadline, and after the connection sat idle past one.
+#[tokio::test]
+async fn each_request_on_a_reused_connection_gets_the_whole_response_timeout() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], r#""response_timeout": 1"#)).await;
+    let addr = proxy.local_addr();
+    let t0 = tokio::time::Instant::now();
+    assert_eq!(get(addr, "/").await.0, StatusCode::OK);
+    // The elapsed time is what is tested here: this request ends after the first one's
+    // deadline, within its own.
+    tokio::time::sleep_until(t0 + Duration::from_millis(600)).await;
+    assert_eq!(get(addr, "/slow/700").await.0, StatusCode::OK);
+    // Idle in the pool past the last deadline, then used again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(addr, "/slow/100").await.0, StatusCode::OK);
+    assert_eq!(get(addr, "/stall").await.0, StatusCode::GATEWAY_TIMEOUT);
+    // All on one backend connection, so one timer served them all.
+    let peers = b.peers();
+    assert_eq!(peers.len(), 4);
+    assert!(peers.iter().all(|p| *p == peers[0]), "{peers:?}");
+    proxy.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_are_removed_both_ways_and_forwarded_for_appended() {
     let b = Backend::start().await;

@@ -18,7 +18,7 @@ use tower_service::Service;
 
 use super::error::{BackendError, ConnectError, ResponseTimeout};
 use super::headers::{append_forwarded_for, remove_hop_by_hop};
-use super::upstream::{encode_head, exchange, Conn, Pool, UpstreamBody};
+use super::upstream::{encode_head, exchange, Conn, Elapsed, Pool, UpstreamBody};
 use super::{peer_ip, socket_target};
 use crate::balance::MakeBackend;
 use crate::BoxError;
@@ -299,29 +299,26 @@ where
     };
     let head = encode_head(&request);
     let body = request.into_body();
-    let result = match tokio::time::timeout(
-        timeout,
-        exchange(conn, &head, body, shared.pool.clone()),
-    )
-    .await
-    {
-        Err(_) => return Err(timed_out().into()),
+    let pool = &shared.pool;
+    let deadline = || tokio::time::Instant::now() + timeout;
+    let result = match exchange(conn, &head, body, pool.clone(), deadline()).await {
         // A pooled connection the backend closed as we sent: the request never reached
         // it, so once more on a fresh connection.
-        Ok(Err((error, Some(body)))) if error.retryable => {
+        Err((error, Some(body))) if error.retryable => {
             tracing::debug!(backend = %shared.authority, error = %error.error, "stale connection; sending again");
             let conn = shared.clone().connect().await?;
-            match tokio::time::timeout(timeout, exchange(conn, &head, body, shared.pool.clone()))
-                .await
-            {
-                Err(_) => return Err(timed_out().into()),
-                Ok(result) => result,
-            }
+            exchange(conn, &head, body, pool.clone(), deadline()).await
         }
-        Ok(result) => result,
+        result => result,
     };
     // The response's hop-by-hop fields were left out as it was parsed.
-    result.map_err(|(error, _)| failed(error.error).into())
+    result.map_err(|(error, _)| {
+        if error.error.is::<Elapsed>() {
+            timed_out().into()
+        } else {
+            failed(error.error).into()
+        }
+    })
 }
 
 impl<B> fmt::Debug for Backend<B> {

@@ -27,6 +27,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::headers::is_hop_by_hop;
 use crate::BoxError;
@@ -86,6 +87,11 @@ pub(crate) struct Conn {
     rbuf: BytesMut,
     /// Has carried a request before (a failure on it may be a stale keep-alive).
     reused: bool,
+    /// The response timeout, kept with the connection and moved forward for each request.
+    /// A new `Sleep` per request is inserted into and removed from tokio's timer wheel
+    /// every time; moving a registered deadline later is one atomic operation, and the
+    /// wheel sees the timer again only when its first deadline passes.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Conn {
@@ -94,7 +100,23 @@ impl Conn {
             io,
             rbuf: BytesMut::with_capacity(READ_SIZE),
             reused: false,
+            timer: None,
         }
+    }
+
+    /// Starts the response timer: it fires at `deadline` unless armed again before.
+    fn arm(&mut self, deadline: Instant) {
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().reset(deadline),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+
+    /// Whether the armed deadline has passed; registers `cx` to be woken when it does.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.timer
+            .as_mut()
+            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
     }
 
     /// Whether an idle connection can take a request: it must have nothing to read (data
@@ -270,14 +292,16 @@ where
     }
 }
 
-/// Sends `head` and `body` on `conn` and reads the response head. The response body reads
-/// on from the same connection, and puts it back in `pool` when it is reusable. On failure,
-/// the body comes back with the error when the request may be sent again.
+/// Sends `head` and `body` on `conn` and reads the response head, which must arrive by
+/// `deadline`. The response body reads on from the same connection, and puts it back in
+/// `pool` when it is reusable. On failure, the body comes back with the error when the
+/// request may be sent again.
 pub(crate) async fn exchange<B>(
     mut conn: Conn,
     head: &Head,
     body: B,
     pool: Arc<Pool>,
+    deadline: Instant,
 ) -> Result<Response<UpstreamBody<B>>, (ExchangeError, Option<B>)>
 where
     B: Body + Unpin + Send + 'static,
@@ -292,37 +316,22 @@ where
         pending: head.bytes.clone(),
         started: false,
     };
+    conn.arm(deadline);
     let fail = |error: BoxError, sender: &mut Sender<B>, conn: &Conn| {
-        let retryable = reused && head.idempotent && !sender.started && conn.rbuf.is_empty();
+        let timed_out = error.is::<Elapsed>();
+        let retryable =
+            !timed_out && reused && head.idempotent && !sender.started && conn.rbuf.is_empty();
         let body = if retryable { sender.body.take() } else { None };
         (ExchangeError { error, retryable }, body)
     };
-    // Write and read together: a backend may answer before it has read the whole body.
-    let parsed = {
-        std::future::poll_fn(|cx| {
-            if !sender.done() {
-                if let Poll::Ready(Err(e)) = sender.poll_send(&mut conn.io, cx) {
-                    return Poll::Ready(Err(e));
-                }
-            }
-            loop {
-                match parse_head(&mut conn.rbuf, head.head_request) {
-                    Ok(Some(parsed)) => return Poll::Ready(Ok(parsed)),
-                    Ok(None) => {}
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-                let n = ready!(poll_read(&mut conn, cx))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed before a response",
-                    )
-                    .into()));
-                }
-            }
-        })
-        .await
-    };
+    let parsed = std::future::poll_fn(|cx| {
+        let poll = poll_head(&mut conn, &mut sender, head, cx);
+        if poll.is_pending() && conn.poll_expired(cx) {
+            return Poll::Ready(Err(Elapsed.into()));
+        }
+        poll
+    })
+    .await;
     let parsed = match parsed {
         Ok(parsed) => parsed,
         Err(error) => return Err(fail(error, &mut sender, &conn)),
@@ -340,6 +349,51 @@ where
     };
     Ok(response.map(|()| body).map(UpstreamBody::settle))
 }
+
+/// Writes what it can of the request and reads until a response head is complete. Write
+/// and read together: a backend may answer before it has read the whole body.
+fn poll_head<B>(
+    conn: &mut Conn,
+    sender: &mut Sender<B>,
+    head: &Head,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Parsed, BoxError>>
+where
+    B: Body + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    if !sender.done() {
+        if let Poll::Ready(Err(e)) = sender.poll_send(&mut conn.io, cx) {
+            return Poll::Ready(Err(e));
+        }
+    }
+    loop {
+        if let Some(parsed) = parse_head(&mut conn.rbuf, head.head_request)? {
+            return Poll::Ready(Ok(parsed));
+        }
+        let n = ready!(poll_read(conn, cx))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            )
+            .into()));
+        }
+    }
+}
+
+/// The response head did not arrive in time.
+#[derive(Debug)]
+pub(crate) struct Elapsed;
+
+impl fmt::Display for Elapsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("response timeout")
+    }
+}
+
+impl std::error::Error for Elapsed {}
 
 fn poll_read(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     conn.rbuf.reserve(READ_SIZE);

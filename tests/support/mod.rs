@@ -25,6 +25,7 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 /// - `/health`: 200, or 503 after `set_healthy(false)`;
 /// - `/hold`: headers at once, then the body waits for `release()` (one permit per request);
 /// - `/stall`: never answers;
+/// - `/slow/N`: answers after N milliseconds;
 /// - `/echo`: streams the request body back;
 /// - `/download/N`: N bytes, in 64 KiB chunks;
 /// - `/hop`: answers with hop-by-hop headers;
@@ -44,6 +45,7 @@ struct State {
     hits: AtomicUsize,
     seen: Mutex<Vec<HeaderMap>>,
     paths: Mutex<Vec<String>>,
+    peers: Mutex<Vec<SocketAddr>>,
     gate: Semaphore,
     started: Notify,
 }
@@ -55,6 +57,7 @@ impl Default for State {
             hits: AtomicUsize::new(0),
             seen: Mutex::default(),
             paths: Mutex::default(),
+            peers: Mutex::default(),
             gate: Semaphore::new(0),
             started: Notify::new(),
         }
@@ -79,12 +82,13 @@ impl Backend {
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let st = st.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), addr, req));
+                    let svc =
+                        hyper::service::service_fn(move |req| handle(st.clone(), addr, peer, req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
@@ -114,6 +118,11 @@ impl Backend {
     /// Request targets received, as the backend saw them.
     pub fn paths(&self) -> Vec<String> {
         self.state.paths.lock().unwrap().clone()
+    }
+
+    /// The client end of the connection each request (other than health checks) came on.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.state.peers.lock().unwrap().clone()
     }
 
     /// Lets one held body finish.
@@ -147,6 +156,7 @@ fn full(body: impl Into<Bytes>) -> Body {
 async fn handle(
     st: Arc<State>,
     addr: SocketAddr,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
@@ -163,6 +173,7 @@ async fn handle(
     st.hits.fetch_add(1, Ordering::SeqCst);
     st.seen.lock().unwrap().push(req.headers().clone());
     st.paths.lock().unwrap().push(req.uri().to_string());
+    st.peers.lock().unwrap().push(peer);
     match path.as_str() {
         "/hold" => {
             st.started.notify_one();
@@ -205,6 +216,11 @@ async fn handle(
             let mut r = Response::new(full(""));
             *r.status_mut() = StatusCode::NO_CONTENT;
             Ok(r)
+        }
+        p if p.starts_with("/slow/") => {
+            let ms: u64 = p["/slow/".len()..].parse().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(Response::new(full(addr.to_string())))
         }
         p if p.starts_with("/missing") => {
             let mut r = Response::new(full("not here"));
