@@ -84,7 +84,11 @@ impl Server {
     {
         let graceful = GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
+        // One buffer for head and body instead of a queue of buffers for writev: most
+        // proxied responses are small, and the queue cost about 360 instructions per
+        // request (callgrind); an 8 MiB download costs the same CPU either way.
         http.timer(TokioTimer::new())
+            .writev(false)
             .header_read_timeout(self.header_read_timeout)
             .max_header_size(self.max_header_bytes);
         tokio::pin!(shutdown);
