@@ -18,7 +18,7 @@ use tower_service::Service;
 
 use super::error::{BackendError, ConnectError, ResponseTimeout};
 use super::headers::{append_forwarded_for, remove_hop_by_hop};
-use super::upstream::{encode_head, exchange, Conn, Elapsed, Pool, UpstreamBody};
+use super::upstream::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
 use super::{peer_ip, socket_target};
 use crate::balance::MakeBackend;
 use crate::BoxError;
@@ -250,7 +250,11 @@ where
             });
         };
         self.prepare(&mut request);
-        ResponseFuture::new(send(self.shared.clone(), conn, request))
+        // Encoded now, so that the request's head (slices of the server's read buffer) is
+        // released before the server reads on: hyper then reuses its buffer instead of
+        // allocating a new one for every request.
+        let head = encode_head(&request);
+        ResponseFuture::new(send(self.shared.clone(), conn, head, request.into_body()))
     }
 }
 
@@ -281,7 +285,8 @@ impl<B> Backend<B> {
 async fn send<B>(
     shared: Arc<Shared>,
     conn: Conn,
-    request: Request<B>,
+    head: Head,
+    body: B,
 ) -> Result<Response<UpstreamBody<B>>, BoxError>
 where
     B: Body + Unpin + Send + 'static,
@@ -297,8 +302,6 @@ where
         backend: shared.authority.clone(),
         source,
     };
-    let head = encode_head(&request);
-    let body = request.into_body();
     let pool = &shared.pool;
     let deadline = || tokio::time::Instant::now() + timeout;
     let result = match exchange(conn, &head, body, pool.clone(), deadline()).await {
