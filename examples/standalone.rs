@@ -27,8 +27,33 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    match runtime() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// tokio's multi-thread runtime when there are CPUs to spread connections over; on one
+/// CPU (`available_parallelism` follows the affinity mask and cgroup quota), a
+/// current-thread runtime. Its run queue is one FIFO, where the work-stealing scheduler's
+/// local queue holds 256 tasks and spills the rest to a shared queue that it checks less
+/// often: at 256 connections that lengthened the latency tail (5 interleaved runs, one
+/// CPU: p99 4.45 ms instead of 6.05 ms, 83,553 instead of 78,634 req/s).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus > 1 {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build()
+}
+
+async fn run() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
