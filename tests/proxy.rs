@@ -754,3 +754,21 @@ async fn a_backend_that_does_not_accept_fails_by_connect_timeout() {
     within(server).await.unwrap().unwrap();
     drop(deaf);
 }
+
+/// 300 clients connecting at once, before the server accepts any: all are queued. With
+/// the backlog of 128 that `TcpListener::bind` asks for, the kernel drops the SYNs past
+/// it and those clients try again only after a second.
+#[tokio::test]
+async fn a_burst_of_connections_is_queued_not_dropped() {
+    let listener = tower_lb::http::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connects = (0..300).map(|_| tokio::net::TcpStream::connect(addr));
+    let streams = tokio::time::timeout(
+        Duration::from_millis(900),
+        futures::future::join_all(connects),
+    )
+    .await
+    .expect("every connection is established before a SYN retry");
+    assert!(streams.iter().all(Result::is_ok));
+    drop(listener);
+}

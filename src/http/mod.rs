@@ -50,7 +50,7 @@ pub use self::body::{TrackBody, TrackedBody};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
-pub use self::server::{serve, Server};
+pub use self::server::{bind, serve, Server};
 pub use self::upstream::UpstreamBody;
 
 /// Re-exported for naming backend addresses.

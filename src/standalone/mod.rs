@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use http::uri::Authority;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -62,7 +61,7 @@ impl Proxy {
                 start_demo(&mut demos, server.authority(), &config).await;
             }
         }
-        let listener = TcpListener::bind(config.listen).await?;
+        let listener = lbhttp::bind(config.listen)?;
         let local_addr = listener.local_addr()?;
 
         let client = client(&config);
