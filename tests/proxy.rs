@@ -772,3 +772,26 @@ async fn a_burst_of_connections_is_queued_not_dropped() {
     assert!(streams.iter().all(Result::is_ok));
     drop(listener);
 }
+
+/// The demo backends listen the same way: 300 connections queue while the backend's
+/// runtime is busy (this test holds the only thread, so nothing is accepted meanwhile).
+/// With a backlog of 128, connection 129 finds the queue full and times out.
+#[tokio::test]
+async fn a_demo_backend_queues_a_burst_of_connections() {
+    let demo = tower_lb::standalone::DemoBackend::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        "/health".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let addr = demo.local_addr();
+    let streams: Vec<_> = (0..300)
+        .map(|i| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"))
+        })
+        .collect();
+    assert_eq!(streams.len(), 300);
+    drop(streams);
+    demo.stop().await;
+}

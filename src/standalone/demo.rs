@@ -7,7 +7,6 @@ use http::uri::{Authority, PathAndQuery};
 use http::{header, HeaderValue, Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -27,7 +26,18 @@ pub struct DemoBackend {
 impl DemoBackend {
     /// Binds `address` (`host:port`) and starts serving.
     pub async fn spawn(address: Authority, health_path: PathAndQuery) -> io::Result<DemoBackend> {
-        let listener = TcpListener::bind(crate::http::socket_target(&address)).await?;
+        // The proxy may open many connections to it at once: the same backlog as its own
+        // listener.
+        let addr = tokio::net::lookup_host(crate::http::socket_target(&address))
+            .await?
+            .next()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    format!("{address} resolves to no address"),
+                )
+            })?;
+        let listener = crate::http::bind(addr)?;
         let local_addr = listener.local_addr()?;
         let body = Bytes::from(address.to_string());
         let service = tower::service_fn(move |request: Request<Incoming>| {
