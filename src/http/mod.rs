@@ -27,7 +27,7 @@
 //!     "127.0.0.1:9002".parse().unwrap(),
 //! ]);
 //! let service = http::balancer(backends.clone(), http::ClientIpKey::new());
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let listener = http::bind("127.0.0.1:8080".parse().unwrap())?;
 //! http::serve(listener, service, std::future::pending()).await
 //! # }
 //! ```

@@ -34,6 +34,8 @@ use crate::BoxError;
 ///   `Content-Length`s), which are never passed on: the connection closes after the `400`;
 /// - every request carries its connection's [`ClientAddr`];
 /// - TCP_NODELAY on accepted sockets.
+///
+/// Give it a listener from [`bind`], whose accept queue takes a burst of clients.
 #[derive(Debug, Clone)]
 pub struct Server {
     header_read_timeout: Duration,
