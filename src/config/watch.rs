@@ -50,15 +50,28 @@ impl Drop for Watch {
     }
 }
 
+/// Whether a file event may have changed the file named `name`. Reads do not: the watch
+/// reads the file itself, and taking the open, read and close events of its own reads as
+/// changes would make it read the file again 50 ms later, and so on for ever. A close
+/// after writing does count, as some writers produce nothing else.
+fn is_relevant(event: &notify::Result<notify::Event>, name: Option<&std::ffi::OsStr>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    let Ok(event) = event else {
+        return true;
+    };
+    let changes = match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    };
+    changes && (event.paths.is_empty() || event.paths.iter().any(|p| p.file_name() == name))
+}
+
 async fn run(path: PathBuf, poll_every: Duration, tx: mpsc::Sender<Result<Config, ConfigError>>) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let name = path.file_name().map(|n| n.to_owned());
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let relevant = match &event {
-            Ok(e) => e.paths.is_empty() || e.paths.iter().any(|p| p.file_name() == name.as_deref()),
-            Err(_) => true,
-        };
-        if relevant {
+        if is_relevant(&event, name.as_deref()) {
             let _ = events_tx.send(());
         }
     });
@@ -129,5 +142,58 @@ async fn run(path: PathBuf, poll_every: Duration, tx: mpsc::Sender<Result<Config
         if tx.send(item).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_relevant;
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+    use notify::Event;
+    use std::ffi::OsStr;
+
+    fn relevant(kind: EventKind, path: &str) -> bool {
+        let event = Ok(Event::new(kind).add_path(path.into()));
+        is_relevant(&event, Some(OsStr::new("config.json")))
+    }
+
+    #[test]
+    fn the_watchs_own_reads_are_not_changes() {
+        for kind in [
+            AccessKind::Open(AccessMode::Read),
+            AccessKind::Read,
+            AccessKind::Close(AccessMode::Read),
+            AccessKind::Any,
+        ] {
+            assert!(
+                !relevant(EventKind::Access(kind), "/etc/lb/config.json"),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn writes_and_replacements_of_the_file_are_changes() {
+        let write_closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(relevant(write_closed, "/etc/lb/config.json"));
+        assert!(relevant(
+            EventKind::Modify(ModifyKind::Any),
+            "/etc/lb/config.json"
+        ));
+        assert!(relevant(
+            EventKind::Create(CreateKind::File),
+            "/etc/lb/config.json"
+        ));
+        assert!(relevant(EventKind::Any, "/etc/lb/config.json"));
+    }
+
+    #[test]
+    fn other_files_in_the_directory_are_not_changes() {
+        assert!(!relevant(
+            EventKind::Modify(ModifyKind::Any),
+            "/etc/lb/other.json"
+        ));
+        let error = Err(notify::Error::generic("queue overflow"));
+        assert!(is_relevant(&error, Some(OsStr::new("config.json"))));
     }
 }
