@@ -275,3 +275,66 @@ async fn transitions_drive_a_backend_set() {
     drop(handle);
     driver.await.unwrap();
 }
+
+/// A health log line: whether it says healthy, and backend "a"'s state in the backend set
+/// when it was written.
+type Logged = (bool, Option<bool>);
+
+/// Log output that records a [`Logged`] for each health log line.
+#[derive(Clone)]
+struct StateAtLog {
+    backends: Backends<&'static str, (), RoundRobin>,
+    lines: Arc<Mutex<Vec<Logged>>>,
+}
+
+impl std::io::Write for StateAtLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let line = String::from_utf8_lossy(buf);
+        for (text, healthy) in [
+            ("backend is healthy", true),
+            ("backend is unhealthy", false),
+        ] {
+            if line.contains(text) {
+                let state = self.backends.is_healthy(&"a");
+                self.lines.lock().unwrap().push((healthy, state));
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transition_is_logged_once_the_backend_set_has_it() {
+    let script = Script::default();
+    script.set("a", true);
+    let backends = Backends::<&'static str, (), _>::new(RoundRobin::new());
+    backends.healthy_on_insert(false);
+    backends.insert("a", ());
+    let log = StateAtLog {
+        backends: backends.clone(),
+        lines: Arc::default(),
+    };
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let (checks, handle) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
+    handle.insert("a");
+    let driver = tokio::spawn(checks.drive(backends.clone()));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    script.set("a", false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    handle.remove("a");
+    drop(handle);
+    driver.await.unwrap();
+
+    // Someone who reads "backend is healthy" and sends a request finds it in rotation.
+    let lines = log.lines.lock().unwrap().clone();
+    assert_eq!(lines, [(true, Some(true)), (false, Some(false))]);
+}

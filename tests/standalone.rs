@@ -17,7 +17,8 @@ use tower_lb::config::Config;
 
 /// The example binary, which `cargo test` builds next to this test's binary. Running this
 /// test target alone (`cargo test --test standalone`) does not build examples: then it is
-/// built here, once.
+/// built here, once, if it is missing or older than the sources (a stale binary would
+/// test old code).
 fn example() -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().unwrap();
@@ -26,7 +27,14 @@ fn example() -> PathBuf {
         .join("examples")
         .join(format!("standalone{}", std::env::consts::EXE_SUFFIX));
     BUILD.call_once(|| {
-        if !path.exists() {
+        let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let sources = [
+            root.join("src"),
+            root.join("examples"),
+            root.join("Cargo.toml"),
+        ];
+        if built.is_none_or(|built| sources.iter().any(|s| newer_than(s, built))) {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
                 .args(["build", "--example", "standalone"])
@@ -37,6 +45,22 @@ fn example() -> PathBuf {
     });
     assert!(path.exists(), "{} not built", path.display());
     path
+}
+
+/// Whether the file at `path`, or any file under it, was modified after `time`.
+fn newer_than(path: &Path, time: std::time::SystemTime) -> bool {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    if meta.is_dir() {
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| newer_than(&entry.path(), time))
+    } else {
+        meta.modified().is_ok_and(|m| m > time)
+    }
 }
 
 /// A port that was free a moment ago (for demo backends, which need fixed ports).

@@ -174,6 +174,8 @@ struct Target {
     probes: u64,
     /// A stable fraction of the interval, in [0, 1).
     phase: f64,
+    /// Why the probe that made the target unhealthy failed, for [`HealthCheck::drive`]'s log.
+    failure: Option<String>,
 }
 
 type Running<K> = Pin<Box<dyn Future<Output = (K, u64, Result<(), BoxError>)> + Send>>;
@@ -217,7 +219,8 @@ where
         (check, Handle { tx })
     }
 
-    /// Applies every transition to `backends` until the stream ends. Spawn it.
+    /// Applies every transition to `backends` until the stream ends, and logs it once it
+    /// has taken effect: "backend is healthy" means it takes requests. Spawn it.
     pub async fn drive<S, Pol>(mut self, backends: Backends<K, S, Pol>)
     where
         S: Clone,
@@ -225,6 +228,15 @@ where
     {
         while let Some(t) = self.next().await {
             backends.set_healthy(&t.target, t.healthy);
+            if t.healthy {
+                tracing::info!(backend = %t.target, "backend is healthy");
+            } else {
+                let error = self
+                    .targets
+                    .get(&t.target)
+                    .and_then(|t| t.failure.as_deref());
+                tracing::warn!(backend = %t.target, error = error.unwrap_or("?"), "backend is unhealthy");
+            }
         }
     }
 
@@ -266,6 +278,7 @@ where
                         probing: false,
                         probes: 0,
                         phase,
+                        failure: None,
                     },
                 );
                 self.schedule(&key, now);
@@ -358,8 +371,7 @@ where
             t.fresh = false;
         }
         match (&result, flip) {
-            (Ok(()), true) => tracing::info!(backend = %key, "backend is healthy"),
-            (Err(error), true) => tracing::warn!(backend = %key, %error, "backend is unhealthy"),
+            (Err(error), true) => t.failure = Some(error.to_string()),
             (Err(error), false) if !t.healthy && t.fresh => {
                 tracing::debug!(backend = %key, %error, "backend not healthy yet")
             }
