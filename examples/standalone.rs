@@ -43,6 +43,9 @@ fn main() -> ExitCode {
 /// local queue holds 256 tasks and spills the rest to a shared queue that it checks less
 /// often: at 256 connections that lengthened the latency tail (5 interleaved runs, one
 /// CPU: p99 4.45 ms instead of 6.05 ms, 83,553 instead of 78,634 req/s).
+///
+/// Either way the scheduler polls for I/O events once its run queue is empty, or after
+/// [`EVENT_INTERVAL`] task polls, not after tokio's default of 61.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut builder = if cpus > 1 {
@@ -50,8 +53,24 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     } else {
         tokio::runtime::Builder::new_current_thread()
     };
-    builder.enable_all().build()
+    builder.event_interval(EVENT_INTERVAL).enable_all().build()
 }
+
+/// Task polls between two checks for I/O events while tasks are ready to run.
+///
+/// A proxy's task runs briefly per wake-up (read a request, write it upstream; read the
+/// response, write it back), so under load the run queue holds about one task per busy
+/// connection. With tokio's default of 61, at 256 busy connections the scheduler stopped
+/// four times per round through the queue to take in a small batch of events (strace:
+/// 3.7 times as many `epoll_wait` calls). Taking them in once the queue has drained, as
+/// nginx's event loop does, handles them in fewer, larger batches. Measured on one CPU,
+/// 5 interleaved runs each, medians against 61: at 256 connections 87,696 instead of
+/// 84,945 req/s, 11.35 instead of 11.53 µs of CPU per request, p99 4.20 instead of 4.45 ms
+/// (nginx in the same runs: 82,923 req/s, 11.91 µs, 4.99 ms). At 64 connections the queue
+/// drains within 61 polls, and both measured the same. User-space instructions per request
+/// are unchanged (callgrind). The bound keeps timers and I/O served while tasks keep
+/// waking each other.
+const EVENT_INTERVAL: u32 = 1024;
 
 async fn run() -> ExitCode {
     tracing_subscriber::fmt()
