@@ -53,7 +53,7 @@ impl Drop for Watch {
 /// Whether a file event may have changed the file named `name`. Reads do not: the watch
 /// reads the file itself, and taking the open, read and close events of its own reads as
 /// changes would make it read the file again 50 ms later, and so on for ever. A close
-/// after writing does count, as some writers produce nothing else.
+/// after writing does count: it is when a writer has finished.
 fn is_relevant(event: &notify::Result<notify::Event>, name: Option<&std::ffi::OsStr>) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};
     let Ok(event) = event else {
