@@ -288,7 +288,7 @@ impl Drop for RawServer {
 const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Reads up to the end of one request head; `None` if the connection ends first.
-async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+pub async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 4096];
     let mut head = Vec::new();
@@ -433,11 +433,17 @@ pub async fn proxy(config: Config) -> Proxy {
     proxy
 }
 
-/// Fails the test instead of hanging when `f` takes more than 10 s.
-pub async fn within<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(10), f)
-        .await
-        .expect("timed out after 10 s")
+/// Fails the test instead of hanging when `f` takes more than 10 s, naming the line that
+/// waited.
+#[track_caller]
+pub fn within<F: std::future::Future>(f: F) -> impl std::future::Future<Output = F::Output> {
+    let caller = std::panic::Location::caller();
+    async move {
+        match tokio::time::timeout(Duration::from_secs(10), f).await {
+            Ok(output) => output,
+            Err(_) => panic!("timed out after 10 s, waiting at {caller}"),
+        }
+    }
 }
 
 /// Waits until the proxy's view of `backend`'s health is `healthy`.
