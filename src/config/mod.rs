@@ -393,12 +393,21 @@ impl Diff {
     }
 }
 
+/// A duration in seconds, at least a millisecond: tokio's timers count whole
+/// milliseconds, so a shorter interval or timeout would not mean what it says (and
+/// `1e-10` would round to zero: probes without pause, timeouts that expire at once).
 fn seconds(field: &str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
     let v = value.unwrap_or(default);
     if !(v > 0.0 && v.is_finite() && v < 1e9) {
         return Err(ConfigError::field(
             field,
             format!("{v} is not a positive number of seconds"),
+        ));
+    }
+    if v < 0.001 {
+        return Err(ConfigError::field(
+            field,
+            format!("{v} is less than a millisecond (0.001)"),
         ));
     }
     Ok(Duration::from_secs_f64(v))
@@ -497,6 +506,10 @@ mod tests {
             (
                 format!(r#"{{{ONE}, "health_check_interval": -1}}"#),
                 "health_check_interval: -1 is not a positive number",
+            ),
+            (
+                format!(r#"{{{ONE}, "connect_timeout": 1e-10}}"#),
+                "connect_timeout: 0.0000000001 is less than a millisecond",
             ),
             (
                 format!(r#"{{{ONE}, "healthy_threshold": 0}}"#),
