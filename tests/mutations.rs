@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tower_lb::config::Config;
 
 /// Panics on the runtime's worker threads, where the proxy's tasks run. tokio catches a
 /// panicking task, so a panic in a connection's task would otherwise pass unseen. (A
@@ -245,4 +246,78 @@ async fn mutated_responses_get_passed_on_or_502_never_a_panic() {
     let (first, second) = (get(target, "/").await.0, get(target, "/").await.0);
     assert!(first == StatusCode::OK || second == StatusCode::OK);
     proxy.shutdown().await.unwrap();
+}
+
+/// The keys of config.json (`../shared/CONTRACT.md`, plus `trusted_proxies`).
+const CONFIG_KEYS: &[&str] = &[
+    "listen",
+    "servers",
+    "algorithm",
+    "health_check_url",
+    "health_check_interval",
+    "health_check_timeout",
+    "healthy_threshold",
+    "unhealthy_threshold",
+    "connect_timeout",
+    "response_timeout",
+    "spawn_backends",
+    "trusted_proxies",
+];
+
+#[test]
+fn a_mutated_config_is_refused_naming_a_real_field_or_accepted_valid() {
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.json"))
+        .expect("config.json at the crate root");
+    let fuller = r#"{"listen": "[::1]:8080", "servers": [{"host": "a.example", "port": 80, "weight": 3},
+        {"host": "::1", "port": 81}], "algorithm": "hashing", "health_check_interval": 0.5,
+        "health_check_timeout": 0.25, "trusted_proxies": ["10.0.0.0/8", "::1"]}"#;
+    let mut rng = SmallRng::seed_from_u64(0x000c_0f16);
+    let (mut accepted, mut refused) = (0, 0);
+    for i in 0..5000 {
+        let base = if i % 2 == 0 {
+            shipped.as_bytes()
+        } else {
+            fuller.as_bytes()
+        };
+        let bytes = mutate(&mut rng, base);
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue;
+        };
+        match Config::from_json(text) {
+            Err(e) => {
+                refused += 1;
+                assert!(!e.to_string().trim().is_empty(), "empty error for {text}");
+                // The field at fault is a key of the file, or a key that is not one and is
+                // reported as unknown.
+                if let Some(field) = e.field_name() {
+                    let key = field.split(['[', '.']).next().unwrap_or_default();
+                    let unknown = e.to_string().contains("unknown field");
+                    assert!(unknown || CONFIG_KEYS.contains(&key), "{e} for {text}");
+                }
+            }
+            Ok(c) => {
+                accepted += 1;
+                assert!(!c.servers.is_empty(), "{text}");
+                let mut seen = std::collections::HashSet::new();
+                for s in &c.servers {
+                    assert!(s.port() >= 1 && s.weight() >= 1, "{text}");
+                    assert!(
+                        seen.insert((s.host().to_ascii_lowercase(), s.port())),
+                        "{text}"
+                    );
+                }
+                assert!(c.health.timeout < c.health.interval, "{text}");
+                let ms = Duration::from_millis(1);
+                for d in [c.health.timeout, c.connect_timeout, c.response_timeout] {
+                    assert!(d >= ms, "{d:?} in {text}");
+                }
+                assert!(c.health.healthy_threshold >= 1 && c.health.unhealthy_threshold >= 1);
+            }
+        }
+    }
+    // Both outcomes were exercised.
+    assert!(
+        accepted > 50 && refused > 2000,
+        "{accepted} accepted, {refused} refused"
+    );
 }
