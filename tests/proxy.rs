@@ -795,3 +795,23 @@ async fn a_demo_backend_queues_a_burst_of_connections() {
     drop(streams);
     demo.stop().await;
 }
+
+#[tokio::test]
+async fn a_backend_response_head_over_the_limits_is_502() {
+    let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let big = format!("x-big: {}\r\n", "a".repeat(70 * 1024));
+    for extra in [many, big] {
+        let answer = format!("HTTP/1.1 200 OK\r\n{extra}content-length: 2\r\n\r\nok");
+        let answer: &'static [u8] = Box::leak(answer.into_bytes().into_boxed_slice());
+        let b = raw_backend(answer).await;
+        let proxy = proxy(config(&[b.addr], "")).await;
+        let (status, body) = get(proxy.local_addr(), "/").await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_GATEWAY,
+            "{}",
+            &body[..body.len().min(100)]
+        );
+        proxy.shutdown().await.unwrap();
+    }
+}

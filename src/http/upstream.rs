@@ -422,16 +422,13 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         }
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut res = httparse::Response::new(&mut []);
+        // The limit holds however the head arrived: one read can bring in all of it.
         let len = match httparse::ParserConfig::default()
             .parse_response_with_uninit_headers(&mut res, buf, &mut slots)?
         {
-            httparse::Status::Complete(len) => len,
-            httparse::Status::Partial => {
-                if buf.len() > MAX_HEAD {
-                    return Err("response head too large".into());
-                }
-                return Ok(None);
-            }
+            httparse::Status::Complete(len) if len <= MAX_HEAD => len,
+            httparse::Status::Partial if buf.len() <= MAX_HEAD => return Ok(None),
+            _ => return Err("response head too large".into()),
         };
         let code = res.code.unwrap_or(0);
         let status = StatusCode::from_u16(code)?;
