@@ -452,7 +452,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         for h in res.headers.iter() {
             let name = h.name.as_bytes();
             if name.eq_ignore_ascii_case(b"content-length") {
-                let n: u64 = std::str::from_utf8(h.value)?.trim().parse()?;
+                // Digits only: `parse` alone would also take a leading `+`.
+                let digits = h.value.trim_ascii();
+                if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                    return Err("invalid Content-Length in response".into());
+                }
+                let n: u64 = std::str::from_utf8(digits)?.parse()?;
                 if length.is_some_and(|l| l != n) {
                     return Err("conflicting Content-Length in response".into());
                 }
@@ -708,8 +713,10 @@ fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, 
                     .next()
                     .unwrap_or_default()
                     .trim_ascii();
+                // Hex digits only: `from_str_radix` alone would also take a leading `+`.
                 let size = std::str::from_utf8(digits)
                     .ok()
+                    .filter(|d| d.bytes().all(|b| b.is_ascii_hexdigit()))
                     .and_then(|d| u64::from_str_radix(d, 16).ok())
                     .ok_or("invalid chunk size")?;
                 buf.advance(end + 1);
@@ -753,6 +760,10 @@ fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, 
             }
             Chunk::Trailers => {
                 let Some(end) = memchr::memchr(b'\n', buf) else {
+                    // A trailer field is held until its line ends: bound it as a head is.
+                    if buf.len() > MAX_HEAD {
+                        return Err("trailer line too long".into());
+                    }
                     return Ok(None);
                 };
                 let empty = end == 0 || (end == 1 && buf[0] == b'\r');
@@ -808,6 +819,19 @@ mod tests {
             b"ab"
         );
         assert!(decode_chunk(&mut state, &mut buf).is_err());
+        // Signs are not hex digits.
+        let mut state = Chunk::Size;
+        let mut buf = BytesMut::from(&b"+2\r\nab\r\n"[..]);
+        assert!(decode_chunk(&mut state, &mut buf).is_err());
+    }
+
+    #[test]
+    fn an_endless_trailer_line_is_an_error_not_a_growing_buffer() {
+        let mut state = Chunk::Size;
+        let mut buf = BytesMut::from(&b"0\r\nx-trailer: "[..]);
+        assert!(decode_chunk(&mut state, &mut buf).unwrap().is_none());
+        buf.extend_from_slice(&vec![b'a'; MAX_HEAD]);
+        assert!(decode_chunk(&mut state, &mut buf).is_err());
     }
 
     #[test]
@@ -821,6 +845,15 @@ mod tests {
         assert_eq!(p.headers["x-a"], "b");
         assert!(p.keep_alive);
         assert_eq!(&buf[..], b"abc");
+
+        for bad in ["+3", "-3", "3 3", "", "0x3"] {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\nabc");
+            let mut buf = BytesMut::from(head.as_bytes());
+            assert!(
+                parse_head(&mut buf, false).is_err(),
+                "Content-Length: {bad}"
+            );
+        }
 
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"[..]);
         let p = parse_head(&mut buf, false).unwrap().unwrap();
