@@ -452,12 +452,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         for h in res.headers.iter() {
             let name = h.name.as_bytes();
             if name.eq_ignore_ascii_case(b"content-length") {
-                // Digits only: `parse` alone would also take a leading `+`.
-                let digits = h.value.trim_ascii();
-                if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-                    return Err("invalid Content-Length in response".into());
-                }
-                let n: u64 = std::str::from_utf8(digits)?.parse()?;
+                let n = framing_number(h.value.trim_ascii(), 10)
+                    .ok_or("invalid Content-Length in response")?;
                 if length.is_some_and(|l| l != n) {
                     return Err("conflicting Content-Length in response".into());
                 }
@@ -693,6 +689,16 @@ where
     }
 }
 
+/// A `Content-Length` (`radix` 10) or chunk size (16): digits only, as RFC 9112 has them.
+/// Rust's integer parsing alone would also take a leading `+`, and framing that the proxy
+/// reads differently from the backend desynchronises the connection.
+fn framing_number(digits: &[u8], radix: u32) -> Option<u64> {
+    if digits.is_empty() || !digits.iter().all(|&b| char::from(b).is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).ok()?, radix).ok()
+}
+
 /// Decodes chunked data from `buf`: `Ok(Some(data))`, or `Ok(None)` when more bytes are
 /// needed or the body is done (`state == Done`).
 fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, BoxError> {
@@ -713,12 +719,7 @@ fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, 
                     .next()
                     .unwrap_or_default()
                     .trim_ascii();
-                // Hex digits only: `from_str_radix` alone would also take a leading `+`.
-                let size = std::str::from_utf8(digits)
-                    .ok()
-                    .filter(|d| d.bytes().all(|b| b.is_ascii_hexdigit()))
-                    .and_then(|d| u64::from_str_radix(d, 16).ok())
-                    .ok_or("invalid chunk size")?;
+                let size = framing_number(digits, 16).ok_or("invalid chunk size")?;
                 buf.advance(end + 1);
                 *state = if size == 0 {
                     Chunk::Trailers
