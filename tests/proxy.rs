@@ -83,12 +83,7 @@ async fn least_connections_counts_until_the_response_body_ends() {
     backends[busy].release(1);
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(&rest[..], b"last");
-    within(
-        proxy
-            .backends()
-            .wait_until(|s| s.iter().all(|(_, e)| e.in_flight() == 0)),
-    )
-    .await;
+    nothing_in_flight(&proxy).await;
     let mut seen = HashSet::new();
     for _ in 0..2 {
         seen.insert(client.get("/").await.1);
@@ -573,12 +568,7 @@ async fn a_hundred_concurrent_clients() {
     let hits: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
     assert_eq!(hits.iter().sum::<usize>(), 2000);
     assert!(hits.iter().all(|&h| h > 300), "{hits:?}");
-    within(
-        proxy
-            .backends()
-            .wait_until(|s| s.iter().all(|(_, e)| e.in_flight() == 0)),
-    )
-    .await;
+    nothing_in_flight(&proxy).await;
     proxy.shutdown().await.unwrap();
 }
 
@@ -802,8 +792,7 @@ async fn a_backend_response_head_over_the_limits_is_502() {
     let big = format!("x-big: {}\r\n", "a".repeat(70 * 1024));
     for extra in [many, big] {
         let answer = format!("HTTP/1.1 200 OK\r\n{extra}content-length: 2\r\n\r\nok");
-        let answer: &'static [u8] = Box::leak(answer.into_bytes().into_boxed_slice());
-        let b = raw_backend(answer).await;
+        let b = raw_backend_with(move |_| answer.clone().into_bytes()).await;
         let proxy = proxy(config(&[b.addr], "")).await;
         let (status, body) = get(proxy.local_addr(), "/").await;
         assert_eq!(

@@ -288,7 +288,7 @@ impl Drop for RawServer {
 const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Reads up to the end of one request head; `None` if the connection ends first.
-pub async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 4096];
     let mut head = Vec::new();
@@ -341,17 +341,31 @@ pub async fn one_shot_backend() -> RawServer {
 /// A backend that answers every request except health checks with fixed bytes, then
 /// closes the connection.
 pub async fn raw_backend(answer: &'static [u8]) -> RawServer {
-    RawServer::start(move |mut stream| async move {
-        use tokio::io::AsyncWriteExt;
-        let Some(head) = read_head(&mut stream).await else {
-            return;
-        };
-        let reply = if head.starts_with(b"GET /health ") {
-            HEALTH_OK
-        } else {
-            answer
-        };
-        let _ = stream.write_all(reply).await;
+    raw_backend_with(move |_| answer.to_vec()).await
+}
+
+/// A backend that answers request `n` (counting all but health checks, from 0) with
+/// `answer(n)`, then closes the connection.
+pub async fn raw_backend_with<F>(answer: F) -> RawServer
+where
+    F: Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+{
+    let answer = Arc::new(answer);
+    let requests = Arc::new(AtomicUsize::new(0));
+    RawServer::start(move |mut stream| {
+        let (answer, requests) = (answer.clone(), requests.clone());
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let Some(head) = read_head(&mut stream).await else {
+                return;
+            };
+            let reply = if head.starts_with(b"GET /health ") {
+                HEALTH_OK.to_vec()
+            } else {
+                answer(requests.fetch_add(1, Ordering::SeqCst))
+            };
+            let _ = stream.write_all(&reply).await;
+        }
     })
     .await
 }
@@ -458,12 +472,40 @@ pub async fn wait_health(proxy: &Proxy, backend: &Backend, healthy: bool) {
 
 /// Raw bytes on a new connection; returns everything read until the proxy closes it (or 5 s).
 pub async fn raw(target: SocketAddr, bytes: &[u8]) -> String {
+    let out = raw_with(target, bytes, false, Duration::from_secs(5)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Raw bytes on a new connection, then (with `half_close`) the end of the sending side;
+/// returns everything read until the peer closes the connection or `wait` passes. A peer
+/// that closes while the bytes are being written just ends the exchange early.
+pub async fn raw_with(
+    target: SocketAddr,
+    bytes: &[u8],
+    half_close: bool,
+    wait: Duration,
+) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(target).await.unwrap();
-    s.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    if s.write_all(bytes).await.is_err() {
+        return out;
+    }
+    if half_close {
+        let _ = s.shutdown().await;
+    }
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    out
+}
+
+/// Waits until no request is in flight on any of the proxy's backends.
+#[track_caller]
+pub fn nothing_in_flight(proxy: &Proxy) -> impl std::future::Future<Output = ()> + '_ {
+    within(
+        proxy
+            .backends()
+            .wait_until(|s| s.iter().all(|(_, e)| e.in_flight() == 0)),
+    )
 }
 
 /// A fresh directory under the system's temp dir; the caller removes it.
