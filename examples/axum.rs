@@ -42,7 +42,8 @@ async fn main() -> Result<(), tower_lb::BoxError> {
         .route("/", get(|| async { "the app's own route\n" }))
         .nest_service("/api", balancer);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    // The app now fronts the backends' clients: a listen backlog that takes a burst.
+    let listener = http::bind("127.0.0.1:3000".parse()?)?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(
         listener,
