@@ -29,8 +29,8 @@ fn count_panics() {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             // tokio's workers: "tokio-rt-worker" ("tokio-runtime-worker" in older versions).
-            let name = std::thread::current().name().unwrap_or_default().to_owned();
-            if name.starts_with("tokio-") {
+            let thread = std::thread::current();
+            if thread.name().is_some_and(|n| n.starts_with("tokio-")) {
                 PANICS.fetch_add(1, Ordering::SeqCst);
             }
             default(info);
