@@ -128,12 +128,14 @@ enum Phase {
 #[derive(Debug)]
 struct Scanner {
     phase: Phase,
-    /// The current line, when it matters and spans reads (name and value of the fields we
-    /// look for, a chunk size); `None` while skipping a line we do not care about.
-    line: Option<Vec<u8>>,
+    /// The current line matters (a request line, a field we look for, a chunk size).
+    keep: bool,
+    /// The start of a kept line that spans reads; a line that arrives whole is looked at
+    /// where it is, without a copy. Its capacity is reused from line to line.
+    partial: Vec<u8>,
     /// At the start of a line.
     line_start: bool,
-    /// The kept line was longer than [`MAX_LINE`] and holds only its start.
+    /// The kept line was longer than [`MAX_LINE`]; only its start is looked at.
     truncated: bool,
     /// `Content-Length` seen in this head, and its value if it parsed.
     content_length: Option<Option<u64>>,
@@ -152,7 +154,8 @@ impl Scanner {
     fn new(verdict: Verdict) -> Self {
         Scanner {
             phase: Phase::RequestLine,
-            line: None,
+            keep: false,
+            partial: Vec::new(),
             line_start: true,
             truncated: false,
             content_length: None,
@@ -203,23 +206,37 @@ impl Scanner {
         if self.line_start {
             self.line_start = false;
             self.truncated = false;
-            self.line = self.wants_line(bytes[0]).then(Vec::new);
+            self.keep = self.wants_line(bytes[0]);
+            self.partial.clear();
         }
         let (part, rest, complete) = match memchr::memchr(b'\n', bytes) {
             Some(i) => (&bytes[..i], &bytes[i + 1..], true),
             None => (bytes, &bytes[bytes.len()..], false),
         };
-        if let Some(line) = &mut self.line {
-            let room = MAX_LINE - line.len();
-            if part.len() > room {
-                self.truncated = true;
+        if !self.keep {
+            if complete {
+                self.line_start = true;
+                self.end_line(None);
             }
-            line.extend_from_slice(&part[..part.len().min(room)]);
+            return rest;
         }
-        if complete {
-            let line = self.line.take();
+        let room = MAX_LINE - self.partial.len();
+        if part.len() > room {
+            self.truncated = true;
+        }
+        let part = &part[..part.len().min(room)];
+        if complete && self.partial.is_empty() {
+            // The whole line (or its first MAX_LINE bytes) is in this read.
             self.line_start = true;
-            self.end_line(line);
+            self.end_line(Some(part));
+        } else {
+            self.partial.extend_from_slice(part);
+            if complete {
+                self.line_start = true;
+                let line = std::mem::take(&mut self.partial);
+                self.end_line(Some(&line));
+                self.partial = line;
+            }
         }
         rest
     }
@@ -234,8 +251,8 @@ impl Scanner {
         }
     }
 
-    fn end_line(&mut self, line: Option<Vec<u8>>) {
-        let line = line.as_deref().map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    fn end_line(&mut self, line: Option<&[u8]>) {
+        let line = line.map(|l| l.strip_suffix(b"\r").unwrap_or(l));
         match self.phase {
             Phase::RequestLine => match line {
                 // Blank lines before a request line are allowed (RFC 9112 §2.2).
@@ -374,6 +391,16 @@ mod tests {
         r.extend_from_slice(body);
         r.extend_from_slice(b"\r\n0\r\nTrailer: x\r\n\r\nGET / HTTP/1.1\r\n\r\n");
         assert_eq!(scan_all_splits(&r), (None, 2));
+    }
+
+    #[test]
+    fn long_lines_are_followed_across_reads() {
+        // A request line and a kept field longer than MAX_LINE, split every way.
+        let long = "x".repeat(3 * MAX_LINE);
+        let r = format!(
+            "GET /{long} HTTP/1.1\r\nCookie: {long}\r\nContent-Length: 2\r\n\r\nokGET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        assert_eq!(scan_all_splits(r.as_bytes()), (Some(1), 2));
     }
 
     #[test]
