@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::uri::{Authority, Uri};
-use http::{header, HeaderValue, Request, Response, Version};
+use http::uri::Authority;
+use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
 use sync_wrapper::SyncWrapper;
@@ -17,7 +17,6 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::error::{BackendError, ConnectError, ResponseTimeout};
-use super::headers::{append_forwarded_for, remove_hop_by_hop};
 use super::upstream::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
 use super::{peer_ip, socket_target};
 use crate::balance::MakeBackend;
@@ -243,42 +242,17 @@ where
         }
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let State::Ready(conn) = std::mem::replace(&mut self.conn, State::None) else {
             return ResponseFuture::new(async {
                 Err(BoxError::from("Backend::call before poll_ready"))
             });
         };
-        self.prepare(&mut request);
         // Encoded now, so that the request's head (slices of the server's read buffer) is
         // released before the server reads on: hyper then reuses its buffer instead of
         // allocating a new one for every request.
-        let head = encode_head(&request);
+        let head = encode_head(&request, &self.shared.host, peer_ip(&request));
         ResponseFuture::new(send(self.shared.clone(), conn, head, request.into_body()))
-    }
-}
-
-impl<B> Backend<B> {
-    fn prepare(&self, request: &mut Request<B>) {
-        let client = peer_ip(request);
-        // Origin form (`/path?query`) for the backend, whatever form the client used.
-        if request.uri().scheme().is_some() || request.uri().authority().is_some() {
-            let path = request
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-            *request.uri_mut() = Uri::from(path);
-        }
-        *request.version_mut() = Version::HTTP_11;
-        let headers = request.headers_mut();
-        remove_hop_by_hop(headers);
-        if let Some(client) = client {
-            append_forwarded_for(headers, client);
-        }
-        if !headers.contains_key(header::HOST) {
-            headers.insert(header::HOST, self.shared.host.clone());
-        }
     }
 }
 

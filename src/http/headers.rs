@@ -16,12 +16,56 @@ const HOP_BY_HOP: [&str; 6] = [
     "upgrade",
 ];
 
-/// Whether the field `name` (in any case) is hop-by-hop by itself.
-pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
-    // Different lengths compare unequal at once: most names cost one length check each.
-    HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+/// Whether the field `name` is hop-by-hop by itself.
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    // Names are lowercase; different lengths compare unequal at once.
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// The tokens of a `Connection` value, trimmed, empty ones left out.
+pub(crate) fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
+}
+
+/// Whether a `Connection` token names a field (every option but `close` and `keep-alive`).
+pub(crate) fn names_a_field(token: &[u8]) -> bool {
+    !token.eq_ignore_ascii_case(b"close") && !token.eq_ignore_ascii_case(b"keep-alive")
+}
+
+/// The hop-by-hop fields of one message: those of RFC 9110 §7.6.1 and every field that its
+/// `Connection` header names. [`remove_hop_by_hop`] removes them; the proxy's request
+/// encoder leaves them out as it writes, without changing the map.
+#[derive(Debug)]
+pub(crate) struct HopByHop {
+    /// Fields named in `Connection`: almost always none, so nothing is allocated.
+    listed: Vec<HeaderName>,
+}
+
+impl HopByHop {
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        let mut listed = Vec::new();
+        // A pass over a few entries costs less than hashing the name for a lookup.
+        for (name, value) in headers {
+            if name == header::CONNECTION {
+                for token in connection_tokens(value.as_bytes()) {
+                    // A token that is not a field name names nothing.
+                    if let (true, Ok(name)) = (names_a_field(token), HeaderName::from_bytes(token))
+                    {
+                        listed.push(name);
+                    }
+                }
+            }
+        }
+        HopByHop { listed }
+    }
+
+    /// Whether the field `name` must not be forwarded.
+    pub(crate) fn drops(&self, name: &HeaderName) -> bool {
+        is_hop_by_hop(name) || self.listed.contains(name)
+    }
 }
 
 /// `X-Forwarded-For`.
@@ -42,41 +86,13 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 /// assert!(headers.contains_key("accept"));
 /// ```
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names; most messages carry none of these, or only
-    // `Connection: keep-alive`/`close`, which name no other field.
-    let mut found = false;
-    let mut named = false;
-    for name in headers.keys() {
-        if is_hop_by_hop(name.as_str().as_bytes()) {
-            found = true;
-        }
-        if name == header::CONNECTION {
-            named = true;
-        }
-    }
-    if !found {
+    let hop = HopByHop::of(headers);
+    // Most messages carry none of these.
+    if !headers.keys().any(|name| hop.drops(name)) {
         return;
     }
-    if named {
-        // Fields listed in Connection; a value that is not a token list is ignored.
-        let mut listed: Vec<HeaderName> = Vec::new();
-        for value in headers.get_all(header::CONNECTION) {
-            let Ok(value) = value.to_str() else { continue };
-            for token in value.split(',').map(str::trim) {
-                if token.is_empty()
-                    || token.eq_ignore_ascii_case("close")
-                    || token.eq_ignore_ascii_case("keep-alive")
-                {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                    listed.push(name);
-                }
-            }
-        }
-        for name in listed {
-            headers.remove(name);
-        }
+    for name in hop.listed {
+        headers.remove(name);
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
@@ -86,27 +102,27 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Appends `client` to `X-Forwarded-For`, joining any values the message already has into
 /// one comma-separated list (RFC 7239's order: the client first, each proxy appending).
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let mut buf = [0u8; 64];
-    let ip = format_ip(client, &mut buf);
-    match headers.entry(X_FORWARDED_FOR) {
-        header::Entry::Vacant(entry) => {
-            entry.insert(
-                HeaderValue::from_bytes(ip).expect("an IP address is a valid header value"),
-            );
-        }
-        header::Entry::Occupied(mut entry) => {
-            let mut joined = Vec::with_capacity(64);
-            for v in entry.iter() {
-                joined.extend_from_slice(v.as_bytes());
-                joined.extend_from_slice(b", ");
-            }
-            joined.extend_from_slice(ip);
-            // Existing values were valid header values; joined with ", " they still are.
-            if let Ok(value) = HeaderValue::from_bytes(&joined) {
-                entry.insert(value);
-            }
-        }
+    let mut joined = Vec::with_capacity(64);
+    forwarded_for_value(&mut joined, headers.get_all(X_FORWARDED_FOR), client);
+    // Existing values were valid header values, and so is an address; joined with ", "
+    // they still are.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(X_FORWARDED_FOR, value);
     }
+}
+
+/// Writes the value of `X-Forwarded-For` with `client` appended to the `existing` values.
+pub(crate) fn forwarded_for_value<'a>(
+    out: &mut Vec<u8>,
+    existing: impl IntoIterator<Item = &'a HeaderValue>,
+    client: IpAddr,
+) {
+    for value in existing {
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    let mut buf = [0u8; 64];
+    out.extend_from_slice(format_ip(client, &mut buf));
 }
 
 /// Writes `ip` in its usual text form into `buf`; IPv4 without `fmt` (this runs on every

@@ -17,6 +17,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
+use std::net::IpAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -29,7 +30,9 @@ use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::headers::is_hop_by_hop;
+use super::headers::{
+    connection_tokens, forwarded_for_value, is_hop_by_hop, names_a_field, HopByHop, X_FORWARDED_FOR,
+};
 use crate::BoxError;
 
 /// Largest response head accepted.
@@ -162,26 +165,51 @@ pub(crate) struct Head {
     idempotent: bool,
 }
 
-/// Encodes `request`'s head for the backend (origin form, HTTP/1.1, headers as they are)
-/// with the framing its body needs.
-pub(crate) fn encode_head<B: Body>(request: &Request<B>) -> Head {
+/// Encodes `request`'s head for the backend, rewritten as a reverse proxy forwards it:
+/// origin form, HTTP/1.1, hop-by-hop fields left out, `client` appended to
+/// `X-Forwarded-For`, `host` when the request has no `Host`; and the framing its body
+/// needs. The request itself is not changed: editing its `HeaderMap` (removals, an entry
+/// for `X-Forwarded-For`, a lookup for `Host`) cost more than writing the result directly.
+pub(crate) fn encode_head<B: Body>(
+    request: &Request<B>,
+    host: &HeaderValue,
+    client: Option<IpAddr>,
+) -> Head {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(request.method().as_str().as_bytes());
     out.push(b' ');
+    // Origin form (`/path?query`), whatever form the client used.
     match request.uri().path_and_query() {
         Some(p) => out.extend_from_slice(p.as_str().as_bytes()),
         None => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let headers = request.headers();
+    let hop = HopByHop::of(headers);
+    let (mut has_host, mut has_length, mut forwarded) = (false, false, false);
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        if hop.drops(name) {
+            continue;
+        }
+        if client.is_some() && name == X_FORWARDED_FOR {
+            // Joined with the client below.
+            forwarded = true;
+            continue;
+        }
+        has_host |= name == header::HOST;
+        has_length |= name == header::CONTENT_LENGTH;
+        field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !has_host {
+        field(&mut out, b"host", host.as_bytes());
+    }
+    if let Some(client) = client {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        let existing = forwarded.then(|| headers.get_all(X_FORWARDED_FOR));
+        forwarded_for_value(&mut out, existing.into_iter().flatten(), client);
         out.extend_from_slice(b"\r\n");
     }
     let body = request.body();
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
     let upload = if body.is_end_stream() {
         if !has_length
             && matches!(
@@ -195,9 +223,7 @@ pub(crate) fn encode_head<B: Body>(request: &Request<B>) -> Head {
     } else if has_length {
         Upload::Length
     } else if let Some(n) = body.size_hint().exact() {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(n.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        field(&mut out, b"content-length", n.to_string().as_bytes());
         Upload::Length
     } else {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -219,6 +245,14 @@ pub(crate) fn encode_head<B: Body>(request: &Request<B>) -> Head {
                 | Method::DELETE
         ),
     }
+}
+
+/// Writes one header line.
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The request body still to be sent, and the bytes of it (or of the head) not yet written.
@@ -450,32 +484,32 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         let base = buf.as_ptr() as usize;
         let mut spans: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(res.headers.len());
         for h in res.headers.iter() {
-            let name = h.name.as_bytes();
-            if name.eq_ignore_ascii_case(b"content-length") {
+            let name = HeaderName::from_bytes(h.name.as_bytes())?;
+            if name == header::CONTENT_LENGTH {
                 let n = framing_number(h.value.trim_ascii(), 10)
                     .ok_or("invalid Content-Length in response")?;
                 if length.is_some_and(|l| l != n) {
                     return Err("conflicting Content-Length in response".into());
                 }
                 length = Some(n);
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            } else if name == header::TRANSFER_ENCODING {
                 let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
                 chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
                 continue;
-            } else if name.eq_ignore_ascii_case(b"connection") {
-                for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            } else if name == header::CONNECTION {
+                for token in connection_tokens(h.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
-                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    } else if names_a_field(token) {
                         listed.push(token);
                     }
                 }
                 continue;
-            } else if is_hop_by_hop(name) {
+            } else if is_hop_by_hop(&name) {
                 continue;
             }
             let start = h.value.as_ptr() as usize - base;
-            spans.push((HeaderName::from_bytes(name)?, start, start + h.value.len()));
+            spans.push((name, start, start + h.value.len()));
         }
         if chunked.is_some() {
             // Transfer-Encoding overrides Content-Length, which an intermediary must
@@ -781,6 +815,59 @@ fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encoded<B: Body>(request: &Request<B>, client: Option<&str>) -> String {
+        let host = HeaderValue::from_static("backend:9001");
+        let head = encode_head(request, &host, client.map(|c| c.parse().unwrap()));
+        String::from_utf8(head.bytes.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn heads_are_rewritten_as_they_are_encoded() {
+        use http_body_util::{Empty, Full};
+        let request = Request::get("http://example.com/a?b=1")
+            .header("host", "example.com")
+            .header("connection", "keep-alive, X-Secret")
+            .header("x-secret", "1")
+            .header("te", "trailers")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("accept", "*/*")
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let before = request.headers().clone();
+        assert_eq!(
+            encoded(&request, Some("127.0.0.7")),
+            "GET /a?b=1 HTTP/1.1\r\nhost: example.com\r\naccept: */*\r\n\
+             x-forwarded-for: 203.0.113.9, 10.0.0.1, 127.0.0.7\r\n\r\n"
+        );
+        // The request itself is left as it was.
+        assert_eq!(request.headers(), &before);
+
+        // Without a client address, X-Forwarded-For goes as it came; without Host, the
+        // backend's authority is sent.
+        let request = Request::post("/p")
+            .header("x-forwarded-for", "203.0.113.9")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            encoded(&request, None),
+            "POST /p HTTP/1.1\r\nx-forwarded-for: 203.0.113.9\r\nhost: backend:9001\r\n\
+             content-length: 0\r\n\r\n"
+        );
+
+        // A Content-Length that Connection names is not the body's framing.
+        let request = Request::put("/p")
+            .header("host", "h")
+            .header("connection", "content-length")
+            .header("content-length", "2")
+            .body(Full::new(Bytes::from_static(b"ok")))
+            .unwrap();
+        assert_eq!(
+            encoded(&request, Some("::1")),
+            "PUT /p HTTP/1.1\r\nhost: h\r\nx-forwarded-for: ::1\r\ncontent-length: 2\r\n\r\n"
+        );
+    }
 
     fn decode_all(input: &[u8], split: usize) -> Result<Vec<u8>, BoxError> {
         let mut state = Chunk::Size;
