@@ -50,13 +50,9 @@ impl HopByHop {
         // A pass over a few entries costs less than hashing the name for a lookup.
         for (name, value) in headers {
             if name == header::CONNECTION {
-                for token in connection_tokens(value.as_bytes()) {
-                    // A token that is not a field name names nothing.
-                    if let (true, Ok(name)) = (names_a_field(token), HeaderName::from_bytes(token))
-                    {
-                        listed.push(name);
-                    }
-                }
+                let named = connection_tokens(value.as_bytes()).filter(|t| names_a_field(t));
+                // A token that is not a field name names nothing.
+                listed.extend(named.filter_map(|token| HeaderName::from_bytes(token).ok()));
             }
         }
         HopByHop { listed }
