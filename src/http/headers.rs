@@ -23,22 +23,18 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// The tokens of a `Connection` value, trimmed, empty ones left out.
-pub(crate) fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|token| !token.is_empty())
 }
 
-/// Whether a `Connection` token names a field (every option but `close` and `keep-alive`).
-pub(crate) fn names_a_field(token: &[u8]) -> bool {
-    !token.eq_ignore_ascii_case(b"close") && !token.eq_ignore_ascii_case(b"keep-alive")
-}
-
 /// The hop-by-hop fields of one message: those of RFC 9110 §7.6.1 and every field that its
-/// `Connection` header names. [`remove_hop_by_hop`] removes them; the proxy's request
-/// encoder leaves them out as it writes, without changing the map.
-#[derive(Debug)]
+/// `Connection` header names. The one rule for both directions: [`remove_hop_by_hop`]
+/// removes them from a map, the proxy's request encoder leaves them out as it writes, and
+/// the response parser as it reads.
+#[derive(Debug, Default)]
 pub(crate) struct HopByHop {
     /// Fields named in `Connection`: almost always none, so nothing is allocated.
     listed: Vec<HeaderName>,
@@ -46,21 +42,44 @@ pub(crate) struct HopByHop {
 
 impl HopByHop {
     pub(crate) fn of(headers: &HeaderMap) -> Self {
-        let mut listed = Vec::new();
+        let mut hop = HopByHop::default();
         // A pass over a few entries costs less than hashing the name for a lookup.
         for (name, value) in headers {
             if name == header::CONNECTION {
-                let named = connection_tokens(value.as_bytes()).filter(|t| names_a_field(t));
-                // A token that is not a field name names nothing.
-                listed.extend(named.filter_map(|token| HeaderName::from_bytes(token).ok()));
+                hop.add_connection(value.as_bytes());
             }
         }
-        HopByHop { listed }
+        hop
+    }
+
+    /// Takes in the fields that a `Connection` value names (every option but `close` and
+    /// `keep-alive`; a token that is not a field name names nothing). Returns whether the
+    /// value asks to close the connection.
+    pub(crate) fn add_connection(&mut self, value: &[u8]) -> bool {
+        let mut close = false;
+        for token in connection_tokens(value) {
+            if token.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                self.listed.extend(HeaderName::from_bytes(token).ok());
+            }
+        }
+        close
+    }
+
+    /// Whether `Connection` named no field.
+    pub(crate) fn names_none(&self) -> bool {
+        self.listed.is_empty()
+    }
+
+    /// Whether `Connection` named the field `name`.
+    pub(crate) fn names(&self, name: &HeaderName) -> bool {
+        self.listed.contains(name)
     }
 
     /// Whether the field `name` must not be forwarded.
     pub(crate) fn drops(&self, name: &HeaderName) -> bool {
-        is_hop_by_hop(name) || self.listed.contains(name)
+        is_hop_by_hop(name) || self.names(name)
     }
 }
 

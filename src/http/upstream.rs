@@ -30,9 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::headers::{
-    connection_tokens, forwarded_for_value, is_hop_by_hop, names_a_field, HopByHop, X_FORWARDED_FOR,
-};
+use super::headers::{forwarded_for_value, is_hop_by_hop, HopByHop, X_FORWARDED_FOR};
 use crate::BoxError;
 
 /// Largest response head accepted.
@@ -479,7 +477,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         let mut length: Option<u64> = None;
         let mut chunked: Option<bool> = None;
         let mut close = version != Version::HTTP_11;
-        let mut listed: Vec<&[u8]> = Vec::new();
+        // Fields that `Connection` names; left out once all of them are known.
+        let mut hop = HopByHop::default();
         // Header values are slices of the head, shared rather than copied.
         let base = buf.as_ptr() as usize;
         let mut spans: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(res.headers.len());
@@ -497,13 +496,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
                 chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
                 continue;
             } else if name == header::CONNECTION {
-                for token in connection_tokens(h.value) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if names_a_field(token) {
-                        listed.push(token);
-                    }
-                }
+                close |= hop.add_connection(h.value);
                 continue;
             } else if is_hop_by_hop(&name) {
                 continue;
@@ -516,12 +509,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             // remove before forwarding (RFC 9112 §6.3).
             spans.retain(|(name, ..)| name != header::CONTENT_LENGTH);
         }
-        if !listed.is_empty() {
-            spans.retain(|(name, ..)| {
-                !listed
-                    .iter()
-                    .any(|l| name.as_str().as_bytes().eq_ignore_ascii_case(l))
-            });
+        if !hop.names_none() {
+            spans.retain(|(name, ..)| !hop.names(name));
         }
         let framing = if head_request
             || status == StatusCode::NO_CONTENT
