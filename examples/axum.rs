@@ -16,13 +16,13 @@ use std::net::SocketAddr;
 use axum::routing::get;
 use axum::Router;
 use tower_lb::health::{HealthCheck, HttpProbe, Settings};
-use tower_lb::http::{self, Client, ClientIpKey};
 use tower_lb::policy::Hashing;
+use tower_lb::proxy::{self, Client, ClientIpKey};
 use tower_lb::standalone::DemoBackend;
 
 #[tokio::main]
 async fn main() -> Result<(), tower_lb::BoxError> {
-    let addresses: Vec<http::uri::Authority> =
+    let addresses: Vec<proxy::uri::Authority> =
         vec!["127.0.0.1:9201".parse()?, "127.0.0.1:9202".parse()?];
     let mut demos = Vec::new();
     for address in &addresses {
@@ -31,19 +31,19 @@ async fn main() -> Result<(), tower_lb::BoxError> {
 
     // The balancer: a tower Service, cheap to clone, shared by every connection.
     let backends =
-        http::backends::<_, axum::body::Body>(Hashing::new(), &Client::new(), addresses.clone());
+        proxy::backends::<_, axum::body::Body>(Hashing::new(), &Client::new(), addresses.clone());
     let (checks, health) =
         HealthCheck::new(HttpProbe::new("/health".parse()?), Settings::default());
     addresses.into_iter().for_each(|a| health.insert(a));
     tokio::spawn(checks.drive(backends.clone()));
-    let balancer = http::balancer(backends, ClientIpKey::new());
+    let balancer = proxy::balancer(backends, ClientIpKey::new());
 
     let app = Router::new()
         .route("/", get(|| async { "the app's own route\n" }))
         .nest_service("/api", balancer);
 
     // The app now fronts the backends' clients: a listen backlog that takes a burst.
-    let listener = http::bind("127.0.0.1:3000".parse()?)?;
+    let listener = proxy::bind("127.0.0.1:3000".parse()?)?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(
         listener,

@@ -7,7 +7,7 @@
 //!   connections, consistent hashing, and the trait to write your own.
 #![cfg_attr(
     feature = "http",
-    doc = "- [`http`] forwards HTTP requests to backends with hyper, with hop-by-hop header \
+    doc = "- [`proxy`] forwards HTTP requests to backends with hyper, with hop-by-hop header \
            removal, `X-Forwarded-For`, client-IP keys and error responses.\n\
            - [`health`] probes backends and feeds their health into the set."
 )]
@@ -37,15 +37,19 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod balance;
 #[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod config;
 pub mod health;
-#[cfg(feature = "http")]
-pub mod http;
 pub mod policy;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod proxy;
 #[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod standalone;
 
 pub use crate::balance::{Backends, Balance, BalanceLayer};

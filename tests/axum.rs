@@ -9,8 +9,8 @@ use axum::routing::get as route_get;
 use axum::Router;
 use http::StatusCode;
 use support::*;
-use tower_lb::http::{self as lbhttp, uri::Authority, Client as LbClient, ClientIpKey};
 use tower_lb::policy::Hashing;
+use tower_lb::proxy::{self, uri::Authority, Client as LbClient, ClientIpKey};
 
 #[tokio::test]
 async fn mounted_under_a_prefix_with_client_ip_hashing() {
@@ -23,10 +23,10 @@ async fn mounted_under_a_prefix_with_client_ip_hashing() {
         .iter()
         .map(|b| b.authority().parse().unwrap())
         .collect();
-    let set = lbhttp::backends::<_, axum::body::Body>(Hashing::new(), &LbClient::new(), addresses);
+    let set = proxy::backends::<_, axum::body::Body>(Hashing::new(), &LbClient::new(), addresses);
     let app = Router::new()
         .route("/", route_get(|| async { "app" }))
-        .nest_service("/api", lbhttp::balancer(set, ClientIpKey::new()));
+        .nest_service("/api", proxy::balancer(set, ClientIpKey::new()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {

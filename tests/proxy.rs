@@ -663,7 +663,7 @@ async fn a_client_too_slow_with_its_headers_is_cut_off() {
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        tower_lb::http::Server::new()
+        tower_lb::proxy::Server::new()
             .header_read_timeout(Duration::from_millis(200))
             .serve(listener, service, async {
                 let _ = stopped.await;
@@ -695,8 +695,8 @@ async fn a_client_too_slow_with_its_headers_is_cut_off() {
 
 #[tokio::test]
 async fn a_backend_that_does_not_accept_fails_by_connect_timeout() {
-    use tower_lb::http::{self as lbhttp, Client as LbClient, ClientIpKey};
     use tower_lb::policy::RoundRobin;
+    use tower_lb::proxy::{self, Client as LbClient, ClientIpKey};
     // A listener that never accepts, its queue full: further connects get no answer.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -715,7 +715,7 @@ async fn a_backend_that_does_not_accept_fails_by_connect_timeout() {
 
     let timeout = Duration::from_millis(300);
     let client = LbClient::new().connect_timeout(timeout);
-    let set = lbhttp::backends(
+    let set = proxy::backends(
         RoundRobin::new(),
         &client,
         [deaf_addr.to_string().parse().unwrap()],
@@ -723,9 +723,9 @@ async fn a_backend_that_does_not_accept_fails_by_connect_timeout() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(lbhttp::serve(
+    let server = tokio::spawn(proxy::serve(
         listener,
-        lbhttp::balancer(set, ClientIpKey::new()),
+        proxy::balancer(set, ClientIpKey::new()),
         async {
             let _ = stopped.await;
         },
@@ -750,7 +750,7 @@ async fn a_backend_that_does_not_accept_fails_by_connect_timeout() {
 /// it and those clients try again only after a second.
 #[tokio::test]
 async fn a_burst_of_connections_is_queued_not_dropped() {
-    let listener = tower_lb::http::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = tower_lb::proxy::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let connects = (0..300).map(|_| tokio::net::TcpStream::connect(addr));
     let streams = tokio::time::timeout(

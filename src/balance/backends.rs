@@ -479,7 +479,7 @@ impl<K: fmt::Debug, S, P> fmt::Debug for Update<'_, K, S, P> {
 /// The balancer creates one per request at the pick and hands it to its
 /// [`TrackCompletion`](tower::load::completion::TrackCompletion), which decides how long
 /// the request lasts: until the response for `CompleteOnResponse`, until the end of the
-/// response body for [`http::TrackBody`](crate::http::TrackBody).
+/// response body for [`proxy::TrackBody`](crate::proxy::TrackBody).
 pub struct InFlight {
     load: Arc<Load>,
 }

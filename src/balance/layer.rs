@@ -9,8 +9,8 @@ use crate::policy::Policy;
 
 /// Aims a transport at one backend: the per-backend service of a [`BalanceLayer`].
 ///
-/// For HTTP, [`http::Client`](crate::http::Client) makes a
-/// [`http::Backend`](crate::http::Backend) that rewrites each request's URI to the
+/// For HTTP, [`proxy::Client`](crate::proxy::Client) makes a
+/// [`proxy::Backend`](crate::proxy::Backend) that rewrites each request's URI to the
 /// backend's address. Closures `Fn(&K) -> S` implement it too.
 pub trait MakeBackend<K> {
     /// The service for one backend.

@@ -38,7 +38,7 @@ use crate::BoxError;
 ///   the connection: a refused connect is retried elsewhere.)
 /// - The request counts as in flight on its backend from the pick until the
 ///   [`TrackCompletion`] `C` drops the [`InFlight`] guard: by default when the response
-///   arrives; with [`TrackBody`](crate::http::TrackBody), when the response body ends.
+///   arrives; with [`TrackBody`](crate::proxy::TrackBody), when the response body ends.
 ///   Dropping the future (cancellation) and errors end it too.
 pub struct Balance<K, S, P: Policy, E = NoKey, C = CompleteOnResponse> {
     backends: Backends<K, S, P>,

@@ -34,8 +34,8 @@ use http::uri::{Authority, PathAndQuery};
 use serde::Deserialize;
 
 use crate::health::Settings;
-use crate::http::TrustedProxy;
 use crate::policy::Algorithm;
+use crate::proxy::TrustedProxy;
 
 mod watch;
 pub use self::watch::watch;
@@ -46,7 +46,7 @@ pub struct Config {
     /// Address the proxy listens on.
     pub listen: SocketAddr,
     /// The backends, in file order.
-    pub servers: Vec<Server>,
+    pub servers: Vec<ServerConfig>,
     /// The policy's name, one of [`Algorithm::NAMES`].
     pub algorithm: String,
     /// Path probed with `GET` on every backend.
@@ -65,14 +65,14 @@ pub struct Config {
 
 /// One backend of the configuration, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Server {
+pub struct ServerConfig {
     host: String,
     port: u16,
     weight: u32,
     authority: Authority,
 }
 
-impl Server {
+impl ServerConfig {
     /// Host name or IP address.
     pub fn host(&self) -> &str {
         &self.host
@@ -252,7 +252,7 @@ impl Config {
                     ))
                 }
             };
-            let server = Server {
+            let server = ServerConfig {
                 host,
                 port,
                 weight,
@@ -305,7 +305,7 @@ impl Config {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                p.parse().map_err(|e: crate::http::InvalidTrustedProxy| {
+                p.parse().map_err(|e: crate::proxy::InvalidTrustedProxy| {
                     ConfigError::field(format!("trusted_proxies[{i}]"), e.to_string())
                 })
             })
@@ -327,7 +327,7 @@ impl Config {
     /// What changed from `self` (running) to `next`.
     pub fn diff(&self, next: &Config) -> Diff {
         // Servers of `a` whose address `b` does not list.
-        let only_in = |a: &[Server], b: &[Server]| -> Vec<Server> {
+        let only_in = |a: &[ServerConfig], b: &[ServerConfig]| -> Vec<ServerConfig> {
             a.iter()
                 .filter(|s| !b.iter().any(|o| o.authority == s.authority))
                 .cloned()
@@ -369,11 +369,11 @@ impl Config {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Diff {
     /// Servers to add.
-    pub added: Vec<Server>,
+    pub added: Vec<ServerConfig>,
     /// Servers to remove (they drain).
-    pub removed: Vec<Server>,
+    pub removed: Vec<ServerConfig>,
     /// Servers that stay with a new weight.
-    pub reweighted: Vec<Server>,
+    pub reweighted: Vec<ServerConfig>,
     /// The new algorithm, if it changed.
     pub algorithm: Option<String>,
     /// Health-check settings or URL changed.

@@ -45,7 +45,7 @@ impl Probe<Authority> for HttpProbe {
         let target = target.clone();
         let path = PathAndQuery::clone(&self.path.load());
         Box::pin(async move {
-            let stream = TcpStream::connect(crate::http::socket_target(&target)).await?;
+            let stream = TcpStream::connect(crate::proxy::socket_target(&target)).await?;
             stream.set_nodelay(true)?;
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

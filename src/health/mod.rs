@@ -61,6 +61,7 @@ use crate::{Backends, BoxError};
 #[cfg(feature = "http")]
 mod http;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use self::http::HttpProbe;
 
 /// Checks one target once. Closures `Fn(&K) -> impl Future<Output = Result<(), BoxError>>`

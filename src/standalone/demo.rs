@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::http::Server;
+use crate::proxy::Server;
 
 /// A demo backend: answers `GET {health path}` with `200 ok` and any other request with
 /// `200` and its own address as the body, so that `curl` through the proxy shows the policy
@@ -28,7 +28,7 @@ impl DemoBackend {
     pub async fn spawn(address: Authority, health_path: PathAndQuery) -> io::Result<DemoBackend> {
         // The proxy may open many connections to it at once: the same backlog as its own
         // listener.
-        let addr = tokio::net::lookup_host(crate::http::socket_target(&address))
+        let addr = tokio::net::lookup_host(crate::proxy::socket_target(&address))
             .await?
             .next()
             .ok_or_else(|| {
@@ -37,7 +37,7 @@ impl DemoBackend {
                     format!("{address} resolves to no address"),
                 )
             })?;
-        let listener = crate::http::bind(addr)?;
+        let listener = crate::proxy::bind(addr)?;
         let local_addr = listener.local_addr()?;
         let body = Bytes::from(address.to_string());
         let service = tower::service_fn(move |request: Request<Incoming>| {

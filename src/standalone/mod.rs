@@ -17,10 +17,10 @@ use tokio::task::JoinHandle;
 
 use crate::balance::MakeBackend;
 use crate::balance::Update;
-use crate::config::{Config, Diff, Server};
+use crate::config::{Config, Diff, ServerConfig};
 use crate::health::{self, HealthCheck, HttpProbe};
-use crate::http::{self as lbhttp, Backend, Client, ClientIpKey, HttpBackends};
 use crate::policy::Algorithm;
+use crate::proxy::{self, Backend, Client, ClientIpKey, HttpBackends};
 use crate::Backends;
 
 mod demo;
@@ -61,7 +61,7 @@ impl Proxy {
                 start_demo(&mut demos, server.authority(), &config).await;
             }
         }
-        let listener = lbhttp::bind(config.listen)?;
+        let listener = proxy::bind(config.listen)?;
         let local_addr = listener.local_addr()?;
 
         let client = client(&config);
@@ -81,10 +81,10 @@ impl Proxy {
         let checks = tokio::spawn(checks.drive(backends.clone()));
 
         let key = ClientIpKey::trusting(config.trusted_proxies.iter().copied());
-        let service = lbhttp::balancer(backends.clone(), key);
+        let service = proxy::balancer(backends.clone(), key);
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            lbhttp::serve(listener, service, async {
+            proxy::serve(listener, service, async {
                 let _ = stopped.await;
             })
             .await
@@ -229,7 +229,7 @@ impl Proxy {
 fn add_server(
     set: &mut Update<'_, Authority, Backend, Algorithm>,
     client: &Client,
-    server: &Server,
+    server: &ServerConfig,
 ) {
     let key = server.authority();
     set.insert_with(

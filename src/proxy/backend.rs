@@ -30,7 +30,7 @@ use crate::BoxError;
 /// ```
 /// use std::time::Duration;
 /// use tower_lb::balance::MakeBackend;
-/// use tower_lb::http::Client;
+/// use tower_lb::proxy::Client;
 ///
 /// let client: Client = Client::new()
 ///     .connect_timeout(Duration::from_secs(2))

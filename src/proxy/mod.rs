@@ -18,17 +18,17 @@
 //! # Examples
 //!
 //! ```no_run
-//! use tower_lb::http::{self, Client};
+//! use tower_lb::proxy::{self, Client};
 //! use tower_lb::policy::RoundRobin;
 //!
 //! # #[tokio::main] async fn main() -> std::io::Result<()> {
-//! let backends = http::backends(RoundRobin::new(), &Client::new(), [
+//! let backends = proxy::backends(RoundRobin::new(), &Client::new(), [
 //!     "127.0.0.1:9001".parse().unwrap(),
 //!     "127.0.0.1:9002".parse().unwrap(),
 //! ]);
-//! let service = http::balancer(backends.clone(), http::ClientIpKey::new());
-//! let listener = http::bind("127.0.0.1:8080".parse().unwrap())?;
-//! http::serve(listener, service, std::future::pending()).await
+//! let service = proxy::balancer(backends.clone(), proxy::ClientIpKey::new());
+//! let listener = proxy::bind("127.0.0.1:8080".parse().unwrap())?;
+//! proxy::serve(listener, service, std::future::pending()).await
 //! # }
 //! ```
 
@@ -42,10 +42,16 @@ mod respond;
 mod server;
 mod upstream;
 
+/// The futures the services of this module return.
+pub mod future {
+    pub use super::backend::ResponseFuture as BackendFuture;
+    pub use super::respond::ResponseFuture as ErrorResponsesFuture;
+}
+
 use http::uri::Authority;
 use hyper::body::Incoming;
 
-pub use self::backend::{Backend, Client, ResponseFuture};
+pub use self::backend::{Backend, Client};
 pub use self::body::{TrackBody, TrackedBody};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
@@ -65,7 +71,7 @@ use crate::{Backends, Balance};
 ///
 /// ```
 /// let a: http::uri::Authority = "[::1]:9001".parse().unwrap();
-/// assert_eq!(tower_lb::http::socket_target(&a), ("::1", 9001));
+/// assert_eq!(tower_lb::proxy::socket_target(&a), ("::1", 9001));
 /// ```
 pub fn socket_target(authority: &Authority) -> (&str, u16) {
     let host = authority.host();

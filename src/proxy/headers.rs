@@ -96,7 +96,7 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 /// headers.insert("x-secret", "1".parse().unwrap());
 /// headers.insert("keep-alive", "timeout=5".parse().unwrap());
 /// headers.insert("accept", "*/*".parse().unwrap());
-/// tower_lb::http::remove_hop_by_hop(&mut headers);
+/// tower_lb::proxy::remove_hop_by_hop(&mut headers);
 /// assert_eq!(headers.len(), 1);
 /// assert!(headers.contains_key("accept"));
 /// ```
