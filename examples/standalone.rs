@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example standalone [-- CONFIG]     # CONFIG defaults to ./config.json
 //! curl http://127.0.0.1:8080                                # the backends take turns
+//! cargo run --release --example standalone -- --check [CONFIG]   # validate and exit
 //! ```
 //!
 //! Edit the configuration while it runs: servers, weights, algorithm and health-check
@@ -28,8 +29,32 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args_os().skip(1)) {
+        Ok(args) => args,
+        Err(usage) => {
+            eprintln!("{usage}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check {
+        // Like `nginx -t`: one line on stdout, nothing started.
+        println!(
+            "{}: configuration is valid ({} servers, {})",
+            args.config.display(),
+            config.servers.len(),
+            config.algorithm
+        );
+        return ExitCode::SUCCESS;
+    }
     match runtime() {
-        Ok(runtime) => runtime.block_on(run()),
+        Ok(runtime) => runtime.block_on(run(args.config, config)),
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");
             ExitCode::FAILURE
@@ -72,7 +97,37 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// waking each other.
 const EVENT_INTERVAL: u32 = 1024;
 
-async fn run() -> ExitCode {
+/// The command line: `[--check] [CONFIG]`.
+struct Args {
+    check: bool,
+    config: PathBuf,
+}
+
+impl Args {
+    fn parse(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Args, String> {
+        const USAGE: &str =
+            "usage: standalone [--check] [CONFIG]   (CONFIG defaults to config.json)";
+        let mut check = false;
+        let mut config = None;
+        for arg in args {
+            if arg == "--check" || arg == "-t" {
+                check = true;
+            } else if arg == "--help" || arg == "-h" {
+                return Err(USAGE.to_owned());
+            } else if arg.to_string_lossy().starts_with('-') || config.is_some() {
+                return Err(format!("unexpected argument {arg:?}\n{USAGE}"));
+            } else {
+                config = Some(PathBuf::from(arg));
+            }
+        }
+        Ok(Args {
+            check,
+            config: config.unwrap_or_else(|| PathBuf::from("config.json")),
+        })
+    }
+}
+
+async fn run(path: PathBuf, config: Config) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -81,17 +136,6 @@ async fn run() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let path = std::env::args_os()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("config.json"));
-    let config = match Config::load(&path) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
     let listen = config.listen;
     let mut proxy = match Proxy::start(config).await {
         Ok(proxy) => proxy,
