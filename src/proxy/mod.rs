@@ -34,6 +34,7 @@
 
 mod backend;
 mod body;
+mod builder;
 mod client_ip;
 pub mod error;
 mod framing;
@@ -49,10 +50,10 @@ pub mod future {
 }
 
 use http::uri::Authority;
-use hyper::body::Incoming;
 
 pub use self::backend::{Backend, Client};
 pub use self::body::{TrackBody, TrackedBody};
+pub use self::builder::{BuildError, Builder};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
@@ -83,19 +84,21 @@ pub fn socket_target(authority: &Authority) -> (&str, u16) {
 }
 
 /// The backend set of an HTTP balancer: backends by address.
-pub type HttpBackends<P, B = Incoming> = Backends<Authority, Backend<B>, P>;
+pub type HttpBackends<P> = Backends<Authority, Backend, P>;
 
-/// A complete HTTP balancer: errors answered, hashing by client IP, requests in flight
-/// until their response body ends.
-pub type HttpBalance<P, B = Incoming> =
-    ErrorResponses<Balance<Authority, Backend<B>, P, ClientIpKey, TrackBody>>;
+/// A complete HTTP balancer: errors answered, hashing by `E` (the client IP by default),
+/// requests in flight until their response body ends. It serves requests with any body
+/// type a [`Backend`] takes.
+pub type HttpBalance<P, E = ClientIpKey> =
+    ErrorResponses<Balance<Authority, Backend, P, E, TrackBody>>;
 
-/// A set of HTTP backends at `addresses`, with weight 1 each, all healthy.
-pub fn backends<P: Policy, B>(
+/// A set of HTTP backends at `addresses`, with weight 1 each, all healthy: no health
+/// checks. [`Builder`] makes a health-checked one.
+pub fn backends<P: Policy>(
     policy: P,
-    client: &Client<B>,
+    client: &Client,
     addresses: impl IntoIterator<Item = Authority>,
-) -> HttpBackends<P, B> {
+) -> HttpBackends<P> {
     let set = Backends::new(policy);
     set.update(|u| {
         for address in addresses {
@@ -107,7 +110,7 @@ pub fn backends<P: Policy, B>(
 }
 
 /// The HTTP balancer over `backends`: see [`HttpBalance`].
-pub fn balancer<P: Policy, B>(backends: HttpBackends<P, B>, key: ClientIpKey) -> HttpBalance<P, B> {
+pub fn balancer<P: Policy, E>(backends: HttpBackends<P>, key: E) -> HttpBalance<P, E> {
     ErrorResponses::new(
         Balance::new(backends)
             .with_key(key)
