@@ -1,10 +1,13 @@
 //! Active health checks as a [`Stream`] of health transitions.
 //!
 //! A [`HealthCheck`] probes every target on a schedule and yields a [`Transition`] each
-//! time a target's state flips; [`HealthCheck::drive`] feeds those into a
-//! [`Backends`] set, which takes unhealthy backends out of rotation without removing them.
-//! Targets are added and removed through a [`Handle`] (on discovery or reload); one stream
-//! serves them all, so a reload never multiplies probes.
+//! time a target's state flips. Attached to a [`Backends`] set
+//! ([`HealthCheck::attach`], what [`proxy::Builder`] does), its targets are the set's
+//! backends, following every insertion, removal and discovery, and the set takes unhealthy
+//! backends out of rotation without removing them: see [`Attached`]. Unattached, targets
+//! are added and removed through a [`Handle`], and [`HealthCheck::drive`] feeds the
+//! transitions into a set. Either way one stream serves every target, so a reload never
+//! multiplies probes.
 //!
 //! The rules (those of `config.json`, as in Envoy):
 //!
@@ -40,6 +43,8 @@
 //! ```
 //!
 //! [`Backends`]: crate::Backends
+#![cfg_attr(feature = "http", doc = "[`proxy::Builder`]: crate::proxy::Builder")]
+#![cfg_attr(not(feature = "http"), doc = "[`proxy::Builder`]: crate::Backends")]
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -270,6 +275,7 @@ where
             changed: Box::pin(changed(published)),
             known: HashMap::new(),
             epoch: 0,
+            done: false,
         };
         attached.follow(backends);
         attached
@@ -543,6 +549,8 @@ pub struct Attached<K, S, Pol: Policy, P> {
     /// insertion of a key), and the last look that saw it.
     known: HashMap<K, Known>,
     epoch: u64,
+    /// The set is gone: the stream has ended.
+    done: bool,
 }
 
 struct Known {
@@ -641,10 +649,14 @@ where
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Transition<K>>> {
         let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
         // Changes of the set first, so that no transition applies to a backend that has
         // been replaced meanwhile.
         while let Poll::Ready(published) = this.changed.as_mut().poll(cx) {
             let (Some(published), Some(set)) = (published, this.set.upgrade()) else {
+                this.done = true;
                 return Poll::Ready(None);
             };
             this.changed = Box::pin(changed(published));
@@ -653,6 +665,7 @@ where
         match this.check.poll_next_unpin(cx) {
             Poll::Ready(Some(t)) => {
                 let Some(set) = this.set.upgrade() else {
+                    this.done = true;
                     return Poll::Ready(None);
                 };
                 set.set_healthy(&t.target, t.healthy);

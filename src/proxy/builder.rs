@@ -57,31 +57,34 @@ use crate::Backends;
 /// # #[cfg(not(feature = "axum"))] fn main() {}
 /// ```
 ///
-/// As a service of `tower::ServiceBuilder`, with layers stacked on it:
+/// As the service of a `tower::ServiceBuilder`, under a layer, served by [`serve`]:
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_lb::BoxError> {
 /// use std::time::Duration;
 /// use tower::ServiceBuilder;
-/// use tower_lb::proxy::{self, ClientAddr};
+/// use tower_lb::proxy;
+///
+/// fn served_by<B>(mut response: http::Response<B>) -> http::Response<B> {
+///     let value = http::HeaderValue::from_static("tower-lb");
+///     response.headers_mut().insert("x-served-by", value);
+///     response
+/// }
 ///
 /// let api = proxy::Builder::new()
 ///     .health_check("/ready")
 ///     .health_interval(Duration::from_secs(5))
 ///     .connect_timeout(Duration::from_millis(500))
 ///     .build(["127.0.0.1:9001".parse()?])?;
-/// let peer: std::net::SocketAddr = "192.0.2.7:50000".parse()?;
-/// let service = ServiceBuilder::new()
-///     .concurrency_limit(1024)
-///     // What `proxy::serve` does: the connection's peer, for X-Forwarded-For and hashing.
-///     .map_request(move |mut request: http::Request<hyper::body::Incoming>| {
-///         request.extensions_mut().insert(ClientAddr(peer));
-///         request
-///     })
-///     .service(api);
-/// # let _ = service;
+/// let service = ServiceBuilder::new().map_response(served_by).service(api);
+/// let listener = proxy::bind("127.0.0.1:0".parse()?)?;
+/// proxy::serve(listener, service, async {}).await?; // shuts down at once
 /// # Ok(()) }
 /// ```
+///
+/// A plain hyper server is `examples/hyper.rs`.
+///
+/// [`serve`]: super::serve
 #[derive(Clone)]
 pub struct Builder<P = RoundRobin, E = ClientIpKey> {
     policy: P,
