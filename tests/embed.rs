@@ -260,6 +260,30 @@ async fn a_backend_joining_a_checked_set_takes_traffic_after_its_first_pass() {
     server.abort();
 }
 
+/// The checks the builder spawned end with the balancer: no more probes.
+#[tokio::test]
+async fn dropping_the_balancer_stops_its_checks() {
+    let (clock, watched) = (
+        Counted::start(StatusCode::OK).await,
+        Counted::start(StatusCode::OK).await,
+    );
+    let clock_set = quick(proxy::Builder::new())
+        .build_backends([clock.key()])
+        .unwrap();
+    let api = quick(proxy::Builder::new()).build([watched.key()]).unwrap();
+    watched.probed(2).await;
+    drop(api);
+    // `clock`'s checks go on: 4 more of its probes are 4 intervals.
+    let (at_drop, t) = (watched.probes(), clock.probes());
+    clock.probed(t + 4).await;
+    assert!(
+        watched.probes() <= at_drop + 1,
+        "{} {at_drop}",
+        watched.probes()
+    );
+    drop(clock_set);
+}
+
 /// Backends found by discovery are checked before they take traffic, like any other.
 #[tokio::test]
 async fn discovered_backends_are_checked() {
