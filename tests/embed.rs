@@ -123,10 +123,15 @@ async fn wait_healthy<P: tower_lb::policy::Policy>(
     within(set.wait_until(|s| s.iter().any(|(k, e)| k == key && e.is_healthy() == healthy))).await;
 }
 
-/// Sends `n` requests to `/api/` on `addr`; all must be answered by `up`.
+/// Sends `n` requests for `path` to `addr`, each from another client IP (127.0.0.2, …,
+/// so that hashing spreads them too); all must be answered by `up`.
 async fn all_on(addr: SocketAddr, path: &str, n: usize, up: &Counted) {
-    for _ in 0..n {
-        let (status, who) = get(addr, path).await;
+    for i in 0..n {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, 2 + i as u8).into();
+        let (status, who) = support::Client::connect_from(addr, ip)
+            .await
+            .get(path)
+            .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(who, up.authority());
     }
