@@ -15,36 +15,28 @@ use std::net::SocketAddr;
 
 use axum::routing::get;
 use axum::Router;
-use tower_lb::health::{HealthCheck, HttpProbe, Settings};
 use tower_lb::policy::Hashing;
-use tower_lb::proxy::{self, Client, ClientIpKey};
+use tower_lb::proxy;
 use tower_lb::standalone::DemoBackend;
 
 #[tokio::main]
 async fn main() -> Result<(), tower_lb::BoxError> {
-    let addresses: Vec<proxy::uri::Authority> =
-        vec!["127.0.0.1:9201".parse()?, "127.0.0.1:9202".parse()?];
+    let addrs: [proxy::uri::Authority; 2] = ["127.0.0.1:9201".parse()?, "127.0.0.1:9202".parse()?];
     let mut demos = Vec::new();
-    for address in &addresses {
+    for address in &addrs {
         demos.push(DemoBackend::spawn(address.clone(), "/health".parse()?).await?);
     }
-
-    // The balancer: a tower Service, cheap to clone, shared by every connection.
-    let backends =
-        proxy::backends::<_, axum::body::Body>(Hashing::new(), &Client::new(), addresses.clone());
-    let (checks, health) =
-        HealthCheck::new(HttpProbe::new("/health".parse()?), Settings::default());
-    addresses.into_iter().for_each(|a| health.insert(a));
-    tokio::spawn(checks.drive(backends.clone()));
-    let balancer = proxy::balancer(backends, ClientIpKey::new());
-
-    let app = Router::new()
-        .route("/", get(|| async { "the app's own route\n" }))
-        .nest_service("/api", balancer);
-
     // The app now fronts the backends' clients: a listen backlog that takes a burst.
     let listener = proxy::bind("127.0.0.1:3000".parse()?)?;
     println!("listening on http://{}", listener.local_addr()?);
+
+    // The balancer: a tower Service, cheap to clone, shared by every connection. Its
+    // health checks (GET /health every 10 s) run on this runtime; a backend takes requests
+    // once its first probe has passed.
+    let api = proxy::Builder::new().policy(Hashing::new()).build(addrs)?;
+    let app = Router::new()
+        .route("/", get(|| async { "the app's own route\n" }))
+        .nest_service("/api", api);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

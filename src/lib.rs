@@ -8,8 +8,11 @@
 #![cfg_attr(
     feature = "http",
     doc = "- [`proxy`] forwards HTTP requests to backends with hyper, with hop-by-hop header \
-           removal, `X-Forwarded-For`, client-IP keys and error responses.\n\
-           - [`health`] probes backends and feeds their health into the set."
+           removal, `X-Forwarded-For`, client-IP keys and error responses; \
+           [`proxy::Builder`] makes a health-checked balancer for an axum or hyper app in \
+           one line.\n\
+           - [`health`] probes backends; attached to a set, the checks follow its backends \
+           and decide which take traffic."
 )]
 #![cfg_attr(
     feature = "config",

@@ -23,7 +23,7 @@ async fn mounted_under_a_prefix_with_client_ip_hashing() {
         .iter()
         .map(|b| b.authority().parse().unwrap())
         .collect();
-    let set = proxy::backends::<_, axum::body::Body>(Hashing::new(), &LbClient::new(), addresses);
+    let set = proxy::backends(Hashing::new(), &LbClient::new(), addresses);
     let app = Router::new()
         .route("/", route_get(|| async { "app" }))
         .nest_service("/api", proxy::balancer(set, ClientIpKey::new()));

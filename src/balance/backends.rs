@@ -2,7 +2,7 @@ use std::fmt;
 use std::future::poll_fn;
 use std::hash::Hash;
 use std::pin::pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use arc_swap::ArcSwap;
 use tower::discover::{Change, Discover};
@@ -331,6 +331,19 @@ where
         }
     }
 
+    /// A receiver that sees every snapshot published from now on, for followers of the
+    /// set such as attached health checks. It closes when the set is dropped.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.published.subscribe()
+    }
+
+    /// A handle that does not keep the set alive.
+    pub(crate) fn downgrade(&self) -> WeakBackends<K, S, P> {
+        WeakBackends {
+            shared: Arc::downgrade(&self.shared),
+        }
+    }
+
     /// Inserts a backend (see [`Update::insert`]).
     pub fn insert(&self, key: K, service: S) {
         self.update(|u| u.insert(key, service))
@@ -447,6 +460,18 @@ where
             }
         }
         Ok(())
+    }
+}
+
+/// A [`Backends`] handle that does not keep the set alive.
+pub(crate) struct WeakBackends<K, S, P: Policy> {
+    shared: Weak<Shared<K, S, P>>,
+}
+
+impl<K, S, P: Policy> WeakBackends<K, S, P> {
+    /// The set, unless every [`Backends`] handle has been dropped.
+    pub(crate) fn upgrade(&self) -> Option<Backends<K, S, P>> {
+        self.shared.upgrade().map(|shared| Backends { shared })
     }
 }
 

@@ -54,6 +54,7 @@ mod key;
 mod layer;
 mod service;
 
+pub(crate) use self::backends::WeakBackends;
 pub use self::backends::{Backends, InFlight, Snapshot, Update};
 pub use self::key::{NoKey, RequestKey};
 pub use self::layer::{BalanceLayer, MakeBackend};

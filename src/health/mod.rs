@@ -1,10 +1,13 @@
 //! Active health checks as a [`Stream`] of health transitions.
 //!
 //! A [`HealthCheck`] probes every target on a schedule and yields a [`Transition`] each
-//! time a target's state flips; [`HealthCheck::drive`] feeds those into a
-//! [`Backends`] set, which takes unhealthy backends out of rotation without removing them.
-//! Targets are added and removed through a [`Handle`] (on discovery or reload); one stream
-//! serves them all, so a reload never multiplies probes.
+//! time a target's state flips. Attached to a [`Backends`] set
+//! ([`HealthCheck::attach`], what [`proxy::Builder`] does), its targets are the set's
+//! backends, following every insertion, removal and discovery, and the set takes unhealthy
+//! backends out of rotation without removing them: see [`Attached`]. Unattached, targets
+//! are added and removed through a [`Handle`], and [`HealthCheck::drive`] feeds the
+//! transitions into a set. Either way one stream serves every target, so a reload never
+//! multiplies probes.
 //!
 //! The rules (those of `config.json`, as in Envoy):
 //!
@@ -40,6 +43,8 @@
 //! ```
 //!
 //! [`Backends`]: crate::Backends
+#![cfg_attr(feature = "http", doc = "[`proxy::Builder`]: crate::proxy::Builder")]
+#![cfg_attr(not(feature = "http"), doc = "[`proxy::Builder`]: crate::Backends")]
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -47,15 +52,17 @@ use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 
-use crate::policy::{stable_hash, Policy};
+use crate::balance::WeakBackends;
+use crate::policy::{stable_hash, Load, Policy};
 use crate::{Backends, BoxError};
 
 #[cfg(feature = "http")]
@@ -194,6 +201,8 @@ pub struct HealthCheck<K, P> {
     commands_closed: bool,
     timer: Pin<Box<Sleep>>,
     ready: VecDeque<Transition<K>>,
+    /// Attached to a set: the stream ends with the set, not when it runs out of targets.
+    attached: bool,
 }
 
 impl<K, P> HealthCheck<K, P>
@@ -216,6 +225,7 @@ where
             commands_closed: false,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             ready: VecDeque::new(),
+            attached: false,
         };
         (check, Handle { tx })
     }
@@ -229,16 +239,46 @@ where
     {
         while let Some(t) = self.next().await {
             backends.set_healthy(&t.target, t.healthy);
-            if t.healthy {
-                tracing::info!(backend = %t.target, "backend is healthy");
-            } else {
-                let error = self
-                    .targets
-                    .get(&t.target)
-                    .and_then(|t| t.failure.as_deref());
-                tracing::warn!(backend = %t.target, error = error.unwrap_or("?"), "backend is unhealthy");
-            }
+            self.log(&t);
         }
+    }
+
+    /// Logs a transition that has taken effect.
+    fn log(&self, t: &Transition<K>) {
+        if t.healthy {
+            tracing::info!(backend = %t.target, "backend is healthy");
+        } else {
+            let error = self
+                .targets
+                .get(&t.target)
+                .and_then(|t| t.failure.as_deref());
+            tracing::warn!(backend = %t.target, error = error.unwrap_or("?"), "backend is unhealthy");
+        }
+    }
+
+    /// Attaches the checks to `backends`: see [`Attached`].
+    ///
+    /// Targets added through a [`Handle`] are checked as well, but need not be: the checks
+    /// follow the set. The handle still changes the settings.
+    pub fn attach<S, Pol>(mut self, backends: &Backends<K, S, Pol>) -> Attached<K, S, Pol, P>
+    where
+        S: Clone,
+        Pol: Policy,
+    {
+        self.attached = true;
+        backends.healthy_on_insert(false);
+        // Subscribed before the first look, so that no change is missed.
+        let published = backends.subscribe();
+        let mut attached = Attached {
+            check: self,
+            set: backends.downgrade(),
+            changed: Box::pin(changed(published)),
+            known: HashMap::new(),
+            epoch: 0,
+            done: false,
+        };
+        attached.follow(backends);
+        attached
     }
 
     /// Whether `target` is healthy, as far as this stream knows.
@@ -255,6 +295,13 @@ where
             self.by_generation.insert(generation, target.clone());
             self.schedule.push(Reverse((at, generation)));
         }
+    }
+
+    /// Checks `key` afresh: a new backend under a known key (removed and added again).
+    fn restart(&mut self, key: &K) {
+        self.command(Command::Remove(key.clone()));
+        self.ready.retain(|t| &t.target != key);
+        self.command(Command::Insert(key.clone()));
     }
 
     fn command(&mut self, command: Command<K>) {
@@ -410,7 +457,7 @@ where
                     Poll::Pending => break,
                 }
             }
-            if this.commands_closed && this.targets.is_empty() {
+            if this.commands_closed && this.targets.is_empty() && !this.attached {
                 return Poll::Ready(None);
             }
             this.start_due();
@@ -444,6 +491,196 @@ impl<K: fmt::Debug, P> fmt::Debug for HealthCheck<K, P> {
         f.debug_struct("HealthCheck")
             .field("settings", &self.settings)
             .field("targets", &self.targets.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Health checks attached to a [`Backends`] set ([`HealthCheck::attach`]): the set and its
+/// checks are one thing.
+///
+/// - The checked targets follow the set: a backend inserted by [`Backends::update`],
+///   [`Backends::insert`] or [`Backends::discover`] is probed at once, a removed one is no
+///   longer probed, with no second registration. It watches the snapshots the set
+///   publishes and compares their keys with the targets.
+/// - A backend takes traffic only after its first probe passes: the set inserts backends
+///   unhealthy ([`Backends::healthy_on_insert`]`(false)`), and backends that were in the
+///   set before are taken out of rotation until they pass.
+/// - Health belongs to the checks: a state set by hand ([`Backends::set_healthy`],
+///   [`Update::insert_with`](crate::balance::Update::insert_with)) is put back to what the
+///   checks know at the next change of the set. To take a backend out, remove it (its
+///   requests in flight finish).
+/// - A key removed and inserted again is a new backend: checked afresh.
+///
+/// As a [`Stream`], it applies every [`Transition`] to the set and then yields it, for
+/// whoever wants to watch (metrics, logs). It ends when the set is dropped (every clone
+/// of it, and so every balancer over it), which stops the probes. [`drive`](Self::drive)
+/// polls it to the end and logs the transitions: spawn that.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_lb::health::{HealthCheck, Settings};
+/// use tower_lb::{policy::RoundRobin, Backends};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// // Up: "a"; down: everything else.
+/// let probe = |target: &&'static str| {
+///     let up = *target == "a";
+///     async move { if up { Ok(()) } else { Err("down".into()) } }
+/// };
+/// let backends = Backends::new(RoundRobin::new());
+/// let (checks, _settings) = HealthCheck::new(probe, Settings::default());
+/// tokio::spawn(checks.attach(&backends).drive());
+///
+/// backends.insert("a", ());
+/// backends.insert("b", ()); // unhealthy until its first probe passes, which it never does
+/// backends.wait_until(|s| s.iter().any(|(_, e)| e.is_healthy())).await;
+/// assert_eq!(backends.is_healthy(&"a"), Some(true));
+/// assert_eq!(backends.is_healthy(&"b"), Some(false));
+/// # }
+/// ```
+pub struct Attached<K, S, Pol: Policy, P> {
+    check: HealthCheck<K, P>,
+    set: WeakBackends<K, S, Pol>,
+    /// Resolves on the next published snapshot, or to `None` once the set is gone.
+    changed: Pin<Box<dyn Future<Output = Option<watch::Receiver<u64>>> + Send>>,
+    /// The backends of the set as last seen: which incarnation (its counters, new for every
+    /// insertion of a key), and the last look that saw it.
+    known: HashMap<K, Known>,
+    epoch: u64,
+    /// The set is gone: the stream has ended.
+    done: bool,
+}
+
+struct Known {
+    load: Weak<Load>,
+    epoch: u64,
+}
+
+async fn changed(mut published: watch::Receiver<u64>) -> Option<watch::Receiver<u64>> {
+    published.changed().await.ok()?;
+    Some(published)
+}
+
+impl<K, S, Pol, P> Attached<K, S, Pol, P>
+where
+    K: Hash + Eq + Clone + fmt::Display + Send + Unpin + 'static,
+    S: Clone,
+    Pol: Policy,
+    P: Probe<K> + Unpin,
+{
+    /// Follows the set's current snapshot: new backends become targets, gone ones stop
+    /// being probed, and the set's health is brought in line with the checks.
+    fn follow(&mut self, set: &Backends<K, S, Pol>) {
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let snapshot = set.snapshot();
+        let mut fixes = Vec::new();
+        for (key, endpoint) in snapshot.iter() {
+            let load = endpoint.load();
+            match self.known.get_mut(key) {
+                Some(known) if std::ptr::eq(known.load.as_ptr(), Arc::as_ptr(load)) => {
+                    known.epoch = epoch;
+                }
+                Some(known) => {
+                    *known = Known {
+                        load: Arc::downgrade(load),
+                        epoch,
+                    };
+                    self.check.restart(key);
+                }
+                None => {
+                    self.known.insert(
+                        key.clone(),
+                        Known {
+                            load: Arc::downgrade(load),
+                            epoch,
+                        },
+                    );
+                    self.check.command(Command::Insert(key.clone()));
+                }
+            }
+            let healthy = self.check.is_healthy(key).unwrap_or(false);
+            if endpoint.is_healthy() != healthy {
+                fixes.push((key.clone(), healthy));
+            }
+        }
+        let check = &mut self.check;
+        self.known.retain(|key, known| {
+            let stays = known.epoch == epoch;
+            if !stays {
+                check.command(Command::Remove(key.clone()));
+            }
+            stays
+        });
+        if !fixes.is_empty() {
+            // Publishes once more; the next look finds nothing to do.
+            set.update(|u| {
+                for (key, healthy) in &fixes {
+                    u.set_healthy(key, *healthy);
+                }
+            });
+        }
+    }
+
+    /// Whether `target` is healthy, as far as the checks know.
+    pub fn is_healthy(&self, target: &K) -> Option<bool> {
+        self.check.is_healthy(target)
+    }
+
+    /// Applies the transitions until the set is dropped, and logs each once it has taken
+    /// effect. Spawn it.
+    pub async fn drive(mut self) {
+        while let Some(t) = self.next().await {
+            self.check.log(&t);
+        }
+    }
+}
+
+impl<K, S, Pol, P> Stream for Attached<K, S, Pol, P>
+where
+    K: Hash + Eq + Clone + fmt::Display + Send + Unpin + 'static,
+    S: Clone,
+    Pol: Policy,
+    P: Probe<K> + Unpin,
+{
+    type Item = Transition<K>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Transition<K>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        // Changes of the set first, so that no transition applies to a backend that has
+        // been replaced meanwhile.
+        while let Poll::Ready(published) = this.changed.as_mut().poll(cx) {
+            let (Some(published), Some(set)) = (published, this.set.upgrade()) else {
+                this.done = true;
+                return Poll::Ready(None);
+            };
+            this.changed = Box::pin(changed(published));
+            this.follow(&set);
+        }
+        match this.check.poll_next_unpin(cx) {
+            Poll::Ready(Some(t)) => {
+                let Some(set) = this.set.upgrade() else {
+                    this.done = true;
+                    return Poll::Ready(None);
+                };
+                set.set_healthy(&t.target, t.healthy);
+                Poll::Ready(Some(t))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<K: fmt::Debug, S, Pol: Policy, P> fmt::Debug for Attached<K, S, Pol, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attached")
+            .field("check", &self.check)
             .finish_non_exhaustive()
     }
 }

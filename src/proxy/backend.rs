@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -11,7 +10,6 @@ use std::time::Duration;
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response};
 use http_body::Body;
-use hyper::body::Incoming;
 use sync_wrapper::SyncWrapper;
 use tokio::net::TcpStream;
 use tower_service::Service;
@@ -39,22 +37,13 @@ use crate::BoxError;
 /// assert_eq!(backend.authority(), "127.0.0.1:9001");
 /// ```
 ///
-/// `B` is the type of request bodies sent (by default hyper's, from a server).
-pub struct Client<B = Incoming> {
+/// Its backends take requests with any body type (see [`Backend`]).
+#[derive(Clone)]
+pub struct Client {
     settings: Settings,
-    _body: PhantomData<fn(B)>,
 }
 
-impl<B> Clone for Client<B> {
-    fn clone(&self) -> Self {
-        Client {
-            settings: self.settings,
-            _body: PhantomData,
-        }
-    }
-}
-
-impl<B> fmt::Debug for Client<B> {
+impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
             .field("settings", &self.settings)
@@ -69,7 +58,7 @@ struct Settings {
     max_idle: usize,
 }
 
-impl<B> Default for Client<B> {
+impl Default for Client {
     fn default() -> Self {
         Client {
             settings: Settings {
@@ -77,12 +66,11 @@ impl<B> Default for Client<B> {
                 response_timeout: Duration::from_secs(30),
                 max_idle: 1024,
             },
-            _body: PhantomData,
         }
     }
 }
 
-impl<B> Client<B> {
+impl Client {
     /// A client with the contract's defaults: 2 s to connect, 30 s for response headers.
     pub fn new() -> Self {
         Self::default()
@@ -107,10 +95,10 @@ impl<B> Client<B> {
     }
 }
 
-impl<B> MakeBackend<Authority> for Client<B> {
-    type Service = Backend<B>;
+impl MakeBackend<Authority> for Client {
+    type Service = Backend;
 
-    fn make_backend(&self, authority: &Authority) -> Backend<B> {
+    fn make_backend(&self, authority: &Authority) -> Backend {
         Backend::new(authority.clone(), self.settings)
     }
 }
@@ -133,10 +121,15 @@ impl<B> MakeBackend<Authority> for Client<B> {
 ///   stream both ways, the request body still being sent while the response streams. The
 ///   connection goes back to the pool when the response has been read to its end with the
 ///   request sent in full and neither side asking to close; a body dropped early closes it.
-pub struct Backend<B = Incoming> {
+///
+/// It serves `Request<B>` for any body type `B` (hyper's `Incoming`, axum's `Body`, a
+/// `Full<Bytes>`, …) that is `Unpin`; the body is streamed as it is, with no boxing,
+/// and the response body [`UpstreamBody<B>`] carries it while it is still being sent. A
+/// body that is not `Unpin` can be sent pinned in a box
+/// (`http_body_util::combinators::BoxBody`).
+pub struct Backend {
     shared: Arc<Shared>,
     conn: State,
-    _body: PhantomData<fn(B)>,
 }
 
 struct Shared {
@@ -156,7 +149,7 @@ enum State {
     Ready(Conn),
 }
 
-impl<B> Backend<B> {
+impl Backend {
     fn new(authority: Authority, settings: Settings) -> Self {
         let host = HeaderValue::from_str(authority.as_str())
             .expect("an authority is a valid header value");
@@ -168,7 +161,6 @@ impl<B> Backend<B> {
                 settings,
             }),
             conn: State::None,
-            _body: PhantomData,
         }
     }
 
@@ -200,18 +192,17 @@ impl Shared {
     }
 }
 
-impl<B> Clone for Backend<B> {
+impl Clone for Backend {
     /// A clone shares the pool and starts without a reserved connection.
     fn clone(&self) -> Self {
         Backend {
             shared: self.shared.clone(),
             conn: State::None,
-            _body: PhantomData,
         }
     }
 }
 
-impl<B> Service<Request<B>> for Backend<B>
+impl<B> Service<Request<B>> for Backend
 where
     B: Body + Unpin + Send + 'static,
     B::Data: Send,
@@ -298,7 +289,7 @@ where
     })
 }
 
-impl<B> fmt::Debug for Backend<B> {
+impl fmt::Debug for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Backend")
             .field("authority", &self.shared.authority)

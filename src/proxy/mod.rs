@@ -1,11 +1,15 @@
-//! HTTP load balancing: the pieces of a reverse proxy.
+//! HTTP load balancing: the pieces of a reverse proxy, and [`Builder`], which puts them
+//! together.
 //!
+//! - [`Builder`] makes a complete, health-checked [`HttpBalance`] in one expression, for
+//!   an axum or hyper app or a `tower::ServiceBuilder` stack.
 //! - [`Client`] is the transport: HTTP/1.1 over pooled keep-alive connections, driven in
 //!   the task of the request that uses them (see [`Backend`]). As a
 //!   [`MakeBackend`] it makes one [`Backend`] service per
 //!   backend address, which rewrites requests for that backend (URI, hop-by-hop headers,
 //!   `X-Forwarded-For`) and connects in `poll_ready`, so that a refused connection is
-//!   retried on another backend by the balancer.
+//!   retried on another backend by the balancer. A backend takes requests with any body
+//!   type.
 //! - [`TrackBody`] keeps a request in flight until its response body ends.
 //! - [`ClientIpKey`] keys hashing by the client IP ([`ClientAddr`], or axum's
 //!   `ConnectInfo` with the `axum` feature), trusting `X-Forwarded-For` only from
@@ -13,27 +17,29 @@
 //! - [`ErrorResponses`] answers failures with `502`, `503` and `504`.
 //! - [`Server`] / [`serve`] serve HTTP/1.1 with safe defaults and graceful shutdown.
 //!
-//! [`HttpBalance`] and [`balancer`] put them together.
+//! [`backends`] and [`balancer`] are the steps of [`Builder::build`] without health checks;
+//! [`HealthCheck::attach`](crate::health::HealthCheck::attach) adds them.
 //!
 //! # Examples
 //!
-//! ```no_run
-//! use tower_lb::proxy::{self, Client};
-//! use tower_lb::policy::RoundRobin;
+//! A proxy in its own right: every backend health-checked (`GET /health` every 10 s,
+//! spawned on this runtime), hashing by client IP.
 //!
-//! # #[tokio::main] async fn main() -> std::io::Result<()> {
-//! let backends = proxy::backends(RoundRobin::new(), &Client::new(), [
-//!     "127.0.0.1:9001".parse().unwrap(),
-//!     "127.0.0.1:9002".parse().unwrap(),
-//! ]);
-//! let service = proxy::balancer(backends.clone(), proxy::ClientIpKey::new());
-//! let listener = proxy::bind("127.0.0.1:8080".parse().unwrap())?;
-//! proxy::serve(listener, service, std::future::pending()).await
-//! # }
+//! ```no_run
+//! use tower_lb::policy::Hashing;
+//! use tower_lb::proxy;
+//!
+//! # #[tokio::main] async fn main() -> Result<(), tower_lb::BoxError> {
+//! let addrs = ["127.0.0.1:9001".parse()?, "127.0.0.1:9002".parse()?];
+//! let service = proxy::Builder::new().policy(Hashing::new()).build(addrs)?;
+//! let listener = proxy::bind("127.0.0.1:8080".parse()?)?;
+//! proxy::serve(listener, service, std::future::pending()).await?;
+//! # Ok(()) }
 //! ```
 
 mod backend;
 mod body;
+mod builder;
 mod client_ip;
 pub mod error;
 mod framing;
@@ -49,10 +55,10 @@ pub mod future {
 }
 
 use http::uri::Authority;
-use hyper::body::Incoming;
 
 pub use self::backend::{Backend, Client};
 pub use self::body::{TrackBody, TrackedBody};
+pub use self::builder::{BuildError, Builder};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
@@ -83,19 +89,21 @@ pub fn socket_target(authority: &Authority) -> (&str, u16) {
 }
 
 /// The backend set of an HTTP balancer: backends by address.
-pub type HttpBackends<P, B = Incoming> = Backends<Authority, Backend<B>, P>;
+pub type HttpBackends<P> = Backends<Authority, Backend, P>;
 
-/// A complete HTTP balancer: errors answered, hashing by client IP, requests in flight
-/// until their response body ends.
-pub type HttpBalance<P, B = Incoming> =
-    ErrorResponses<Balance<Authority, Backend<B>, P, ClientIpKey, TrackBody>>;
+/// A complete HTTP balancer: errors answered, hashing by `E` (the client IP by default),
+/// requests in flight until their response body ends. It serves requests with any body
+/// type a [`Backend`] takes.
+pub type HttpBalance<P, E = ClientIpKey> =
+    ErrorResponses<Balance<Authority, Backend, P, E, TrackBody>>;
 
-/// A set of HTTP backends at `addresses`, with weight 1 each, all healthy.
-pub fn backends<P: Policy, B>(
+/// A set of HTTP backends at `addresses`, with weight 1 each, all healthy: no health
+/// checks. [`Builder`] makes a health-checked one.
+pub fn backends<P: Policy>(
     policy: P,
-    client: &Client<B>,
+    client: &Client,
     addresses: impl IntoIterator<Item = Authority>,
-) -> HttpBackends<P, B> {
+) -> HttpBackends<P> {
     let set = Backends::new(policy);
     set.update(|u| {
         for address in addresses {
@@ -107,7 +115,7 @@ pub fn backends<P: Policy, B>(
 }
 
 /// The HTTP balancer over `backends`: see [`HttpBalance`].
-pub fn balancer<P: Policy, B>(backends: HttpBackends<P, B>, key: ClientIpKey) -> HttpBalance<P, B> {
+pub fn balancer<P: Policy, E>(backends: HttpBackends<P>, key: E) -> HttpBalance<P, E> {
     ErrorResponses::new(
         Balance::new(backends)
             .with_key(key)
