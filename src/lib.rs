@@ -12,6 +12,10 @@
            - [`health`] probes backends and feeds their health into the set."
 )]
 #![cfg_attr(
+    feature = "dns",
+    doc = "- [`discover`] follows the addresses of a DNS name as a `tower::discover::Discover`."
+)]
+#![cfg_attr(
     feature = "config",
     doc = "- [`config`] reads `config.json` and turns edits into changes of a running proxy."
 )]
@@ -43,6 +47,9 @@ pub mod balance;
 #[cfg(feature = "config")]
 #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod config;
+#[cfg(feature = "dns")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dns")))]
+pub mod discover;
 pub mod health;
 pub mod policy;
 #[cfg(feature = "http")]
