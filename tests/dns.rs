@@ -18,6 +18,7 @@ use tower::discover::Change;
 use tower_lb::config::Config;
 use tower_lb::discover::Dns;
 use tower_lb::policy::RoundRobin;
+use tower_lb::proxy::HttpBackends;
 use tower_lb::standalone::Proxy;
 use tower_lb::Backends;
 
@@ -183,6 +184,30 @@ async fn a_backend_set_follows_the_answers() {
     // The address that stayed kept its state.
     assert_eq!(backends.is_healthy(&addr("10.0.0.2:80")), Some(true));
     assert_eq!(backends.is_healthy(&addr("10.0.0.3:80")), Some(false));
+    following.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_http_set_is_keyed_by_authority() {
+    let script = Script::default();
+    script.push(Ok(&["10.0.0.1", "::1"]));
+    // The proxy's Client makes backends for authorities: the keys follow.
+    let dns = Dns::new(
+        "api.internal",
+        8080,
+        script.resolver(),
+        tower_lb::proxy::Client::new(),
+    );
+    let backends: HttpBackends<RoundRobin> = Backends::new(RoundRobin::new());
+    let following = tokio::spawn({
+        let backends = backends.clone();
+        async move { backends.discover(dns).await }
+    });
+    within(backends.wait_until(|s| s.len() == 2)).await;
+    let snapshot = backends.snapshot();
+    let mut keys: Vec<&str> = snapshot.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["10.0.0.1:8080", "[::1]:8080"]);
     following.abort();
 }
 

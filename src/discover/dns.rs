@@ -3,6 +3,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -66,8 +67,34 @@ impl Resolve for GaiResolver {
     }
 }
 
+/// The key of the backend at a resolved address: the [`SocketAddr`] itself, or with the
+/// `http` feature the [`Authority`](http::uri::Authority) `ip:port` (IPv6 in brackets) that
+/// [`proxy`](crate::proxy) sets are keyed by.
+pub trait FromSocketAddr: Sized {
+    /// The key for `addr`, or `None` if it cannot name one (the address is then skipped).
+    fn from_socket_addr(addr: SocketAddr) -> Option<Self>;
+}
+
+impl FromSocketAddr for SocketAddr {
+    fn from_socket_addr(addr: SocketAddr) -> Option<Self> {
+        Some(addr)
+    }
+}
+
+#[cfg(feature = "http")]
+impl FromSocketAddr for http::uri::Authority {
+    fn from_socket_addr(addr: SocketAddr) -> Option<Self> {
+        // An IPv6 address with a zone (`fe80::1%eth0`) is no authority.
+        addr.to_string().parse().ok()
+    }
+}
+
 /// A [`Discover`](tower::discover::Discover) of the addresses of a host name: see the
 /// [module docs](super).
+///
+/// Backends are keyed by `K` ([`FromSocketAddr`]): `SocketAddr` by default, and for an
+/// HTTP set `Authority`, which `Dns::new(host, port, resolver, proxy::Client::new())`
+/// picks by itself since the client makes backends for authorities.
 ///
 /// The first resolution starts on the first poll, the next ones every `refresh` (default
 /// 30 s) after the previous one ended. Each address that appears is inserted as a backend
@@ -77,7 +104,7 @@ impl Resolve for GaiResolver {
 ///
 /// Insertions come before removals, so that a set never empties in passing when every
 /// address changes at once.
-pub struct Dns<R: Resolve, M> {
+pub struct Dns<R: Resolve, M, K = SocketAddr> {
     host: Box<str>,
     port: u16,
     resolver: R,
@@ -90,12 +117,13 @@ pub struct Dns<R: Resolve, M> {
     /// When the last resolution ended.
     last: Option<Instant>,
     started: bool,
+    _key: PhantomData<fn() -> K>,
 }
 
 // No field is ever pinned in place (the futures are boxed).
-impl<R: Resolve, M> Unpin for Dns<R, M> {}
+impl<R: Resolve, M, K> Unpin for Dns<R, M, K> {}
 
-impl<R: Resolve, M> Dns<R, M> {
+impl<R: Resolve, M, K> Dns<R, M, K> {
     /// The backends of `host`'s addresses at `port`, resolved with `resolver`, each served
     /// by `make`'s service for its address.
     pub fn new(host: impl Into<String>, port: u16, resolver: R, make: M) -> Self {
@@ -111,6 +139,7 @@ impl<R: Resolve, M> Dns<R, M> {
             next: None,
             last: None,
             started: false,
+            _key: PhantomData,
         }
     }
 
@@ -156,20 +185,29 @@ impl<R: Resolve, M> Dns<R, M> {
     }
 }
 
-impl<R, M> Stream for Dns<R, M>
+impl<R, M, K> Stream for Dns<R, M, K>
 where
     R: Resolve,
-    M: MakeBackend<SocketAddr>,
+    M: MakeBackend<K>,
+    K: FromSocketAddr,
 {
-    type Item = Result<Change<SocketAddr, M::Service>, Infallible>;
+    type Item = Result<Change<K, M::Service>, Infallible>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
             if let Some(change) = this.changes.pop_front() {
+                let (Change::Insert(addr, ()) | Change::Remove(addr)) = change;
+                let Some(key) = K::from_socket_addr(addr) else {
+                    tracing::warn!(host = %this.host, %addr, "address skipped: it names no backend");
+                    continue;
+                };
                 let change = match change {
-                    Change::Insert(addr, ()) => Change::Insert(addr, this.make.make_backend(&addr)),
-                    Change::Remove(addr) => Change::Remove(addr),
+                    Change::Insert(..) => {
+                        let service = this.make.make_backend(&key);
+                        Change::Insert(key, service)
+                    }
+                    Change::Remove(_) => Change::Remove(key),
                 };
                 return Poll::Ready(Some(Ok(change)));
             }
@@ -204,7 +242,7 @@ where
     }
 }
 
-impl<R: Resolve, M> fmt::Debug for Dns<R, M> {
+impl<R: Resolve, M, K> fmt::Debug for Dns<R, M, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dns")
             .field("host", &self.host)

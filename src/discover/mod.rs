@@ -32,7 +32,22 @@
 //! backends.wait_until(|set| set.len() == 2).await;
 //! # }
 //! ```
+//!
+//! An HTTP set is keyed by `Authority`, and the proxy's `Client` makes its backends:
+//!
+//! ```no_run
+//! use tower_lb::discover::{Dns, GaiResolver};
+//! use tower_lb::policy::RoundRobin;
+//! use tower_lb::proxy::{Client, HttpBackends};
+//! use tower_lb::Backends;
+//!
+//! # #[tokio::main] async fn main() {
+//! let backends: HttpBackends<RoundRobin> = Backends::new(RoundRobin::new());
+//! let dns = Dns::new("api.internal", 8080, GaiResolver, Client::new());
+//! tokio::spawn(async move { backends.discover(dns).await });
+//! # }
+//! ```
 
 mod dns;
 
-pub use self::dns::{Dns, GaiResolver, Resolve};
+pub use self::dns::{Dns, FromSocketAddr, GaiResolver, Resolve};

@@ -25,7 +25,7 @@ use tower::discover::Change;
 
 use crate::balance::{MakeBackend, RequestKey, Update};
 use crate::config::{Config, Diff, ServerConfig};
-use crate::discover::{Dns, GaiResolver, Resolve};
+use crate::discover::{Dns, FromSocketAddr, GaiResolver, Resolve};
 use crate::health::{self, HealthCheck, HttpProbe};
 use crate::policy::Algorithm;
 use crate::proxy::{self, Backend, Client, ErrorResponses, HashKey, HttpBackends, TrackBody};
@@ -306,16 +306,12 @@ async fn demo_addresses(config: &Config) -> Vec<Authority> {
         match GaiResolver.resolve(server.host()).await {
             Ok(ips) => keys.extend(
                 ips.into_iter()
-                    .filter_map(|ip| authority(SocketAddr::new(ip, server.port()))),
+                    .filter_map(|ip| Authority::from_socket_addr((ip, server.port()).into())),
             ),
             Err(error) => tracing::warn!(server = %server.authority(), %error, "cannot resolve"),
         }
     }
     keys
-}
-
-fn authority(addr: SocketAddr) -> Option<Authority> {
-    addr.to_string().parse().ok()
 }
 
 /// The hashing key in force, replaced whole when `hash_key` changes.
@@ -362,7 +358,7 @@ impl Resolved {
             server.host(),
             server.port(),
             GaiResolver,
-            |_: &SocketAddr| (),
+            |_: &Authority| (),
         )
         .refresh(config.dns_refresh);
         let task = tokio::spawn(follow(dns, backends.clone(), health.clone(), rx));
@@ -372,8 +368,8 @@ impl Resolved {
 
 /// Each new address joins the set unhealthy and is probed; each vanished one leaves (and
 /// drains). An address already in the set (listed by another server) is left to it.
-async fn follow<M: MakeBackend<SocketAddr, Service = ()>>(
-    mut dns: Dns<GaiResolver, M>,
+async fn follow<M: MakeBackend<Authority, Service = ()>>(
+    mut dns: Dns<GaiResolver, M, Authority>,
     backends: HttpBackends<Algorithm>,
     health: health::Handle<Authority>,
     mut settings: watch::Receiver<ResolveSettings>,
@@ -382,8 +378,7 @@ async fn follow<M: MakeBackend<SocketAddr, Service = ()>>(
     loop {
         tokio::select! {
             change = dns.next() => match change {
-                Some(Ok(Change::Insert(addr, ()))) => {
-                    let Some(key) = authority(addr) else { continue };
+                Some(Ok(Change::Insert(key, ()))) => {
                     let inserted = backends.update(|set| {
                         if set.contains(&key) {
                             return false;
@@ -400,8 +395,10 @@ async fn follow<M: MakeBackend<SocketAddr, Service = ()>>(
                         tracing::warn!(backend = %key, host = dns.host(), "already a backend");
                     }
                 }
-                Some(Ok(Change::Remove(addr))) => {
-                    let Some(key) = authority(addr).filter(|k| mine.remove(k)) else { continue };
+                Some(Ok(Change::Remove(key))) => {
+                    if !mine.remove(&key) {
+                        continue;
+                    }
                     tracing::info!(backend = %key, host = dns.host(), "resolved backend removed");
                     backends.remove(&key);
                     health.remove(key);
