@@ -15,6 +15,10 @@
            and decide which take traffic."
 )]
 #![cfg_attr(
+    feature = "dns",
+    doc = "- [`discover`] follows the addresses of a DNS name as a `tower::discover::Discover`."
+)]
+#![cfg_attr(
     feature = "config",
     doc = "- [`config`] reads `config.json` and turns edits into changes of a running proxy."
 )]
@@ -46,6 +50,9 @@ pub mod balance;
 #[cfg(feature = "config")]
 #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod config;
+#[cfg(feature = "dns")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dns")))]
+pub mod discover;
 pub mod health;
 pub mod policy;
 #[cfg(feature = "http")]

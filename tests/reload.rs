@@ -91,7 +91,7 @@ async fn staying_backends_keep_health_counters_and_requests() {
     let mut changed = next(&proxy, &[&a, &b], json);
     changed.health.interval = Duration::from_millis(300);
     let diff = proxy.apply(changed).await;
-    assert_eq!(diff.algorithm.as_deref(), Some("round_robin"));
+    assert_eq!(diff.algorithm.map(|a| a.name()), Some("round_robin"));
     assert!(diff.timeouts && diff.health);
     assert_eq!(proxy.backends().in_flight(&key(&a)), Some(1));
     assert_eq!(proxy.backends().is_healthy(&key(&b)), Some(false));

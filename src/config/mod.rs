@@ -35,7 +35,7 @@ use serde::Deserialize;
 
 use crate::health::Settings;
 use crate::policy::Algorithm;
-use crate::proxy::TrustedProxy;
+use crate::proxy::{ClientIpKey, HashKey, InvalidHashKey, TrustedProxy};
 
 mod watch;
 pub use self::watch::watch;
@@ -47,8 +47,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The backends, in file order.
     pub servers: Vec<ServerConfig>,
-    /// The policy's name, one of [`Algorithm::NAMES`].
-    pub algorithm: String,
+    /// The policy.
+    pub algorithm: Algorithm,
+    /// What `hashing` hashes, as written: its client-IP fallback trusts no proxy; see
+    /// [`Config::request_key`].
+    pub hash_key: HashKey,
     /// Path probed with `GET` on every backend.
     pub health_check_url: PathAndQuery,
     /// Interval, timeout and thresholds of the health checks.
@@ -61,6 +64,8 @@ pub struct Config {
     pub spawn_backends: bool,
     /// Proxies whose `X-Forwarded-For` is trusted for the client IP (default: none).
     pub trusted_proxies: Vec<TrustedProxy>,
+    /// Time between two DNS resolutions of the servers with `resolve` (default 30 s).
+    pub dns_refresh: Duration,
 }
 
 /// One backend of the configuration, validated.
@@ -69,6 +74,7 @@ pub struct ServerConfig {
     host: String,
     port: u16,
     weight: u32,
+    resolve: bool,
     authority: Authority,
 }
 
@@ -88,9 +94,23 @@ impl ServerConfig {
         self.weight
     }
 
-    /// `host:port`, with IPv6 addresses in brackets: the backend's identity.
+    /// `host:port`, with IPv6 addresses in brackets: the backend's identity (for a server
+    /// with [`resolve`](Self::resolve), the name its backends come from).
     pub fn authority(&self) -> Authority {
         self.authority.clone()
+    }
+
+    /// Whether `host` is a DNS name to resolve at start and every `dns_refresh`, each
+    /// address it yields being a backend with this port and weight. Without it, a host name
+    /// is resolved by each connection to it and is one backend.
+    pub fn resolve(&self) -> bool {
+        self.resolve
+    }
+
+    /// Whether `self` and `other` are the same server of two configurations: the same
+    /// address, resolved or not.
+    fn same_as(&self, other: &ServerConfig) -> bool {
+        self.authority == other.authority && self.resolve == other.resolve
     }
 }
 
@@ -143,7 +163,8 @@ impl std::error::Error for ConfigError {}
 struct Raw {
     listen: Option<String>,
     servers: Option<Vec<RawServer>>,
-    algorithm: Option<String>,
+    algorithm: Option<Algorithm>,
+    hash_key: Option<String>,
     health_check_url: Option<String>,
     health_check_interval: Option<f64>,
     health_check_timeout: Option<f64>,
@@ -153,6 +174,7 @@ struct Raw {
     response_timeout: Option<f64>,
     spawn_backends: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
+    dns_refresh: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -161,6 +183,7 @@ struct RawServer {
     host: String,
     port: i64,
     weight: Option<i64>,
+    resolve: Option<bool>,
 }
 
 impl Config {
@@ -239,7 +262,15 @@ impl Config {
                     )
                 })?,
             };
-            let text = match host.parse::<IpAddr>() {
+            let ip = host.parse::<IpAddr>();
+            let resolve = s.resolve.unwrap_or(false);
+            if resolve && ip.is_ok() {
+                return Err(ConfigError::field(
+                    field("resolve"),
+                    format!("{host:?} is an IP address: resolve needs a host name"),
+                ));
+            }
+            let text = match ip {
                 Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
                 _ => format!("{host}:{port}"),
             };
@@ -256,6 +287,7 @@ impl Config {
                 host,
                 port,
                 weight,
+                resolve,
                 authority,
             };
             if !seen.insert((server.host.to_ascii_lowercase(), port)) {
@@ -267,10 +299,13 @@ impl Config {
             servers.push(server);
         }
 
-        let algorithm = raw.algorithm.unwrap_or_else(|| "round_robin".to_owned());
-        if let Err(e) = algorithm.parse::<Algorithm>() {
-            return Err(ConfigError::field("algorithm", e.to_string()));
-        }
+        let algorithm = raw.algorithm.unwrap_or_default();
+        let hash_key = match raw.hash_key {
+            None => HashKey::default(),
+            Some(text) => text
+                .parse()
+                .map_err(|e: InvalidHashKey| ConfigError::field("hash_key", e.to_string()))?,
+        };
 
         let url = raw.health_check_url.unwrap_or_else(|| "/health".to_owned());
         let health_check_url = url
@@ -315,21 +350,30 @@ impl Config {
             listen,
             servers,
             algorithm,
+            hash_key,
             health_check_url,
             health,
             connect_timeout: seconds("connect_timeout", raw.connect_timeout, 2.0)?,
             response_timeout: seconds("response_timeout", raw.response_timeout, 30.0)?,
             spawn_backends: raw.spawn_backends.unwrap_or(true),
             trusted_proxies,
+            dns_refresh: seconds("dns_refresh", raw.dns_refresh, 30.0)?,
         })
+    }
+
+    /// The hashing key of requests: [`hash_key`](Self::hash_key), with the client IP (its
+    /// own or its fallback's) taken under [`trusted_proxies`](Self::trusted_proxies).
+    pub fn request_key(&self) -> HashKey {
+        let client_ip = ClientIpKey::trusting(self.trusted_proxies.iter().copied());
+        self.hash_key.clone().with_client_ip(client_ip)
     }
 
     /// What changed from `self` (running) to `next`.
     pub fn diff(&self, next: &Config) -> Diff {
-        // Servers of `a` whose address `b` does not list.
+        // Servers of `a` that `b` does not list (a change of `resolve` replaces a server).
         let only_in = |a: &[ServerConfig], b: &[ServerConfig]| -> Vec<ServerConfig> {
             a.iter()
-                .filter(|s| !b.iter().any(|o| o.authority == s.authority))
+                .filter(|s| !b.iter().any(|o| o.same_as(s)))
                 .cloned()
                 .collect()
         };
@@ -341,7 +385,7 @@ impl Config {
             .filter(|s| {
                 self.servers
                     .iter()
-                    .any(|o| o.authority == s.authority && o.weight != s.weight)
+                    .any(|o| o.same_as(s) && o.weight != s.weight)
             })
             .cloned()
             .collect();
@@ -350,6 +394,8 @@ impl Config {
             removed,
             reweighted,
             algorithm: (self.algorithm != next.algorithm).then(|| next.algorithm.clone()),
+            hash_key: (self.hash_key != next.hash_key).then(|| next.hash_key.clone()),
+            dns_refresh: self.dns_refresh != next.dns_refresh,
             health: self.health != next.health || self.health_check_url != next.health_check_url,
             timeouts: self.connect_timeout != next.connect_timeout
                 || self.response_timeout != next.response_timeout,
@@ -375,7 +421,11 @@ pub struct Diff {
     /// Servers that stay with a new weight.
     pub reweighted: Vec<ServerConfig>,
     /// The new algorithm, if it changed.
-    pub algorithm: Option<String>,
+    pub algorithm: Option<Algorithm>,
+    /// The new hash key, if it changed.
+    pub hash_key: Option<HashKey>,
+    /// `dns_refresh` changed.
+    pub dns_refresh: bool,
     /// Health-check settings or URL changed.
     pub health: bool,
     /// `connect_timeout` or `response_timeout` changed.
@@ -599,11 +649,95 @@ mod tests {
             .map(|s| (s.authority().to_string(), s.weight()))
             .collect();
         assert_eq!(reweighted, [("b:1".to_owned(), 3)]);
-        assert_eq!(d.algorithm.as_deref(), Some("hashing"));
+        assert_eq!(d.algorithm.map(|a| a.name()), Some("hashing"));
         assert!(d.health);
         assert!(!d.timeouts);
         assert_eq!(d.needs_restart, ["listen"]);
         assert!(a.diff(&a).is_empty());
+    }
+
+    #[test]
+    fn hash_key_resolve_and_dns_refresh() {
+        let c = Config::from_json(&format!("{{{ONE}}}")).unwrap();
+        assert_eq!(c.hash_key, HashKey::default());
+        assert_eq!(c.dns_refresh, Duration::from_secs(30));
+        assert!(!c.servers[0].resolve());
+        let c = Config::from_json(
+            r#"{"servers": [{"host": "localhost", "port": 9001, "resolve": true}],
+                "hash_key": "cookie:sid", "dns_refresh": 0.5, "algorithm": "hashing",
+                "trusted_proxies": ["10.0.0.0/8"]}"#,
+        )
+        .unwrap();
+        assert!(c.servers[0].resolve());
+        assert_eq!(c.hash_key.to_string(), "cookie:sid");
+        assert_eq!(c.dns_refresh, Duration::from_millis(500));
+        assert_eq!(c.algorithm, "hashing");
+        // The request key falls back to the client IP under the trusted proxies.
+        let trusting = ClientIpKey::trusting(["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(c.request_key(), c.hash_key.clone().with_client_ip(trusting));
+
+        let cases = [
+            (
+                format!(r#"{{{ONE}, "hash_key": "query"}}"#),
+                "hash_key: \"query\" is not a hash key",
+            ),
+            (
+                format!(r#"{{{ONE}, "hash_key": "header:"}}"#),
+                "hash_key: \"header:\" is not a hash key",
+            ),
+            (
+                format!(r#"{{{ONE}, "hash_key": 1}}"#),
+                "hash_key: invalid type",
+            ),
+            (
+                r#"{"servers": [{"host": "127.0.0.1", "port": 1, "resolve": true}]}"#.to_owned(),
+                "servers[0].resolve: \"127.0.0.1\" is an IP address",
+            ),
+            (
+                r#"{"servers": [{"host": "::1", "port": 1, "resolve": true}]}"#.to_owned(),
+                "servers[0].resolve: \"::1\" is an IP address",
+            ),
+            (
+                r#"{"servers": [{"host": "a", "port": 1, "resolve": "yes"}]}"#.to_owned(),
+                "servers[0].resolve: invalid type",
+            ),
+            (
+                format!(r#"{{{ONE}, "dns_refresh": -1}}"#),
+                "dns_refresh: -1 is not a positive number",
+            ),
+            (
+                format!(r#"{{{ONE}, "dns_refresh": "30"}}"#),
+                "dns_refresh: invalid type",
+            ),
+            (
+                format!(r#"{{{ONE}, "algorithm": 3}}"#),
+                "algorithm: invalid type",
+            ),
+        ];
+        for (json, expected) in cases {
+            let e = err(&json);
+            assert!(
+                e.contains(expected),
+                "{json}\n  gave: {e}\n  want: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn resolve_and_hash_key_diffs() {
+        let a = Config::from_json(r#"{"servers": [{"host": "a", "port": 1}]}"#).unwrap();
+        let b = Config::from_json(
+            r#"{"servers": [{"host": "a", "port": 1, "resolve": true}], "hash_key": "path",
+                "dns_refresh": 5}"#,
+        )
+        .unwrap();
+        let d = a.diff(&b);
+        // Turning resolve on replaces the server.
+        assert_eq!(d.removed, a.servers);
+        assert_eq!(d.added, b.servers);
+        assert_eq!(d.hash_key, Some(HashKey::Path(crate::proxy::PathKey)));
+        assert!(d.dns_refresh);
+        assert!(b.diff(&b).is_empty());
     }
 
     #[test]

@@ -8,11 +8,16 @@ use super::{HashingTable, LeastConnectionsTable, RoundRobinTable};
 
 /// One of the built-in policies, chosen by name at run time (`config.json`'s `algorithm`).
 ///
+/// It parses from its name ([`FromStr`], and with the `config` feature serde's
+/// `Deserialize`/`Serialize` as that string), and compares equal to another `Algorithm` of
+/// the same name and to its name.
+///
 /// ```
 /// use tower_lb::policy::Algorithm;
 /// let algorithm: Algorithm = "least_connections".parse().unwrap();
 /// assert_eq!(algorithm.name(), "least_connections");
 /// assert!("fastest".parse::<Algorithm>().is_err());
+/// assert_eq!(algorithm, "least_connections");
 /// ```
 #[derive(Debug)]
 #[non_exhaustive]
@@ -56,6 +61,48 @@ impl Clone for Algorithm {
             Algorithm::LeastConnections(p) => Algorithm::LeastConnections(p.clone()),
             Algorithm::Hashing(p) => Algorithm::Hashing(p.clone()),
         }
+    }
+}
+
+/// Same name: the same policy (state such as a round-robin position is not compared).
+impl PartialEq for Algorithm {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Algorithm {}
+
+impl PartialEq<str> for Algorithm {
+    fn eq(&self, name: &str) -> bool {
+        self.name() == name
+    }
+}
+
+impl PartialEq<&str> for Algorithm {
+    fn eq(&self, name: &&str) -> bool {
+        self.name() == *name
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(feature = "config")]
+impl<'de> serde::Deserialize<'de> for Algorithm {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(feature = "config")]
+impl serde::Serialize for Algorithm {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
     }
 }
 

@@ -105,7 +105,7 @@ impl FromStr for TrustedProxy {
 /// sending `X-Forwarded-For`. With trusted proxies, a request whose peer is one of them is
 /// keyed by the right-most `X-Forwarded-For` entry that is not a trusted proxy (the address
 /// that the nearest untrusted hop connected from).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientIpKey {
     trusted: Arc<[TrustedProxy]>,
 }

@@ -13,7 +13,9 @@
 //! - [`TrackBody`] keeps a request in flight until its response body ends.
 //! - [`ClientIpKey`] keys hashing by the client IP ([`ClientAddr`], or axum's
 //!   `ConnectInfo` with the `axum` feature), trusting `X-Forwarded-For` only from
-//!   configured proxies.
+//!   configured proxies; [`HeaderKey`], [`CookieKey`] and [`PathKey`] key it by a header,
+//!   a cookie or the path (the first two falling back to the client IP), and [`HashKey`]
+//!   chooses one at run time.
 //! - [`ErrorResponses`] answers failures with `502`, `503` and `504`.
 //! - [`Server`] / [`serve`] serve HTTP/1.1 with safe defaults and graceful shutdown.
 //!
@@ -43,6 +45,7 @@ mod builder;
 mod client_ip;
 pub mod error;
 mod framing;
+mod hash_key;
 mod headers;
 mod respond;
 mod server;
@@ -60,6 +63,7 @@ pub use self::backend::{Backend, Client};
 pub use self::body::{TrackBody, TrackedBody};
 pub use self::builder::{BuildError, Builder};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
+pub use self::hash_key::{CookieKey, HashKey, HeaderKey, InvalidHashKey, PathKey};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
 pub use self::server::{bind, serve, Server};

@@ -5,23 +5,31 @@
 //! its first probe passes), starts the health checks and serves. [`Proxy::apply`] moves a
 //! running proxy to a new [`Config`] by applying only the [`Diff`]: backends that stay keep
 //! their health, counters, pools and requests in flight; removed ones drain.
+//!
+//! A server with `resolve` is a name: a task follows its DNS answers ([`Dns`]) into the set,
+//! one backend per address, each unhealthy until its first probe passes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
 use http::uri::Authority;
-use tokio::sync::oneshot;
+use http::Request;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tower::discover::Change;
 
-use crate::balance::MakeBackend;
-use crate::balance::Update;
+use crate::balance::{MakeBackend, RequestKey, Update};
 use crate::config::{Config, Diff, ServerConfig};
+use crate::discover::{Dns, FromSocketAddr, GaiResolver, Resolve};
 use crate::health::{self, HealthCheck, HttpProbe};
 use crate::policy::Algorithm;
-use crate::proxy::{self, Backend, Client, ClientIpKey, HttpBackends};
-use crate::Backends;
+use crate::proxy::{self, Backend, Client, ErrorResponses, HashKey, HttpBackends, TrackBody};
+use crate::{Backends, Balance};
 
 mod demo;
 pub use self::demo::DemoBackend;
@@ -35,6 +43,8 @@ pub struct Proxy {
     client: Client,
     probe: HttpProbe,
     health: health::Handle<Authority>,
+    key: Arc<ArcSwap<HashKey>>,
+    resolved: HashMap<Authority, Resolved>,
     demos: HashMap<Authority, DemoBackend>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<io::Result<()>>,
@@ -47,41 +57,46 @@ fn client(config: &Config) -> Client {
         .response_timeout(config.response_timeout)
 }
 
-fn algorithm(name: &str) -> Algorithm {
-    // Validated by Config.
-    Algorithm::from_str(name).unwrap_or_default()
-}
-
 impl Proxy {
     /// Starts the proxy: demo backends (with `spawn_backends`), listener, health checks.
     pub async fn start(config: Config) -> io::Result<Proxy> {
         let mut demos = HashMap::new();
         if config.spawn_backends {
-            for server in &config.servers {
-                start_demo(&mut demos, server.authority(), &config).await;
+            for key in demo_addresses(&config).await {
+                start_demo(&mut demos, key, &config).await;
             }
         }
         let listener = proxy::bind(config.listen)?;
         let local_addr = listener.local_addr()?;
 
         let client = client(&config);
-        let backends: HttpBackends<Algorithm> = Backends::new(algorithm(&config.algorithm));
+        let backends: HttpBackends<Algorithm> = Backends::new(config.algorithm.clone());
         backends.healthy_on_insert(false);
-        backends.update(|set| {
-            for server in &config.servers {
-                add_server(set, &client, server);
-            }
-        });
+        let fixed = || config.servers.iter().filter(|s| !s.resolve());
+        backends.update(|set| fixed().for_each(|server| add_server(set, &client, server)));
 
         let probe = HttpProbe::new(config.health_check_url.clone());
         let (checks, health) = HealthCheck::new(probe.clone(), config.health);
-        for server in &config.servers {
-            health.insert(server.authority());
-        }
+        fixed().for_each(|server| health.insert(server.authority()));
         let checks = tokio::spawn(checks.drive(backends.clone()));
+        let resolved = config
+            .servers
+            .iter()
+            .filter(|s| s.resolve())
+            .map(|s| {
+                (
+                    s.authority(),
+                    Resolved::start(s, &config, &client, &backends, &health),
+                )
+            })
+            .collect();
 
-        let key = ClientIpKey::trusting(config.trusted_proxies.iter().copied());
-        let service = proxy::balancer(backends.clone(), key);
+        let key = Arc::new(ArcSwap::from_pointee(config.request_key()));
+        let service = ErrorResponses::new(
+            Balance::new(backends.clone())
+                .with_key(LiveKey(key.clone()))
+                .with_completion(TrackBody),
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             proxy::serve(listener, service, async {
@@ -97,6 +112,8 @@ impl Proxy {
             client,
             probe,
             health,
+            key,
+            resolved,
             demos,
             stop: Some(stop),
             server,
@@ -136,12 +153,14 @@ impl Proxy {
         }
 
         // Demo backends first, so that new servers answer their first probe.
-        if next.spawn_backends {
-            for server in &next.servers {
-                let key = server.authority();
-                if !self.demos.contains_key(&key) {
-                    start_demo(&mut self.demos, key, &next).await;
-                }
+        let demo_keys = if next.spawn_backends {
+            demo_addresses(&next).await
+        } else {
+            Vec::new()
+        };
+        for key in &demo_keys {
+            if !self.demos.contains_key(key) {
+                start_demo(&mut self.demos, key.clone(), &next).await;
             }
         }
 
@@ -149,18 +168,34 @@ impl Proxy {
             self.client = client(&next);
         }
         let client = &self.client;
+        // Before the set changes, so that a resolved backend never joins with the old client.
+        for server in next.servers.iter().filter(|s| s.resolve()) {
+            if let Some(resolved) = self.resolved.get(&server.authority()) {
+                resolved.settings.send_if_modified(|s| {
+                    let changed = diff.timeouts
+                        || (s.weight, s.refresh) != (server.weight(), next.dns_refresh);
+                    s.client = client.clone();
+                    (s.weight, s.refresh) = (server.weight(), next.dns_refresh);
+                    changed
+                });
+            }
+        }
+        let fixed = |servers: &[ServerConfig]| -> Vec<ServerConfig> {
+            servers.iter().filter(|s| !s.resolve()).cloned().collect()
+        };
+        let (removed, added) = (fixed(&diff.removed), fixed(&diff.added));
         self.backends.update(|set| {
-            for server in &diff.removed {
+            for server in &removed {
                 set.remove(&server.authority());
             }
-            for server in &diff.added {
+            for server in &added {
                 add_server(set, client, server);
             }
-            for server in &diff.reweighted {
+            for server in fixed(&diff.reweighted) {
                 set.set_weight(&server.authority(), server.weight());
             }
-            if let Some(name) = &diff.algorithm {
-                set.set_policy(algorithm(name));
+            if let Some(algorithm) = &diff.algorithm {
+                set.set_policy(algorithm.clone());
             }
             if diff.timeouts {
                 // New services with the new timeouts; state and requests in flight stay.
@@ -170,11 +205,22 @@ impl Proxy {
                 }
             }
         });
-        for server in &diff.removed {
+        for server in &removed {
             self.health.remove(server.authority());
         }
-        for server in &diff.added {
+        for server in &added {
             self.health.insert(server.authority());
+        }
+        // Resolve servers: a removed one's task takes its backends out as it ends.
+        for server in diff.removed.iter().filter(|s| s.resolve()) {
+            self.resolved.remove(&server.authority());
+        }
+        for server in diff.added.iter().filter(|s| s.resolve()) {
+            let task = Resolved::start(server, &next, client, &self.backends, &self.health);
+            self.resolved.insert(server.authority(), task);
+        }
+        if diff.hash_key.is_some() {
+            self.key.store(Arc::new(next.request_key()));
         }
         if diff.health {
             self.probe.set_path(next.health_check_url.clone());
@@ -182,15 +228,10 @@ impl Proxy {
         }
 
         // Demo backends of removed servers (or all, with spawn_backends off) drain and stop.
-        let keep: Vec<Authority> = if next.spawn_backends {
-            next.servers.iter().map(|s| s.authority()).collect()
-        } else {
-            Vec::new()
-        };
         let gone: Vec<Authority> = self
             .demos
             .keys()
-            .filter(|k| !keep.contains(k))
+            .filter(|k| !demo_keys.contains(k))
             .cloned()
             .collect();
         for key in gone {
@@ -218,6 +259,9 @@ impl Proxy {
         }
         let served = (&mut self.server).await.map_err(io::Error::other)?;
         self.checks.abort();
+        for (_, resolved) in self.resolved.drain() {
+            resolved.task.abort();
+        }
         for (_, demo) in self.demos.drain() {
             demo.stop().await;
         }
@@ -248,4 +292,134 @@ async fn start_demo(demos: &mut HashMap<Authority, DemoBackend>, key: Authority,
         // Something else may serve there already; the health checks will tell.
         Err(error) => tracing::warn!(backend = %key, %error, "cannot start demo backend"),
     }
+}
+
+/// The addresses of the demo backends: each server's, and each address of a `resolve`
+/// server's name as it resolves now.
+async fn demo_addresses(config: &Config) -> Vec<Authority> {
+    let mut keys = Vec::new();
+    for server in &config.servers {
+        if !server.resolve() {
+            keys.push(server.authority());
+            continue;
+        }
+        match GaiResolver.resolve(server.host()).await {
+            Ok(ips) => keys.extend(
+                ips.into_iter()
+                    .filter_map(|ip| Authority::from_socket_addr((ip, server.port()).into())),
+            ),
+            Err(error) => tracing::warn!(server = %server.authority(), %error, "cannot resolve"),
+        }
+    }
+    keys
+}
+
+/// The hashing key in force, replaced whole when `hash_key` changes.
+#[derive(Debug, Clone)]
+struct LiveKey(Arc<ArcSwap<HashKey>>);
+
+impl<B> RequestKey<Request<B>> for LiveKey {
+    #[inline]
+    fn key(&self, request: &Request<B>) -> Option<u64> {
+        self.0.load().key(request)
+    }
+}
+
+/// A `resolve` server: a task that follows its name's addresses into the set.
+#[derive(Debug)]
+struct Resolved {
+    /// Dropped when the server leaves the configuration: the task then removes its backends.
+    settings: watch::Sender<ResolveSettings>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Debug, Clone)]
+struct ResolveSettings {
+    client: Client,
+    weight: u32,
+    refresh: Duration,
+}
+
+impl Resolved {
+    fn start(
+        server: &ServerConfig,
+        config: &Config,
+        client: &Client,
+        backends: &HttpBackends<Algorithm>,
+        health: &health::Handle<Authority>,
+    ) -> Resolved {
+        let settings = ResolveSettings {
+            client: client.clone(),
+            weight: server.weight(),
+            refresh: config.dns_refresh,
+        };
+        let (tx, rx) = watch::channel(settings);
+        let dns = Dns::new(
+            server.host(),
+            server.port(),
+            GaiResolver,
+            |_: &Authority| (),
+        )
+        .refresh(config.dns_refresh);
+        let task = tokio::spawn(follow(dns, backends.clone(), health.clone(), rx));
+        Resolved { settings: tx, task }
+    }
+}
+
+/// Each new address joins the set unhealthy and is probed; each vanished one leaves (and
+/// drains). An address already in the set (listed by another server) is left to it.
+async fn follow<M: MakeBackend<Authority, Service = ()>>(
+    mut dns: Dns<GaiResolver, M, Authority>,
+    backends: HttpBackends<Algorithm>,
+    health: health::Handle<Authority>,
+    mut settings: watch::Receiver<ResolveSettings>,
+) {
+    let mut mine: HashSet<Authority> = HashSet::new();
+    loop {
+        tokio::select! {
+            change = dns.next() => match change {
+                Some(Ok(Change::Insert(key, ()))) => {
+                    let inserted = backends.update(|set| {
+                        if set.contains(&key) {
+                            return false;
+                        }
+                        let s = settings.borrow();
+                        set.insert_with(key.clone(), s.client.make_backend(&key), s.weight, false);
+                        true
+                    });
+                    if inserted {
+                        tracing::info!(backend = %key, host = dns.host(), "resolved backend added");
+                        health.insert(key.clone());
+                        mine.insert(key);
+                    } else {
+                        tracing::warn!(backend = %key, host = dns.host(), "already a backend");
+                    }
+                }
+                Some(Ok(Change::Remove(key))) => {
+                    if !mine.remove(&key) {
+                        continue;
+                    }
+                    tracing::info!(backend = %key, host = dns.host(), "resolved backend removed");
+                    backends.remove(&key);
+                    health.remove(key);
+                }
+                None => break,
+            },
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                // A new client reaches these backends through `apply`'s re-insert of every key.
+                let s = settings.borrow_and_update().clone();
+                dns.set_refresh(s.refresh);
+                backends.update(|set| mine.iter().for_each(|key| { set.set_weight(key, s.weight); }));
+            }
+        }
+    }
+    backends.update(|set| {
+        mine.iter().for_each(|key| {
+            set.remove(key);
+        })
+    });
+    mine.into_iter().for_each(|key| health.remove(key));
 }
