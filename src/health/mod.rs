@@ -58,11 +58,16 @@ use tokio::time::{Instant, Sleep};
 use crate::policy::{stable_hash, Policy};
 use crate::{Backends, BoxError};
 
+#[cfg(feature = "grpc")]
+mod grpc;
 #[cfg(feature = "http")]
 mod http;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use self::http::HttpProbe;
+#[cfg(feature = "grpc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
+pub use self::grpc::GrpcHealthProbe;
 
 /// Checks one target once. Closures `Fn(&K) -> impl Future<Output = Result<(), BoxError>>`
 /// are probes.

@@ -37,6 +37,8 @@ mod body;
 mod client_ip;
 pub mod error;
 mod framing;
+#[cfg(feature = "http2")]
+mod h2;
 mod headers;
 mod respond;
 mod server;
@@ -54,6 +56,9 @@ use hyper::body::Incoming;
 pub use self::backend::{Backend, Client};
 pub use self::body::{TrackBody, TrackedBody};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
+#[cfg(feature = "http2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
+pub use self::h2::{Http2Backend, Http2Client, Http2ResponseFuture};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
 pub use self::server::{bind, serve, Server};
