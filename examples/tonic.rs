@@ -69,7 +69,11 @@ async fn main() -> Result<(), BoxError> {
         .wait_until(|s| s.iter().filter(|(_, e)| e.is_healthy()).count() == 2)
         .await;
     for (address, endpoint) in backends.snapshot().iter() {
-        let state = if endpoint.is_healthy() { "healthy" } else { "unhealthy" };
+        let state = if endpoint.is_healthy() {
+            "healthy"
+        } else {
+            "unhealthy"
+        };
         println!("{address}: {state}");
     }
 
@@ -100,7 +104,9 @@ impl GrpcServer {
         let addr = listener.local_addr()?;
         let (reporter, health) = tonic_health::server::health_reporter();
         if !serving {
-            reporter.set_service_status("", ServingStatus::NotServing).await;
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
         }
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(

@@ -62,12 +62,12 @@ use crate::{Backends, BoxError};
 mod grpc;
 #[cfg(feature = "http")]
 mod http;
-#[cfg(feature = "http")]
-#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
-pub use self::http::HttpProbe;
 #[cfg(feature = "grpc")]
 #[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
 pub use self::grpc::GrpcHealthProbe;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub use self::http::HttpProbe;
 
 /// Checks one target once. Closures `Fn(&K) -> impl Future<Output = Result<(), BoxError>>`
 /// are probes.
