@@ -11,15 +11,19 @@
 //! ([`GrpcHealthProbe`]): the calls take turns over the two serving servers and never reach
 //! the third. Then the example stops the servers and ends.
 //!
-//! tonic's own `Channel::balance_list` keeps sending to servers that are down or not
-//! serving (it has no health checks, and a channel reports ready while it cannot connect);
-//! here readiness is the connection, opened in `poll_ready`, so a server that refuses it is
-//! skipped for another, and health decides which servers take calls at all.
+//! tonic's own balanced channel (`Channel::balance_list`) has no health checks, and a tonic
+//! `Channel` reports ready while it cannot connect, so it keeps picking servers that are
+//! down or not serving. Here readiness is the connection, opened in `poll_ready`, so a
+//! server that refuses it is skipped for another, and health decides which servers take
+//! calls at all.
 //!
 //! The `Greeter` is written by hand with tonic's codec and `prost::Message` (what
 //! `tonic-build` would generate from a `.proto` file), so that the crate needs no `build.rs`
-//! and no `protoc`. Needs the `grpc` feature, which the examples enable.
+//! and no `protoc`; a generated client is used the same way,
+//! `GreeterClient::new(Balance::new(backends))`. Needs the `grpc` feature, which the
+//! examples enable.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,7 +34,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
+use tonic_health::ServingStatus::{self, NotServing, Serving};
 use tower::Service;
 use tower_lb::balance::MakeBackend;
 use tower_lb::health::{GrpcHealthProbe, HealthCheck, Settings};
@@ -42,8 +46,8 @@ use tower_lb::{Backends, Balance, BoxError};
 async fn main() -> Result<(), BoxError> {
     // Three servers; the third says it is not serving.
     let mut servers = Vec::new();
-    for serving in [true, true, false] {
-        servers.push(GrpcServer::start(serving).await?);
+    for status in [Serving, Serving, NotServing] {
+        servers.push(GrpcServer::start(status).await?);
     }
 
     // The balanced transport: a backend set whose members take calls only once their
@@ -70,17 +74,23 @@ async fn main() -> Result<(), BoxError> {
         .await;
     for (address, endpoint) in backends.snapshot().iter() {
         let state = if endpoint.is_healthy() {
-            "healthy"
+            "healthy: takes calls"
         } else {
-            "unhealthy"
+            "unhealthy: skipped"
         };
         println!("{address}: {state}");
     }
 
     let mut greeter = greeter::GreeterClient::new(Balance::new(backends));
+    let mut answers: HashMap<String, usize> = HashMap::new();
     for n in 1..=6 {
         let reply = greeter.say_hello(format!("call {n}")).await?;
-        println!("{}", reply.message);
+        println!("call {n} answered by {}", reply.server);
+        *answers.entry(reply.server).or_default() += 1;
+    }
+    for server in &servers {
+        let calls = answers.get(&server.name).unwrap_or(&0);
+        println!("{}: {calls} calls", server.name);
     }
 
     drop(health);
@@ -91,33 +101,45 @@ async fn main() -> Result<(), BoxError> {
     Ok(())
 }
 
+fn status_name(status: ServingStatus) -> &'static str {
+    match status {
+        Serving => "SERVING",
+        NotServing => "NOT_SERVING",
+        _ => "UNKNOWN",
+    }
+}
+
 /// A tonic server on 127.0.0.1:0 with the Greeter and tonic-health's Health service.
 struct GrpcServer {
     addr: SocketAddr,
+    /// Its address, and what it tells health checks.
+    name: String,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
 impl GrpcServer {
-    async fn start(serving: bool) -> std::io::Result<GrpcServer> {
+    async fn start(status: ServingStatus) -> std::io::Result<GrpcServer> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (reporter, health) = tonic_health::server::health_reporter();
-        if !serving {
-            reporter
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-        }
+        reporter.set_service_status("", status).await;
+        let name = format!("{addr} ({})", status_name(status));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health)
-                .add_service(greeter::GreeterServer::new(addr.to_string()))
+                .add_service(greeter::GreeterServer::new(name.clone()))
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
                     stopped.await.ok();
                 }),
         );
-        Ok(GrpcServer { addr, stop, task })
+        Ok(GrpcServer {
+            addr,
+            name,
+            stop,
+            task,
+        })
     }
 
     async fn stop(self) {
@@ -131,7 +153,7 @@ impl GrpcServer {
 /// ```proto
 /// service Greeter { rpc SayHello (HelloRequest) returns (HelloReply); }
 /// message HelloRequest { string name = 1; }
-/// message HelloReply { string message = 1; }
+/// message HelloReply { string message = 1; string server = 2; }
 /// ```
 mod greeter {
     use super::*;
@@ -149,6 +171,9 @@ mod greeter {
     pub struct HelloReply {
         #[prost(string, tag = "1")]
         pub message: String,
+        /// Which server answered (a field this example adds to helloworld's reply).
+        #[prost(string, tag = "2")]
+        pub server: String,
     }
 
     const SAY_HELLO: &str = "/helloworld.Greeter/SayHello";
@@ -218,8 +243,11 @@ mod greeter {
             }
             let name = self.name.clone();
             let say_hello = tower::service_fn(move |request: tonic::Request<HelloRequest>| {
-                let message = format!("{} answered by {name}", request.into_inner().name);
-                async move { Ok::<_, tonic::Status>(tonic::Response::new(HelloReply { message })) }
+                let reply = HelloReply {
+                    message: format!("hello, {}", request.into_inner().name),
+                    server: name.clone(),
+                };
+                async move { Ok::<_, tonic::Status>(tonic::Response::new(reply)) }
             });
             Box::pin(async move {
                 let mut grpc = tonic::server::Grpc::new(ProstCodec::default());

@@ -148,8 +148,9 @@ impl<B> MakeBackend<Authority> for Http2Client<B> {
 ///   own authority if it has one (tonic's `Grpc::with_origin`), else the backend's address.
 ///   A request that the connection closed before taking it is sent once more on a new
 ///   connection. Failures after that are [`BackendError`]s (for gRPC, tonic reports them
-///   as `UNAVAILABLE` or `UNKNOWN`); a request already sent when its backend died fails,
-///   as it would with any client.
+///   as `UNKNOWN`). A request already sent when its backend died fails, as it would with
+///   any client, and so does one sent in the instant between the backend's death and this
+///   client reading the end of the connection.
 /// - The connection is driven by a task of its own, as HTTP/2 multiplexes the requests of
 ///   all clones over it; it ends when the backend closes it or when the last clone is
 ///   dropped.
