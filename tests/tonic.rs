@@ -1,6 +1,6 @@
 //! A tonic client balanced by tower-lb over real tonic servers with tonic-health: a
-//! `NOT_SERVING` server gets no calls, a killed server costs no failed call, and clones
-//! share one HTTP/2 connection per server.
+//! `NOT_SERVING` server gets no calls, a killed server costs no failed call, clones share
+//! one HTTP/2 connection per server, and keep-alive pings end a connection to a silent one.
 //!
 //! Each server runs on a thread of its own with its own runtime, so that killing it (dropping
 //! the runtime) closes its listener and every connection at once, as a process kill would.
@@ -202,6 +202,31 @@ async fn concurrent_calls_share_one_connection_per_server() {
         }
     })
     .await
+}
+
+#[tokio::test]
+async fn keep_alive_ends_the_connection_to_a_silent_server() {
+    // A server that accepts and then says nothing, as a host that vanished would.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+    let silent = tokio::spawn(async move {
+        let (_socket, _) = listener.accept().await.unwrap();
+        std::future::pending::<()>().await;
+    });
+    let ping = Duration::from_millis(100);
+    let client = Http2Client::new().keep_alive(ping, ping);
+    let mut backend = client.make_backend(&authority);
+    let request = http::Request::new(tonic::body::Body::empty());
+    let call = tower::ServiceExt::ready(&mut backend)
+        .await
+        .unwrap()
+        .call(request);
+    // Without pings the call would wait forever; with them it fails once a ping goes
+    // unanswered, and the connection is dropped for the next call.
+    let result = tokio::time::timeout(Duration::from_secs(3), call).await;
+    assert!(matches!(result, Ok(Err(_))), "{result:?}");
+    assert!(!backend.is_connected());
+    silent.abort();
 }
 
 /// A tonic server with the Greeter and tonic-health's Health service, on a thread and
