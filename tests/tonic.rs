@@ -42,7 +42,8 @@ async fn within<F: Future>(f: F) -> F::Output {
 fn settings(interval: Duration) -> Settings {
     Settings {
         interval,
-        timeout: Duration::from_millis(500),
+        // Long: only a server that is down should fail a probe, even on a loaded machine.
+        timeout: Duration::from_secs(2),
         ..Settings::default()
     }
 }

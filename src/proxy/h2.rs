@@ -40,19 +40,20 @@ use crate::BoxError;
 /// `examples/tonic.rs`):
 ///
 /// ```
+/// use tower_lb::balance::MakeBackend;
 /// use tower_lb::policy::RoundRobin;
-/// use tower_lb::proxy::{self, Http2Client};
+/// use tower_lb::proxy::{uri::Authority, Http2Client};
 /// use tower_lb::{Backends, Balance};
 ///
 /// let client: Http2Client<tonic::body::Body> = Http2Client::new();
 /// let backends = Backends::new(RoundRobin::new());
 /// for address in ["127.0.0.1:50051", "127.0.0.1:50052"] {
-///     let address: proxy::uri::Authority = address.parse().unwrap();
+///     let address: Authority = address.parse().unwrap();
 ///     backends.insert(address.clone(), client.make_backend(&address));
 /// }
-/// let channel = tonic::client::Grpc::new(Balance::new(backends));
-/// # use tower_lb::balance::MakeBackend;
-/// # let _ = channel;
+/// // Any tonic client takes it as its transport, generated ones too
+/// // (`GreeterClient::new(Balance::new(backends))`).
+/// let _grpc = tonic::client::Grpc::new(Balance::new(backends));
 /// ```
 ///
 /// `B` is the type of request bodies sent: `tonic::body::Body` for tonic.
