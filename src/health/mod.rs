@@ -65,8 +65,13 @@ use crate::balance::WeakBackends;
 use crate::policy::{stable_hash, Load, Policy};
 use crate::{Backends, BoxError};
 
+#[cfg(feature = "grpc")]
+mod grpc;
 #[cfg(feature = "http")]
 mod http;
+#[cfg(feature = "grpc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
+pub use self::grpc::GrpcHealthProbe;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use self::http::HttpProbe;

@@ -45,6 +45,8 @@ mod builder;
 mod client_ip;
 pub mod error;
 mod framing;
+#[cfg(feature = "http2")]
+mod h2;
 mod hash_key;
 mod headers;
 mod respond;
@@ -54,6 +56,9 @@ mod upstream;
 /// The futures the services of this module return.
 pub mod future {
     pub use super::backend::ResponseFuture as BackendFuture;
+    #[cfg(feature = "http2")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
+    pub use super::h2::Http2ResponseFuture as Http2BackendFuture;
     pub use super::respond::ResponseFuture as ErrorResponsesFuture;
 }
 
@@ -63,6 +68,9 @@ pub use self::backend::{Backend, Client};
 pub use self::body::{TrackBody, TrackedBody};
 pub use self::builder::{BuildError, Builder};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
+#[cfg(feature = "http2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
+pub use self::h2::{Http2Backend, Http2Client};
 pub use self::hash_key::{CookieKey, HashKey, HeaderKey, InvalidHashKey, PathKey};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
