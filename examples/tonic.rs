@@ -54,19 +54,18 @@ async fn main() -> Result<(), BoxError> {
     // health check has passed, one HTTP/2 connection per server.
     let client = Http2Client::new().connect_timeout(Duration::from_secs(1));
     let backends = Backends::new(RoundRobin::new());
-    backends.healthy_on_insert(false);
     let settings = Settings {
         interval: Duration::from_secs(1),
         timeout: Duration::from_millis(500),
         ..Settings::default()
     };
-    let (checks, health) = HealthCheck::new(GrpcHealthProbe::new(""), settings);
+    // The checks follow the set: every backend inserted is probed before it takes calls.
+    let (checks, _) = HealthCheck::new(GrpcHealthProbe::new(""), settings);
+    let checking = tokio::spawn(checks.attach(&backends).drive());
     for server in &servers {
         let address: Authority = server.addr.to_string().parse()?;
         backends.insert(address.clone(), client.make_backend(&address));
-        health.insert(address);
     }
-    let checking = tokio::spawn(checks.drive(backends.clone()));
 
     // Start calling once the first probes have answered (the two serving servers are in).
     backends
@@ -93,7 +92,6 @@ async fn main() -> Result<(), BoxError> {
         println!("{}: {calls} calls", server.name);
     }
 
-    drop(health);
     checking.abort();
     for server in servers {
         server.stop().await;

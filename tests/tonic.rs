@@ -53,16 +53,14 @@ fn settings(interval: Duration) -> Settings {
 fn balanced(servers: &[&GrpcServer], settings: Settings) -> (Set, Handle<Authority>) {
     let client = Http2Client::new().connect_timeout(Duration::from_secs(1));
     let backends = Backends::new(RoundRobin::new());
-    backends.healthy_on_insert(false);
     let (checks, health) = HealthCheck::new(GrpcHealthProbe::new(""), settings);
+    tokio::spawn(checks.attach(&backends).drive());
     for server in servers {
         backends.insert(
             server.authority.clone(),
             client.make_backend(&server.authority),
         );
-        health.insert(server.authority.clone());
     }
-    tokio::spawn(checks.drive(backends.clone()));
     (backends, health)
 }
 
