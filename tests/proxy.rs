@@ -844,35 +844,22 @@ async fn health_thresholds_from_config_json_count_consecutive_probes() {
         .unwrap();
     let key: http::uri::Authority = b.authority().parse().unwrap();
     let healthy = || proxy.backends().is_healthy(&key).unwrap();
-    // Probe n's answer, then the state once it was taken in.
-    let mut probe = 0;
-    let mut answer = |pass: bool| {
-        probe += 1;
-        let n = probe;
-        let b = &b;
-        async move {
-            b.wait_probes(n).await;
-            b.set_healthy(pass);
-            b.release_probes(1);
-            b.wait_probes(n + 1).await;
-        }
-    };
     // A new backend: its first pass is enough.
-    answer(true).await;
+    b.answer_probe(1, true).await;
     assert!(healthy());
-    answer(false).await;
+    b.answer_probe(2, false).await;
     assert!(healthy(), "unhealthy after 1 failure of 2");
-    answer(false).await;
+    b.answer_probe(3, false).await;
     assert!(!healthy(), "healthy after 2 failures of 2");
-    answer(true).await;
-    answer(true).await;
+    b.answer_probe(4, true).await;
+    b.answer_probe(5, true).await;
     assert!(!healthy(), "healthy after 2 passes of 3");
-    answer(true).await;
+    b.answer_probe(6, true).await;
     assert!(healthy(), "unhealthy after 3 passes of 3");
-    // A failure in between starts the count again.
-    answer(false).await;
-    answer(true).await;
-    answer(false).await;
+    // A pass in between starts the count again.
+    b.answer_probe(7, false).await;
+    b.answer_probe(8, true).await;
+    b.answer_probe(9, false).await;
     assert!(healthy(), "two failures, not in a row, made it unhealthy");
     b.release_probes(1);
     proxy.shutdown().await.unwrap();

@@ -141,6 +141,16 @@ impl Backend {
         self.state.probe_gate.add_permits(n);
     }
 
+    /// With [`hold_probes`](Backend::hold_probes) on: answers health probe `n` (counting
+    /// from 1, waiting for it to arrive) as passing or failing, then waits for probe `n + 1`
+    /// to arrive, which shows that probe `n`'s result was taken in.
+    pub async fn answer_probe(&self, n: usize, pass: bool) {
+        self.wait_probes(n).await;
+        self.set_healthy(pass);
+        self.release_probes(1);
+        self.wait_probes(n + 1).await;
+    }
+
     /// Requests other than health checks.
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
@@ -336,7 +346,7 @@ impl Drop for RawServer {
 const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Reads up to the end of one request head; `None` if the connection ends first.
-async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+pub async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 4096];
     let mut head = Vec::new();
