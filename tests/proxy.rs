@@ -879,7 +879,11 @@ async fn a_backend_host_given_as_a_name() {
     assert_eq!(proxy.backends().is_healthy(&key), Some(true));
     let mut client = Client::connect(proxy.local_addr()).await;
     for _ in 0..3 {
-        assert_eq!(client.get("/").await, (StatusCode::OK, b.addr.to_string()));
+        assert_eq!(
+            client.get("/").await,
+            (StatusCode::OK, b.addr.to_string()),
+            "through the backend named localhost"
+        );
     }
     assert_eq!(b.hits(), 3);
     proxy.shutdown().await.unwrap();

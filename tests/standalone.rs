@@ -578,13 +578,21 @@ async fn a_new_backend_failing_its_first_probe_gets_no_traffic() {
     // Its first probe has arrived and is held: the server is in the set.
     b.wait_probes(1).await;
     for _ in 0..10 {
-        assert_eq!(client.get("/").await, (StatusCode::OK, a.authority()));
+        assert_eq!(
+            client.get("/").await,
+            (StatusCode::OK, a.authority()),
+            "a request reached the new backend before its first probe passed"
+        );
     }
     // It fails (503); the next probe's arrival shows that the result was taken in.
     b.release_probes(1);
     b.wait_probes(2).await;
     for _ in 0..10 {
-        assert_eq!(client.get("/").await, (StatusCode::OK, a.authority()));
+        assert_eq!(
+            client.get("/").await,
+            (StatusCode::OK, a.authority()),
+            "a request reached the new backend after its first probe failed"
+        );
     }
     assert_eq!(b.hits(), 0);
 
