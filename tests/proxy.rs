@@ -546,7 +546,13 @@ async fn a_hundred_concurrent_clients() {
         Backend::start().await,
     ];
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let proxy = proxy(config(&addrs, r#""algorithm": "least_connections""#)).await;
+    // Health checks at their defaults (every 10 s, 2 s timeout) rather than the helper's
+    // 0.1 s timeout: 100 clients on a loaded 2-CPU machine delayed probes past 0.1 s, so
+    // every backend turned unhealthy and about one run in six got 503s.
+    let mut cfg = config(&addrs, r#""algorithm": "least_connections""#);
+    cfg.health.interval = Duration::from_secs(10);
+    cfg.health.timeout = Duration::from_secs(2);
+    let proxy = proxy(cfg).await;
     let target = proxy.local_addr();
     let tasks: Vec<_> = (0..100)
         .map(|_| {
