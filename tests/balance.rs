@@ -1,7 +1,9 @@
 //! Service semantics of `Balance`, with tower-test mocks: readiness, picks, in-flight
 //! bookkeeping under cancellation and failure, and set changes while requests are pending.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::time::Duration;
 
 use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok, task};
 use tower::discover::Change;
@@ -28,9 +30,25 @@ fn mocks<P: Policy>(
     (backends, handles)
 }
 
+/// How long a test waits for a request to reach a mock backend. A request that goes
+/// elsewhere never arrives: the test fails instead of hanging.
+const ARRIVAL: Duration = Duration::from_secs(1);
+
+/// The next request to reach `handle`, within [`ARRIVAL`].
+async fn next_request(
+    handle: &mut Handle,
+    name: &str,
+) -> (&'static str, mock::SendResponse<&'static str>) {
+    match tokio::time::timeout(ARRIVAL, handle.next_request()).await {
+        Ok(Some(request)) => request,
+        Ok(None) => panic!("backend {name:?}: its service was dropped"),
+        Err(_) => panic!("no request reached backend {name:?} within {ARRIVAL:?}"),
+    }
+}
+
 /// Answers the next request on `handle` with its own name; returns the request.
 async fn answer(handle: &mut Handle, name: &'static str) -> &'static str {
-    let (req, send) = handle.next_request().await.expect("a request");
+    let (req, send) = next_request(handle, name).await;
     send.send_response(name);
     req
 }
@@ -110,7 +128,7 @@ async fn least_connections_counts_until_completion_cancel_or_error() {
     assert_eq!(in_flight(&backends), [0, 1, 1]);
 
     // A failed request releases it.
-    let (_, send) = handles[2].next_request().await.unwrap();
+    let (_, send) = next_request(&mut handles[2], "c").await;
     send.send_error("boom");
     assert_eq!(assert_ready_err!(c.poll()).to_string(), "boom");
     assert_eq!(in_flight(&backends), [0, 1, 0]);
@@ -281,45 +299,106 @@ fn tokio_stream_from<T>(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+/// Which backend got the request just sent (exactly one must have); answers it.
+fn routed(handles: &mut [Handle], names: &[&'static str]) -> usize {
+    let mut got = Vec::new();
+    for (i, handle) in handles.iter_mut().enumerate() {
+        if let std::task::Poll::Ready(Some((_, send))) = handle.poll_request() {
+            send.send_response(names[i]);
+            got.push(i);
+        }
+    }
+    assert_eq!(got.len(), 1, "the request reached {got:?}");
+    got[0]
+}
+
 #[tokio::test]
 async fn hashing_sends_a_key_to_the_same_backend() {
-    let (backends, mut handles) = mocks(Hashing::new(), &["a", "b", "c"]);
-    let lb = Balance::new(backends.clone())
-        .with_key(|req: &&str| Some(tower_lb::policy::stable_hash(*req)));
-    let mut first = None;
-    for _ in 0..5 {
-        let mut fut = task::spawn(lb.clone().oneshot("client-1"));
-        assert_pending!(fut.poll());
-        let mut got = None;
-        for (i, handle) in handles.iter_mut().enumerate() {
-            if let std::task::Poll::Ready(Some((_, send))) = handle.poll_request() {
-                send.send_response(["a", "b", "c"][i]);
-                got = Some(i);
+    const NAMES: [&str; 3] = ["a", "b", "c"];
+    let keys: Vec<&'static str> = (0..60)
+        .map(|i| &*Box::leak(format!("client-{i}").into_boxed_str()))
+        .collect();
+    // Two balancers over sets of the same backends: like two proxies in front of one pool.
+    let mut owners = Vec::new();
+    for _ in 0..2 {
+        let (backends, mut handles) = mocks(Hashing::new(), &NAMES);
+        let lb = Balance::new(backends.clone())
+            .with_key(|req: &&str| Some(tower_lb::policy::stable_hash(*req)));
+        let mut owner: HashMap<&str, usize> = HashMap::new();
+        // Every key three times, interleaved with the others.
+        for _ in 0..3 {
+            for key in &keys {
+                // Give tokio's cooperative budget back: mock handles are channels, which
+                // report an exhausted budget as empty.
+                tokio::task::yield_now().await;
+                let mut fut = task::spawn(lb.clone().oneshot(*key));
+                assert_pending!(fut.poll());
+                let i = routed(&mut handles, &NAMES);
+                assert_eq!(assert_ready_ok!(fut.poll()), NAMES[i]);
+                assert_eq!(*owner.entry(key).or_insert(i), i, "{key} moved");
             }
         }
-        let i = got.expect("one backend got the request");
-        let name = ["a", "b", "c"][i];
-        assert_eq!(assert_ready_ok!(fut.poll()), name);
-        assert_eq!(*first.get_or_insert(i), i, "the key moved");
+        owners.push(owner);
     }
+    assert_eq!(
+        owners[0], owners[1],
+        "two sets of the same backends disagree"
+    );
+    // The keys spread over every backend.
+    let mut share = [0; 3];
+    for &i in owners[0].values() {
+        share[i] += 1;
+    }
+    assert!(share.iter().all(|&n| n >= 8), "60 keys split {share:?}");
 }
 
 #[tokio::test]
 async fn algorithm_can_be_switched_live() {
-    let (backends, _handles) = mocks(Algorithm::default(), &["a", "b"]);
+    let (backends, mut handles) = mocks(Algorithm::default(), &["a", "b"]);
     assert_eq!(backends.snapshot().policy().name(), "round_robin");
+    let lb = Balance::new(backends.clone());
+    let send = |lb: &Balance<_, _, _>| task::spawn(lb.clone().oneshot("req"));
+
+    // Round robin: one request held on "a"; the turns go on regardless of load.
+    let mut held = send(&lb);
+    assert_pending!(held.poll());
+    let (_, held_response) = next_request(&mut handles[0], "a").await;
+    for (i, name) in [(1, "b"), (0, "a"), (1, "b")] {
+        let mut fut = send(&lb);
+        assert_pending!(fut.poll());
+        answer(&mut handles[i], name).await;
+        assert_eq!(assert_ready_ok!(fut.poll()), name);
+    }
+
+    // Least connections: while "a" holds its request, every new one goes to "b".
     backends.set_policy("least_connections".parse().unwrap());
     assert_eq!(backends.snapshot().policy().name(), "least_connections");
-    let lb = Balance::new(backends.clone());
-    let mut fut = task::spawn(lb.oneshot("x"));
-    assert_pending!(fut.poll());
-    assert_eq!(
-        backends.in_flight(&"a").unwrap() + backends.in_flight(&"b").unwrap(),
-        1
-    );
-    drop(fut);
-    assert_eq!(
-        backends.in_flight(&"a").unwrap() + backends.in_flight(&"b").unwrap(),
-        0
-    );
+    for _ in 0..4 {
+        let mut fut = send(&lb);
+        assert_pending!(fut.poll());
+        assert_eq!(
+            backends.in_flight(&"b"),
+            Some(1),
+            "went to the busy backend"
+        );
+        answer(&mut handles[1], "b").await;
+        assert_eq!(assert_ready_ok!(fut.poll()), "b");
+    }
+
+    // Back to round robin: both again, "a" still busy.
+    backends.set_policy("round_robin".parse().unwrap());
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let mut fut = send(&lb);
+        assert_pending!(fut.poll());
+        let i = routed(&mut handles, &["a", "b"]);
+        seen.push(assert_ready_ok!(fut.poll()));
+        assert_eq!(seen.last(), Some(&["a", "b"][i]));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, ["a", "b"]);
+
+    held_response.send_response("a");
+    assert_eq!(assert_ready_ok!(held.poll()), "a");
+    assert_eq!(backends.in_flight(&"a"), Some(0));
 }

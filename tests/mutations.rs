@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Once;
 use std::time::Duration;
@@ -113,6 +114,110 @@ fn assert_well_formed(case: &[u8], answer: &[u8]) {
     );
 }
 
+/// What the first request head of a case is, by httparse (which hyper parses with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    /// Complete and well-formed: the proxy must answer it (or refuse it with a status).
+    Valid,
+    /// Cut short: the proxy waits for the rest, and must close once the client has.
+    Partial,
+    /// Malformed: a 4xx, the connection closed, nothing forwarded.
+    Invalid,
+}
+
+fn first_head(case: &[u8]) -> Head {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    match httparse::Request::new(&mut headers).parse(case) {
+        Ok(httparse::Status::Complete(_)) => Head::Valid,
+        Ok(httparse::Status::Partial) => Head::Partial,
+        Err(_) => Head::Invalid,
+    }
+}
+
+/// How long an answer (or the close after a malformed head) may take: the backend is on
+/// loopback and answers at once.
+const ANSWER: Duration = Duration::from_secs(2);
+/// How long a case that needs no answer is given before the client closes its side.
+const SETTLE: Duration = Duration::from_millis(150);
+
+/// Sends `case`, closing the sending side at once with `half_close`; reads what the proxy
+/// sends. Then, if the proxy has not ended the connection, closes the sending side (if not
+/// yet) and requires the proxy to end the connection within [`ANSWER`]: no case may hang.
+/// Checks the answer against what the head requires.
+async fn run_case(target: SocketAddr, case: Vec<u8>, half_close: bool) {
+    use tokio::io::AsyncWriteExt;
+    let head = first_head(&case);
+    let shown = String::from_utf8_lossy(&case).into_owned();
+    let mut s = tokio::net::TcpStream::connect(target).await.unwrap();
+    let mut out = Vec::new();
+    let wrote = s.write_all(&case).await.is_ok();
+    if half_close && wrote {
+        let _ = s.shutdown().await;
+    }
+    let must_answer = head == Head::Valid && !half_close && wrote;
+    let mut end = match head {
+        // The proxy answers and closes by itself.
+        Head::Invalid => read_until_end(&mut s, &mut out, ANSWER).await,
+        // The first bytes of an answer, at least.
+        Head::Valid if must_answer => read_first_bytes(&mut s, &mut out, ANSWER).await,
+        _ => End::Open,
+    };
+    if end == End::Open {
+        end = read_until_end(&mut s, &mut out, SETTLE).await;
+    }
+    let answered_open = !out.is_empty();
+    if end == End::Open {
+        let _ = s.shutdown().await;
+        end = read_until_end(&mut s, &mut out, ANSWER).await;
+    }
+    let answer = String::from_utf8_lossy(&out[..out.len().min(200)]).into_owned();
+    assert_ne!(
+        end,
+        End::Open,
+        "the connection stayed open {ANSWER:?} after the client closed its side: {head:?} {shown:?}, answer {answer:?}"
+    );
+    assert_well_formed(&case, &out);
+    match head {
+        Head::Valid if must_answer => {
+            assert!(answered_open, "no answer within {ANSWER:?} to {shown:?}")
+        }
+        Head::Invalid => assert!(
+            out.starts_with(b"HTTP/1.1 4") || !wrote,
+            "a malformed head got {answer:?}, not a 4xx: {shown:?}"
+        ),
+        _ => {}
+    }
+}
+
+/// Reads until the first bytes arrive, the peer ends the connection or `wait` passes.
+async fn read_first_bytes(s: &mut tokio::net::TcpStream, out: &mut Vec<u8>, wait: Duration) -> End {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 8192];
+    match tokio::time::timeout(wait, s.read(&mut buf)).await {
+        Ok(Ok(0)) => End::Closed,
+        Ok(Ok(n)) => {
+            out.extend_from_slice(&buf[..n]);
+            End::Open
+        }
+        Ok(Err(_)) => End::Reset,
+        Err(_) => End::Open,
+    }
+}
+
+/// Runs the cases, a hundred at a time.
+async fn run_all(target: SocketAddr, cases: Vec<(Vec<u8>, bool)>) {
+    for batch in cases.chunks(100) {
+        let tasks: Vec<_> = batch
+            .iter()
+            .cloned()
+            .map(|(case, half_close)| tokio::spawn(run_case(target, case, half_close)))
+            .collect();
+        for task in tasks {
+            within(task).await.unwrap();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_requests_get_a_status_line_or_a_close() {
     count_panics();
@@ -126,23 +231,23 @@ async fn mutated_requests_get_a_status_line_or_a_close() {
             (mutate(&mut rng, message), rng.gen_bool(0.5))
         })
         .collect();
-    for batch in cases.chunks(100) {
-        let tasks: Vec<_> = batch
-            .iter()
-            .cloned()
-            .map(|(case, half_close)| {
-                tokio::spawn(async move {
-                    let wait = Duration::from_millis(200);
-                    let answer = raw_with(target, &case, half_close, wait).await;
-                    (case, answer)
-                })
-            })
-            .collect();
-        for task in tasks {
-            let (case, answer) = within(task).await.unwrap();
-            assert_well_formed(&case, &answer);
-        }
-    }
+    let (invalid, rest): (Vec<_>, Vec<_>) = cases
+        .into_iter()
+        .partition(|(case, _)| first_head(case) == Head::Invalid);
+    let count = |head| rest.iter().filter(|(c, _)| first_head(c) == head).count();
+    // Every kind is well represented.
+    assert!(
+        invalid.len() > 100 && count(Head::Valid) > 100 && count(Head::Partial) > 100,
+        "{} invalid, {} valid, {} partial",
+        invalid.len(),
+        count(Head::Valid),
+        count(Head::Partial)
+    );
+
+    // Malformed heads first, alone: the backend must see none of them.
+    run_all(target, invalid).await;
+    assert_eq!(b.hits(), 0, "the backend saw a malformed request");
+    run_all(target, rest).await;
 
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a panic (see the output)");
     nothing_in_flight(&proxy).await;
@@ -172,7 +277,9 @@ async fn mutated_responses_get_passed_on_or_502_never_a_panic() {
         let tasks: Vec<_> = (0..50)
             .map(|_| {
                 let wait = Duration::from_secs(1);
-                tokio::spawn(async move { raw_with(target, request, batch % 2 == 0, wait).await })
+                tokio::spawn(
+                    async move { exchange(target, request, batch % 2 == 0, wait).await.bytes },
+                )
             })
             .collect();
         for task in tasks {

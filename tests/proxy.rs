@@ -3,7 +3,7 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -182,42 +182,44 @@ async fn unhealthy_backends_leave_rotation_and_come_back() {
     proxy.shutdown().await.unwrap();
 }
 
+/// Every timeout and interval is 10 s or more, so a 503 that waited for any of them (a
+/// connect, a response, the next health check) would take that long. Idleness, which needs
+/// a process of its own to measure, is `tests/standalone.rs`'s
+/// `idle_with_no_healthy_backend_and_with_every_backend_down`.
 #[tokio::test]
-async fn no_healthy_backend_is_503_at_once_and_idle() {
+async fn no_healthy_backend_is_503_at_once() {
     let backends = [Backend::start().await, Backend::start().await];
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let proxy = proxy(config(&addrs, "")).await;
     for b in &backends {
         b.set_healthy(false);
     }
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let mut cfg = config(&addrs, "");
+    cfg.health.interval = Duration::from_secs(30);
+    cfg.health.timeout = Duration::from_secs(10);
+    cfg.connect_timeout = Duration::from_secs(10);
+    cfg.response_timeout = Duration::from_secs(10);
+    let proxy = tower_lb::standalone::Proxy::start(cfg).await.unwrap();
+    // Each backend has had its first probe, answered 503; the next is 15 s or more away.
     for b in &backends {
-        wait_health(&proxy, b, false).await;
+        b.wait_probes(1).await;
     }
     let mut client = Client::connect(proxy.local_addr()).await;
-    for _ in 0..3 {
-        let (status, body) = within(client.get("/")).await;
+    for i in 0..4 {
+        let started = std::time::Instant::now();
+        let (status, body) = if i % 2 == 0 {
+            within(client.get("/")).await
+        } else {
+            within(get(proxy.local_addr(), "/")).await
+        };
+        let took = started.elapsed();
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("no healthy backend"), "{body}");
+        assert!(
+            took < Duration::from_secs(1),
+            "request {i}: 503 after {took:?}"
+        );
     }
-    // No busy loop: the proxy's process is idle while nothing can be served. Measured as
-    // CPU time used over 1 s of wall time by this test process (which holds the proxy).
-    let cpu = || {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let fields: Vec<u64> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .map(|f| f.parse().unwrap())
-            .collect();
-        fields[0] + fields[1]
-    };
-    let before = cpu();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let ticks = cpu() - before;
-    assert!(ticks < 30, "{ticks} CPU ticks in 1 s while idle");
+    assert_eq!(backends.iter().map(Backend::hits).sum::<usize>(), 0);
     proxy.shutdown().await.unwrap();
 }
 
@@ -544,7 +546,13 @@ async fn a_hundred_concurrent_clients() {
         Backend::start().await,
     ];
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let proxy = proxy(config(&addrs, r#""algorithm": "least_connections""#)).await;
+    // Health checks at their defaults (every 10 s, 2 s timeout) rather than the helper's
+    // 0.1 s timeout: 100 clients on a loaded 2-CPU machine delayed probes past 0.1 s, so
+    // every backend turned unhealthy and about one run in six got 503s.
+    let mut cfg = config(&addrs, r#""algorithm": "least_connections""#);
+    cfg.health.interval = Duration::from_secs(10);
+    cfg.health.timeout = Duration::from_secs(2);
+    let proxy = proxy(cfg).await;
     let target = proxy.local_addr();
     let tasks: Vec<_> = (0..100)
         .map(|_| {
@@ -599,10 +607,12 @@ async fn ambiguous_framing_is_400_and_closed_and_never_forwarded() {
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
     ];
     for case in cases {
-        let answer = raw(proxy.local_addr(), case).await;
+        let ex = exchange(proxy.local_addr(), case, false, Duration::from_secs(5)).await;
+        let answer = ex.text();
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-        // One answer, then the connection is closed (raw() read to EOF).
+        // One answer, then the proxy ends the connection (not the 5 s wait).
         assert_eq!(answer.matches("HTTP/1.1").count(), 1, "{answer}");
+        assert!(ex.closed(), "the connection stayed open after {answer:?}");
     }
     assert_eq!(b.hits(), 0, "the backend saw an ambiguous request");
     proxy.shutdown().await.unwrap();
@@ -698,20 +708,8 @@ async fn a_backend_that_does_not_accept_fails_by_connect_timeout() {
     use tower_lb::policy::RoundRobin;
     use tower_lb::proxy::{self, Client as LbClient, ClientIpKey};
     // A listener that never accepts, its queue full: further connects get no answer.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let deaf = socket.listen(0).unwrap();
+    let (deaf, queued) = deaf_listener("127.0.0.1:0".parse().unwrap()).await;
     let deaf_addr = deaf.local_addr().unwrap();
-    let mut queued = Vec::new();
-    while let Ok(Ok(s)) = tokio::time::timeout(
-        Duration::from_millis(200),
-        tokio::net::TcpStream::connect(deaf_addr),
-    )
-    .await
-    {
-        queued.push(s);
-        assert!(queued.len() < 64, "the accept queue never filled");
-    }
 
     let timeout = Duration::from_millis(300);
     let client = LbClient::new().connect_timeout(timeout);
@@ -742,7 +740,7 @@ async fn a_backend_that_does_not_accept_fails_by_connect_timeout() {
     );
     let _ = stop.send(());
     within(server).await.unwrap().unwrap();
-    drop(deaf);
+    drop((deaf, queued));
 }
 
 /// 300 clients connecting at once, before the server accepts any: all are queued. With
@@ -803,4 +801,96 @@ async fn a_backend_response_head_over_the_limits_is_502() {
         );
         proxy.shutdown().await.unwrap();
     }
+}
+
+/// `connect_timeout` in config.json bounds a connect that gets no answer: a backend that
+/// passed its first probe, then stopped accepting (its accept queue full).
+#[tokio::test]
+async fn connect_timeout_from_config_json_bounds_a_connect() {
+    let b = Backend::start().await;
+    let port = b.addr.port();
+    let json = format!(
+        r#"{{"listen": "127.0.0.1:0", "servers": [{{"host": "127.0.0.1", "port": {port}}}],
+            "spawn_backends": false, "health_check_interval": 30, "health_check_timeout": 10,
+            "connect_timeout": 0.3, "response_timeout": 10}}"#
+    );
+    let proxy = proxy(Config::from_json(&json).unwrap()).await;
+    b.kill();
+    let deaf = deaf_listener(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let started = std::time::Instant::now();
+    let (status, body) = within(get(proxy.local_addr(), "/")).await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("cannot connect"), "{body}");
+    // Ended by the configured 0.3 s, not by a refusal and not by the 2 s default.
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    proxy.shutdown().await.unwrap();
+    drop(deaf);
+}
+
+/// `healthy_threshold` and `unhealthy_threshold` in config.json: the state flips on the
+/// configured number of consecutive results, not one sooner. Every probe is held until the
+/// test answers it; the arrival of the next probe shows that the previous result was taken
+/// in (one probe in flight at a time).
+#[tokio::test]
+async fn health_thresholds_from_config_json_count_consecutive_probes() {
+    let b = Backend::start().await;
+    b.hold_probes(true);
+    let json = format!(
+        r#"{{"listen": "127.0.0.1:0", "servers": [{{"host": "127.0.0.1", "port": {}}}],
+            "spawn_backends": false, "health_check_interval": 0.2, "health_check_timeout": 0.15,
+            "healthy_threshold": 3, "unhealthy_threshold": 2}}"#,
+        b.addr.port()
+    );
+    let proxy = tower_lb::standalone::Proxy::start(Config::from_json(&json).unwrap())
+        .await
+        .unwrap();
+    let key: http::uri::Authority = b.authority().parse().unwrap();
+    let healthy = || proxy.backends().is_healthy(&key).unwrap();
+    // A new backend: its first pass is enough.
+    b.answer_probe(1, true).await;
+    assert!(healthy());
+    b.answer_probe(2, false).await;
+    assert!(healthy(), "unhealthy after 1 failure of 2");
+    b.answer_probe(3, false).await;
+    assert!(!healthy(), "healthy after 2 failures of 2");
+    b.answer_probe(4, true).await;
+    b.answer_probe(5, true).await;
+    assert!(!healthy(), "healthy after 2 passes of 3");
+    b.answer_probe(6, true).await;
+    assert!(healthy(), "unhealthy after 3 passes of 3");
+    // A pass in between starts the count again.
+    b.answer_probe(7, false).await;
+    b.answer_probe(8, true).await;
+    b.answer_probe(9, false).await;
+    assert!(healthy(), "two failures, not in a row, made it unhealthy");
+    b.release_probes(1);
+    proxy.shutdown().await.unwrap();
+}
+
+/// A backend `host` given as a name is resolved, for requests and for health checks.
+#[tokio::test]
+async fn a_backend_host_given_as_a_name() {
+    let b = Backend::start().await;
+    let json = format!(
+        r#"{{"listen": "127.0.0.1:0", "servers": [{{"host": "localhost", "port": {}}}],
+            "spawn_backends": false, "health_check_interval": 0.2, "health_check_timeout": 0.1}}"#,
+        b.addr.port()
+    );
+    let proxy = proxy(Config::from_json(&json).unwrap()).await;
+    let key: http::uri::Authority = format!("localhost:{}", b.addr.port()).parse().unwrap();
+    assert_eq!(proxy.backends().is_healthy(&key), Some(true));
+    let mut client = Client::connect(proxy.local_addr()).await;
+    for _ in 0..3 {
+        assert_eq!(
+            client.get("/").await,
+            (StatusCode::OK, b.addr.to_string()),
+            "through the backend named localhost"
+        );
+    }
+    assert_eq!(b.hits(), 3);
+    proxy.shutdown().await.unwrap();
 }

@@ -69,38 +69,72 @@ async fn servers_are_added_and_removed_live_and_removed_ones_drain() {
     proxy.shutdown().await.unwrap();
 }
 
+/// Thresholds of 3, so that a staying backend's counts of consecutive results show: "b"
+/// has two failures when the configuration changes, and its third, after the change,
+/// turns it unhealthy. Its probes are held until the test answers them, so each reload
+/// happens between two known results. A request held open on "a" stays in flight.
 #[tokio::test]
 async fn staying_backends_keep_health_counters_and_requests() {
     let (a, b) = (Backend::start().await, Backend::start().await);
-    let mut proxy = proxy(config(
+    b.hold_probes(true);
+    let mut cfg = config(
         &[a.addr, b.addr],
-        r#""algorithm": "least_connections""#,
-    ))
-    .await;
-    b.set_healthy(false);
-    wait_health(&proxy, &b, false).await;
+        r#""algorithm": "least_connections", "healthy_threshold": 3, "unhealthy_threshold": 3"#,
+    );
+    cfg.health.interval = Duration::from_millis(250);
+    cfg.health.timeout = Duration::from_millis(200);
+    let mut proxy = tower_lb::standalone::Proxy::start(cfg).await.unwrap();
+    wait_health(&proxy, &a, true).await;
 
+    // While "b" has not passed a probe yet, a request held open goes to "a".
+    b.wait_probes(1).await;
     let mut held = Client::connect(proxy.local_addr()).await;
     let res = held
         .send(Request::get("/hold").body(empty()).unwrap())
         .await;
     assert_eq!(proxy.backends().in_flight(&key(&a)), Some(1));
 
-    // Algorithm, weights and timeouts change; both servers stay.
-    let json = r#""algorithm": "round_robin", "connect_timeout": 1, "response_timeout": 20"#;
+    // "b": healthy on its first pass, then two failures of three.
+    b.answer_probe(1, true).await;
+    b.answer_probe(2, false).await;
+    b.answer_probe(3, false).await;
+    assert_eq!(proxy.backends().is_healthy(&key(&b)), Some(true));
+
+    // Algorithm, timeouts and health interval change; both servers stay.
+    let json = r#""algorithm": "round_robin", "connect_timeout": 1, "response_timeout": 20,
+        "healthy_threshold": 3, "unhealthy_threshold": 3"#;
     let mut changed = next(&proxy, &[&a, &b], json);
     changed.health.interval = Duration::from_millis(300);
+    changed.health.timeout = Duration::from_millis(200);
     let diff = proxy.apply(changed).await;
     assert_eq!(diff.algorithm.map(|a| a.name()), Some("round_robin"));
     assert!(diff.timeouts && diff.health);
     assert_eq!(proxy.backends().in_flight(&key(&a)), Some(1));
-    assert_eq!(proxy.backends().is_healthy(&key(&b)), Some(false));
     assert_eq!(proxy.backends().is_healthy(&key(&a)), Some(true));
+    assert_eq!(proxy.backends().is_healthy(&key(&b)), Some(true));
+
+    // The third failure in a row, counted across the change.
+    b.answer_probe(4, false).await;
+    assert_eq!(
+        proxy.backends().is_healthy(&key(&b)),
+        Some(false),
+        "the failure counts were reset by the reload"
+    );
+
+    // An unhealthy backend stays unhealthy across a change.
+    let json =
+        r#""algorithm": "least_connections", "healthy_threshold": 3, "unhealthy_threshold": 3"#;
+    let diff = proxy.apply(next(&proxy, &[&a, &b], json)).await;
+    assert!(diff.timeouts && diff.health);
+    assert_eq!(proxy.backends().is_healthy(&key(&b)), Some(false));
+    assert_eq!(proxy.backends().in_flight(&key(&a)), Some(1));
 
     a.release(1);
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"first;last");
     assert_eq!(proxy.backends().in_flight(&key(&a)), Some(0));
+    b.hold_probes(false);
+    b.release_probes(1);
     proxy.shutdown().await.unwrap();
 }
 

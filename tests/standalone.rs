@@ -82,8 +82,20 @@ struct Running {
 
 impl Running {
     fn start(config: &Path) -> Running {
-        let mut child = Command::new(example())
-            .arg(config)
+        let mut command = Command::new(example());
+        command.arg(config);
+        Running::spawn(command)
+    }
+
+    /// Without a CONFIG argument, in `dir`.
+    fn start_in(dir: &Path) -> Running {
+        let mut command = Command::new(example());
+        command.current_dir(dir);
+        Running::spawn(command)
+    }
+
+    fn spawn(mut command: Command) -> Running {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -146,12 +158,42 @@ impl Running {
     }
 
     fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait()
+    }
+
+    /// Sends the signal named `name` (`TERM`, `INT`) to the proxy.
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
-        self.wait()
+    }
+
+    /// CPU time (user and system) the proxy process has used so far, in clock ticks
+    /// (1/100 s on Linux).
+    fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields 14 and 15 (utime, stime), counted from after the command name.
+        let fields: Vec<u64> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        fields[0] + fields[1]
+    }
+
+    /// CPU ticks the proxy uses over one second of wall time.
+    async fn ticks_over_a_second(&self) -> u64 {
+        let before = self.cpu_ticks();
+        // The elapsed time is what is measured here.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.cpu_ticks() - before
     }
 
     fn wait(&mut self) -> ExitStatus {
@@ -286,9 +328,26 @@ async fn serves_demo_backends_and_applies_edits_live() {
     assert_eq!(seen[..3], names[..]);
     assert_eq!(seen[3..], names[..]);
 
-    // Add a server (its demo backend starts) and remove one (its demo backend stops).
+    // Add a server (its demo backend starts) and remove one (its demo backend stops),
+    // within 2 seconds of the write: the new one answers.
     let fourth = free_port();
+    let written = Instant::now();
     replace(&path, demo_config(&[ports[1], ports[2], fourth], ""));
+    let applied = within(async {
+        loop {
+            let (status, body) = client.get("/").await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            if body == format!("127.0.0.1:{fourth}") {
+                return written.elapsed();
+            }
+        }
+    })
+    .await;
+    eprintln!("demo backend added and answering {applied:?} after the write");
+    assert!(
+        applied < Duration::from_secs(2),
+        "the edit took {applied:?} to apply"
+    );
     proxy.wait_for("configuration applied");
     proxy.wait_for("backend is healthy");
     let mut seen = std::collections::HashSet::new();
@@ -337,20 +396,27 @@ async fn serves_demo_backends_and_applies_edits_live() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
+/// A config for `backends` (spawn_backends off), listening on an ephemeral port.
+fn external_config(backends: &[SocketAddr], extra: &str) -> String {
+    let servers: Vec<String> = backends
+        .iter()
+        .map(|b| format!(r#"{{"host": "127.0.0.1", "port": {}}}"#, b.port()))
+        .collect();
+    format!(
+        r#"{{"listen": "127.0.0.1:0", "servers": [{}], "spawn_backends": false{extra}}}"#,
+        servers.join(", ")
+    )
+}
+
+const FAST_CHECKS: &str = r#", "health_check_interval": 0.5, "health_check_timeout": 0.25"#;
+
+/// `signal` while a request is in flight: new connections are refused, the request
+/// completes, then the proxy exits 0.
+async fn a_signal_refuses_new_connections_and_finishes_requests_in_flight(signal: &str) {
     let backend = Backend::start().await;
     let dir = tempdir();
     let path = dir.join("config.json");
-    std::fs::write(
-        &path,
-        format!(
-            r#"{{"listen": "127.0.0.1:0", "servers": [{{"host": "127.0.0.1", "port": {}}}], "spawn_backends": false,
-                "health_check_interval": 0.5, "health_check_timeout": 0.25}}"#,
-            backend.addr.port()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, external_config(&[backend.addr], FAST_CHECKS)).unwrap();
     let mut proxy = Running::start(&path);
     let addr = proxy.listening();
     proxy.wait_for("backend is healthy");
@@ -360,12 +426,7 @@ async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
         .send(Request::get("/hold").body(empty()).unwrap())
         .await;
     assert_eq!(res.status(), StatusCode::OK);
-    let pid = proxy.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    proxy.signal(signal);
     proxy.wait_for("shutting down");
     within(async {
         while tokio::net::TcpStream::connect(addr).await.is_ok() {
@@ -383,5 +444,232 @@ async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
     assert_eq!(&body[..], b"first;last");
     let status = proxy.wait();
     assert_eq!(status.code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
+    a_signal_refuses_new_connections_and_finishes_requests_in_flight("TERM").await;
+}
+
+/// Ctrl-C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_refuses_new_connections_and_finishes_requests_in_flight() {
+    a_signal_refuses_new_connections_and_finishes_requests_in_flight("INT").await;
+}
+
+/// Without an argument, the proxy reads `config.json` in its working directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_defaults_to_config_json_in_the_working_directory() {
+    let backend = Backend::start().await;
+    let dir = tempdir();
+    std::fs::write(
+        dir.join("config.json"),
+        external_config(&[backend.addr], FAST_CHECKS),
+    )
+    .unwrap();
+    let mut proxy = Running::start_in(&dir);
+    let addr = proxy.listening();
+    proxy.wait_for("backend is healthy");
+    assert_eq!(get(addr, "/").await, (StatusCode::OK, backend.authority()));
+    assert_eq!(backend.hits(), 1);
+    assert_eq!(proxy.terminate().code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Requests in flight across an edit that removes one backend and keeps another: one
+/// waiting for its response head on the removed backend, one streaming its body from the
+/// staying one. Both complete. The edit applies (a new backend answers) within the
+/// contract's 2 seconds of the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_applies_within_2_s_and_fails_no_request_in_flight() {
+    let (a, b, c) = (
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    );
+    let dir = tempdir();
+    let path = dir.join("config.json");
+    std::fs::write(&path, external_config(&[a.addr, b.addr], FAST_CHECKS)).unwrap();
+    let mut proxy = Running::start(&path);
+    let addr = proxy.listening();
+    proxy.wait_for("backend is healthy");
+    proxy.wait_for("backend is healthy");
+
+    // A request waiting for its response head, on whichever backend round robin picks.
+    let waiting = tokio::spawn(async move {
+        let mut client = Client::connect(addr).await;
+        client.get("/wait").await
+    });
+    let on_a = within(async {
+        tokio::select! {
+            () = a.started() => true,
+            () = b.started() => false,
+        }
+    })
+    .await;
+    let (removed, staying) = if on_a { (&a, &b) } else { (&b, &a) };
+    // The next one goes to the other backend: its head arrives, its body is held.
+    let mut streaming = Client::connect(addr).await;
+    let res = streaming
+        .send(Request::get("/hold").body(empty()).unwrap())
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(staying.hits(), 1);
+
+    // Remove the one with the waiting request, add "c".
+    let written = Instant::now();
+    replace(&path, external_config(&[staying.addr, c.addr], FAST_CHECKS));
+    let mut client = Client::connect(addr).await;
+    let applied = within(async {
+        loop {
+            let (status, body) = client.get("/").await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            if body == c.authority() {
+                return written.elapsed();
+            }
+        }
+    })
+    .await;
+    eprintln!("backend added and answering {applied:?} after the write");
+    assert!(
+        applied < Duration::from_secs(2),
+        "the edit took {applied:?} to apply"
+    );
+    let before = removed.hits();
+    for _ in 0..6 {
+        assert_eq!(client.get("/").await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        removed.hits(),
+        before,
+        "a removed backend got a new request"
+    );
+
+    // Both requests in flight complete.
+    removed.release(1);
+    assert_eq!(
+        within(waiting).await.unwrap(),
+        (StatusCode::OK, removed.authority())
+    );
+    staying.release(1);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"first;last");
+    assert_eq!(proxy.terminate().code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A server added by an edit whose first probe fails takes no request: not while that
+/// probe is under way, not after it failed; it takes requests from its first pass on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_backend_failing_its_first_probe_gets_no_traffic() {
+    let (a, b) = (Backend::start().await, Backend::start().await);
+    b.hold_probes(true);
+    b.set_healthy(false);
+    let dir = tempdir();
+    let path = dir.join("config.json");
+    std::fs::write(&path, external_config(&[a.addr], FAST_CHECKS)).unwrap();
+    let mut proxy = Running::start(&path);
+    let addr = proxy.listening();
+    proxy.wait_for("backend is healthy");
+
+    replace(&path, external_config(&[a.addr, b.addr], FAST_CHECKS));
+    let mut client = Client::connect(addr).await;
+    // Its first probe has arrived and is held: the server is in the set.
+    b.wait_probes(1).await;
+    for _ in 0..10 {
+        assert_eq!(
+            client.get("/").await,
+            (StatusCode::OK, a.authority()),
+            "a request reached the new backend before its first probe passed"
+        );
+    }
+    // It fails (503); the next probe's arrival shows that the result was taken in.
+    b.release_probes(1);
+    b.wait_probes(2).await;
+    for _ in 0..10 {
+        assert_eq!(
+            client.get("/").await,
+            (StatusCode::OK, a.authority()),
+            "a request reached the new backend after its first probe failed"
+        );
+    }
+    assert_eq!(b.hits(), 0);
+
+    // It passes: it takes requests.
+    b.set_healthy(true);
+    b.release_probes(1);
+    proxy.wait_for("backend is healthy");
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(client.get("/").await.1);
+    }
+    assert_eq!(seen, [a.authority(), b.authority()].into());
+    b.hold_probes(false);
+    b.release_probes(1);
+    assert_eq!(proxy.terminate().code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// No busy loop: the proxy process uses next to no CPU while no backend is healthy, and
+/// while every backend is down (not listening), with a client connection open. Every
+/// timeout is 10 s, so the 503s that come at once did not wait for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_with_no_healthy_backend_and_with_every_backend_down() {
+    // 10 ticks = 0.1 s of CPU in 1 s. The proxy probes two backends 5 times a second
+    // meanwhile; a thread in a busy loop takes 100 ticks (at least 25 on a crowded 2-CPU
+    // machine).
+    const IDLE: u64 = 10;
+    let (a, b) = (Backend::start().await, Backend::start().await);
+    let dir = tempdir();
+    let path = dir.join("config.json");
+    let extra = r#", "health_check_interval": 0.2, "health_check_timeout": 0.1,
+        "connect_timeout": 10, "response_timeout": 10"#;
+    std::fs::write(&path, external_config(&[a.addr, b.addr], extra)).unwrap();
+    let mut proxy = Running::start(&path);
+    let addr = proxy.listening();
+    proxy.wait_for("backend is healthy");
+    proxy.wait_for("backend is healthy");
+    let mut client = Client::connect(addr).await;
+    let at_once = |took: Duration| assert!(took < Duration::from_secs(1), "503 after {took:?}");
+
+    // Both answer their health checks with 503.
+    a.set_healthy(false);
+    b.set_healthy(false);
+    proxy.wait_for("backend is unhealthy");
+    proxy.wait_for("backend is unhealthy");
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(client.get("/").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        at_once(started.elapsed());
+    }
+    let unhealthy = proxy.ticks_over_a_second().await;
+
+    // Healthy again, then both stop listening.
+    a.set_healthy(true);
+    b.set_healthy(true);
+    proxy.wait_for("backend is healthy");
+    proxy.wait_for("backend is healthy");
+    a.kill();
+    b.kill();
+    proxy.wait_for("backend is unhealthy");
+    proxy.wait_for("backend is unhealthy");
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(client.get("/").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        at_once(started.elapsed());
+    }
+    let down = proxy.ticks_over_a_second().await;
+    eprintln!("CPU ticks in 1 s: {unhealthy} with no healthy backend, {down} with all down");
+    assert!(
+        unhealthy < IDLE,
+        "{unhealthy} CPU ticks in 1 s with no healthy backend"
+    );
+    assert!(
+        down < IDLE,
+        "{down} CPU ticks in 1 s with every backend down"
+    );
+    assert!(client.get("/").await.0 == StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(proxy.terminate().code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -485,17 +485,43 @@ mod tests {
 
     const ONE: &str = r#""servers": [{"host": "127.0.0.1", "port": 9001}]"#;
 
+    /// The defaults are the contract's literals (`../shared/CONTRACT.md`), not the code's
+    /// own constants, so that a changed default fails here.
     #[test]
     fn defaults() {
         let c = Config::from_json(&format!("{{{ONE}}}")).unwrap();
         assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.algorithm, "round_robin");
         assert_eq!(c.health_check_url, "/health");
-        assert_eq!(c.health, Settings::default());
+        assert_eq!(c.health.interval, Duration::from_secs(10));
+        assert_eq!(c.health.timeout, Duration::from_secs(2));
+        assert_eq!(c.health.healthy_threshold, 1);
+        assert_eq!(c.health.unhealthy_threshold, 1);
         assert_eq!(c.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.response_timeout, Duration::from_secs(30));
         assert!(c.spawn_backends);
+        assert!(c.trusted_proxies.is_empty());
         assert_eq!(c.servers[0].weight, 1);
+        // The contract's example file, with every key spelled out at its default, means the
+        // same as the file with only `servers`.
+        let spelled_out = Config::from_json(
+            r#"{
+                "listen": "127.0.0.1:8080",
+                "servers": [{"host": "127.0.0.1", "port": 9001, "weight": 1}],
+                "algorithm": "round_robin",
+                "health_check_url": "/health",
+                "health_check_interval": 10,
+                "health_check_timeout": 2,
+                "healthy_threshold": 1,
+                "unhealthy_threshold": 1,
+                "connect_timeout": 2,
+                "response_timeout": 30,
+                "spawn_backends": true,
+                "trusted_proxies": []
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(spelled_out, c);
     }
 
     #[test]

@@ -232,10 +232,24 @@ mod tests {
 
     #[test]
     fn stable_hash_is_fixed() {
-        // These values must never change: proxies in front of one pool rely on them.
-        assert_eq!(stable_hash(&0u64), stable_hash(&0u64));
-        assert_ne!(stable_hash(&0u64), stable_hash(&1u64));
-        assert_eq!(stable_hash("127.0.0.1:9001"), 9_003_990_147_998_655_315);
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        // These values must never change: proxies in front of one pool, and a proxy after a
+        // restart, rely on them. Backend ids hash their address; hashing by client IP
+        // hashes an `IpAddr` (what `ClientIpKey` keys by), so both forms are pinned, as are
+        // the integers the ring's points hash.
+        let v4 = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+        let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+        let pinned: [(u64, u64); 6] = [
+            (stable_hash(&0u64), 9_313_164_154_874_788_883),
+            (stable_hash(&1u64), 6_676_229_981_160_887_125),
+            (stable_hash(&(7u64, 3u64)), 5_096_888_390_665_919_359),
+            (stable_hash("127.0.0.1:9001"), 9_003_990_147_998_655_315),
+            (stable_hash(&v4), 14_072_060_680_357_475_590),
+            (stable_hash(&v6), 12_016_896_422_029_113_877),
+        ];
+        for (i, (got, expected)) in pinned.into_iter().enumerate() {
+            assert_eq!(got, expected, "value {i}");
+        }
     }
 
     #[test]

@@ -22,9 +22,11 @@ use tower_lb::standalone::Proxy;
 pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 /// A backend on 127.0.0.1:0. Paths:
-/// - `/health`: 200, or 503 after `set_healthy(false)`;
+/// - `/health`: 200, or 503 after `set_healthy(false)`; counted, and held while
+///   [`hold_probes`](Backend::hold_probes) is on;
 /// - `/hold`: headers at once, then the body waits for `release()` (one permit per request);
 /// - `/stall`: never answers;
+/// - `/wait`: answers (its own address) once `release()` lets it (one permit per request);
 /// - `/slow/N`: answers after N milliseconds;
 /// - `/echo`: streams the request body back;
 /// - `/download/N`: N bytes, in 64 KiB chunks;
@@ -48,6 +50,10 @@ struct State {
     peers: Mutex<Vec<SocketAddr>>,
     gate: Semaphore,
     started: Notify,
+    /// Health probes received (counted on arrival, before any hold).
+    probes: tokio::sync::watch::Sender<usize>,
+    hold_probes: AtomicBool,
+    probe_gate: Semaphore,
 }
 
 impl Default for State {
@@ -60,6 +66,9 @@ impl Default for State {
             peers: Mutex::default(),
             gate: Semaphore::new(0),
             started: Notify::new(),
+            probes: tokio::sync::watch::Sender::new(0),
+            hold_probes: AtomicBool::new(false),
+            probe_gate: Semaphore::new(0),
         }
     }
 }
@@ -106,6 +115,42 @@ impl Backend {
         self.state.healthy.store(healthy, Ordering::SeqCst);
     }
 
+    /// Health probes received so far.
+    pub fn probes(&self) -> usize {
+        *self.state.probes.borrow()
+    }
+
+    /// Waits until `n` health probes have arrived (the last one may still be held).
+    #[track_caller]
+    pub fn wait_probes(&self, n: usize) -> impl std::future::Future<Output = ()> + '_ {
+        let mut probes = self.state.probes.subscribe();
+        within(async move {
+            probes.wait_for(|&seen| seen >= n).await.unwrap();
+        })
+    }
+
+    /// While on, each health probe waits for a [`release_probes`](Backend::release_probes)
+    /// permit before it is answered (with the health set at that moment). A probe that
+    /// arrives while the previous one is held proves that one's result was taken in.
+    pub fn hold_probes(&self, hold: bool) {
+        self.state.hold_probes.store(hold, Ordering::SeqCst);
+    }
+
+    /// Lets `n` held health probes be answered.
+    pub fn release_probes(&self, n: usize) {
+        self.state.probe_gate.add_permits(n);
+    }
+
+    /// With [`hold_probes`](Backend::hold_probes) on: answers health probe `n` (counting
+    /// from 1, waiting for it to arrive) as passing or failing, then waits for probe `n + 1`
+    /// to arrive, which shows that probe `n`'s result was taken in.
+    pub async fn answer_probe(&self, n: usize, pass: bool) {
+        self.wait_probes(n).await;
+        self.set_healthy(pass);
+        self.release_probes(1);
+        self.wait_probes(n + 1).await;
+    }
+
     /// Requests other than health checks.
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
@@ -125,12 +170,12 @@ impl Backend {
         self.state.peers.lock().unwrap().clone()
     }
 
-    /// Lets one held body finish.
+    /// Lets `n` held bodies (`/hold`) or held answers (`/wait`) finish.
     pub fn release(&self, n: usize) {
         self.state.gate.add_permits(n);
     }
 
-    /// Waits until a `/hold` or `/echo` request has started on this backend.
+    /// Waits until a `/hold`, `/wait` or `/echo` request has started on this backend.
     pub async fn started(&self) {
         self.state.started.notified().await
     }
@@ -161,6 +206,12 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     if path == "/health" {
+        st.probes.send_modify(|n| *n += 1);
+        if st.hold_probes.load(Ordering::SeqCst) {
+            if let Ok(permit) = st.probe_gate.acquire().await {
+                permit.forget();
+            }
+        }
         let status = if st.healthy.load(Ordering::SeqCst) {
             StatusCode::OK
         } else {
@@ -193,6 +244,13 @@ async fn handle(
                     |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
                 );
             Ok(Response::new(StreamBody::new(stream).boxed()))
+        }
+        "/wait" => {
+            st.started.notify_one();
+            if let Ok(permit) = st.gate.acquire().await {
+                permit.forget();
+            }
+            Ok(Response::new(full(addr.to_string())))
         }
         "/stall" => {
             std::future::pending::<()>().await;
@@ -288,7 +346,7 @@ impl Drop for RawServer {
 const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Reads up to the end of one request head; `None` if the connection ends first.
-async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+pub async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 4096];
     let mut head = Vec::new();
@@ -470,32 +528,117 @@ pub async fn wait_health(proxy: &Proxy, backend: &Backend, healthy: bool) {
     .await;
 }
 
-/// Raw bytes on a new connection; returns everything read until the proxy closes it (or 5 s).
-pub async fn raw(target: SocketAddr, bytes: &[u8]) -> String {
-    let out = raw_with(target, bytes, false, Duration::from_secs(5)).await;
-    String::from_utf8_lossy(&out).into_owned()
+/// Raw bytes on a new connection; returns everything read until the proxy closes it.
+/// Fails the test if the connection is still open after 5 s.
+#[track_caller]
+pub fn raw(target: SocketAddr, bytes: &[u8]) -> impl std::future::Future<Output = String> {
+    let caller = std::panic::Location::caller();
+    let bytes = bytes.to_vec();
+    async move {
+        let ex = exchange(target, &bytes, false, Duration::from_secs(5)).await;
+        assert!(
+            ex.closed(),
+            "the connection was still open after 5 s (at {caller}); read: {:?}",
+            ex.text()
+        );
+        ex.text()
+    }
+}
+
+/// How the peer ended a raw exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The peer closed the connection (EOF).
+    Closed,
+    /// The peer reset the connection.
+    Reset,
+    /// The connection was still open when the wait ran out.
+    Open,
+}
+
+/// What a raw exchange read, and how it ended.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub bytes: Vec<u8>,
+    pub end: End,
+}
+
+impl Exchange {
+    /// The peer ended the connection (closed or reset), rather than leaving it open.
+    pub fn closed(&self) -> bool {
+        self.end != End::Open
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
 }
 
 /// Raw bytes on a new connection, then (with `half_close`) the end of the sending side;
-/// returns everything read until the peer closes the connection or `wait` passes. A peer
-/// that closes while the bytes are being written just ends the exchange early.
-pub async fn raw_with(
+/// returns everything read until the peer ends the connection or `wait` passes, and which
+/// of the two happened. A peer that closes while the bytes are being written just ends the
+/// exchange early.
+pub async fn exchange(
     target: SocketAddr,
     bytes: &[u8],
     half_close: bool,
     wait: Duration,
-) -> Vec<u8> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+) -> Exchange {
+    use tokio::io::AsyncWriteExt;
     let mut s = TcpStream::connect(target).await.unwrap();
     let mut out = Vec::new();
     if s.write_all(bytes).await.is_err() {
-        return out;
+        // The peer is gone already; whatever it sent may still be readable.
+        let end = read_until_end(&mut s, &mut out, Duration::from_secs(1)).await;
+        return Exchange { bytes: out, end };
     }
     if half_close {
         let _ = s.shutdown().await;
     }
-    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
-    out
+    let end = read_until_end(&mut s, &mut out, wait).await;
+    Exchange { bytes: out, end }
+}
+
+/// Reads into `out` until the peer ends the connection or `wait` passes.
+pub async fn read_until_end(stream: &mut TcpStream, out: &mut Vec<u8>, wait: Duration) -> End {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => return End::Closed,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => return End::Reset,
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.unwrap_or(End::Open)
+}
+
+/// A listener on `addr` that never accepts, its accept queue full: connects to it get no
+/// answer (the kernel drops their SYNs) until they time out. Waits for the address to be
+/// free (a backend just stopped there may still hold it a moment). Keep both values alive.
+pub async fn deaf_listener(addr: SocketAddr) -> (TcpListener, Vec<TcpStream>) {
+    let deaf = within(async {
+        loop {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.set_reuseaddr(true).unwrap();
+            if socket.bind(addr).is_ok() {
+                break socket.listen(0).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let addr = deaf.local_addr().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+    {
+        queued.push(s);
+        assert!(queued.len() < 64, "the accept queue never filled");
+    }
+    (deaf, queued)
 }
 
 /// Waits until no request is in flight on any of the proxy's backends.
