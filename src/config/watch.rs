@@ -101,7 +101,9 @@ async fn run(path: PathBuf, poll_every: Duration, tx: mpsc::Sender<Result<Config
     loop {
         if !first {
             tokio::select! {
-                _ = events.recv() => {
+                // `None` (no watcher: file events unavailable) must not match, or the
+                // file would be re-read every 50 ms instead of every `poll_every`.
+                Some(()) = events.recv() => {
                     // Let the writer finish, then take every event of the burst at once.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     while events.try_recv().is_ok() {}
