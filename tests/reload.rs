@@ -228,6 +228,147 @@ async fn reloads_fail_no_request() {
     proxy.shutdown().await.unwrap();
 }
 
+/// A backend that goes down when the test says: it answers the first request on each
+/// connection (keep-alive), holds the second one unanswered and reports it, and on
+/// `go_down` stops listening, then closes every connection without answering.
+struct Doomed {
+    addr: std::net::SocketAddr,
+    /// A second request on a connection (a pooled one) has arrived.
+    arrived: Option<tokio::sync::oneshot::Receiver<()>>,
+    down: Option<tokio::sync::oneshot::Sender<()>>,
+    closed: tokio::sync::watch::Sender<bool>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Doomed {
+    async fn start() -> Doomed {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+        let arrived_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
+        let (down, mut down_rx) = tokio::sync::oneshot::channel::<()>();
+        let closed = tokio::sync::watch::Sender::new(false);
+        let watch = closed.clone();
+        let accepting = tokio::spawn(async move {
+            loop {
+                let mut stream = tokio::select! {
+                    biased;
+                    _ = &mut down_rx => return, // the listener closes here
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                };
+                let (arrived_tx, mut closed) = (arrived_tx.clone(), watch.subscribe());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for n in 1.. {
+                        // One request head (GETs without bodies).
+                        let head = loop {
+                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break buf.drain(..end + 4).collect::<Vec<u8>>();
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        };
+                        if head.starts_with(b"GET /health ") {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                            let _ = stream.write_all(ok).await;
+                            return;
+                        }
+                        if n == 1 {
+                            let body = addr.to_string();
+                            let answer = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        if let Some(tx) = arrived_tx.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
+                        // Unanswered until the backend goes down; then the connection closes.
+                        let _ = closed.wait_for(|c| *c).await;
+                        return;
+                    }
+                });
+            }
+        });
+        Doomed {
+            addr,
+            arrived: Some(arrived),
+            down: Some(down),
+            closed,
+            accepting,
+        }
+    }
+
+    /// Waits until a request has arrived on a connection that answered one before.
+    async fn pooled_request_arrived(&mut self) {
+        within(self.arrived.take().unwrap()).await.unwrap();
+    }
+
+    /// Stops listening (new connections are refused from when this returns), then closes
+    /// every connection, answering nothing more.
+    async fn go_down(&mut self) {
+        let _ = self.down.take().unwrap().send(());
+        within(&mut self.accepting).await.unwrap();
+        self.closed.send_replace(true);
+    }
+}
+
+#[tokio::test]
+async fn a_backend_that_goes_down_as_it_is_removed_fails_no_request() {
+    // The race of a removed backend that stops at once, as demo backends did: a request
+    // that picked it before the removal is on a pooled connection when the backend closes
+    // it and stops listening. The request never reached the application, so it must go to
+    // another backend, not be answered 502 after a refused reconnect to the same one.
+    let mut doomed = Doomed::start().await;
+    let other = Backend::start().await;
+    let mut proxy = proxy(config(&[doomed.addr, other.addr], "")).await;
+
+    // Round robin alternates: of four requests in a row on one client connection, two
+    // reach `doomed`, the second of them on its pooled connection, where it is held.
+    let target = proxy.local_addr();
+    let requests = tokio::spawn(async move {
+        let mut client = Client::connect(target).await;
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            answers.push(client.get("/").await);
+        }
+        answers
+    });
+    doomed.pooled_request_arrived().await;
+
+    // Removed, then down, while that request is in flight on it.
+    let doomed_key: Authority = doomed.addr.to_string().parse().unwrap();
+    assert_eq!(proxy.backends().in_flight(&doomed_key), Some(1));
+    let mut without = config(&[other.addr], "");
+    without.listen = target;
+    assert_eq!(proxy.apply(without).await.removed.len(), 1);
+    doomed.go_down().await;
+
+    let answers = within(requests).await.unwrap();
+    let statuses: Vec<StatusCode> = answers.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [StatusCode::OK; 4], "{answers:?}");
+    let served_by_other = answers
+        .iter()
+        .filter(|(_, b)| *b == other.authority())
+        .count();
+    assert_eq!(
+        served_by_other, 3,
+        "the held request went to the other backend"
+    );
+    proxy.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn the_watcher_sees_edits_and_reports_invalid_ones() {
     let dir = tempdir();

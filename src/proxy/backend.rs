@@ -19,6 +19,7 @@ use tower_service::Service;
 use super::error::{BackendError, ConnectError, ResponseTimeout};
 use super::upstream::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
 use super::{peer_ip, socket_target};
+use crate::balance::error::Unsent;
 use crate::balance::MakeBackend;
 use crate::BoxError;
 
@@ -125,7 +126,9 @@ impl<B> MakeBackend<Authority> for Client<B> {
 ///   HTTP/1.1, hop-by-hop headers removed, the client appended to `X-Forwarded-For`, `Host`
 ///   kept) and sends it. If a pooled connection turns out to have been closed by the
 ///   backend as the request went out (no byte of an answer, no byte of the body read yet),
-///   an idempotent request is sent once more on a fresh connection. Response headers must
+///   an idempotent request is sent once more on a fresh connection; if the backend refuses
+///   that one, the request is given back to the balancer ([`Unsent`]) for another backend.
+///   Response headers must
 ///   arrive within `response_timeout` ([`ResponseTimeout`]); the response's hop-by-hop
 ///   headers are removed.
 /// - The exchange runs in the task that polls the response future and body (for a proxy,
@@ -283,8 +286,18 @@ where
         // it, so once more on a fresh connection.
         Err((error, Some(body))) if error.retryable => {
             tracing::debug!(backend = %shared.authority, error = %error.error, "stale connection; sending again");
-            let conn = shared.clone().connect().await?;
-            exchange(conn, &head, body, pool.clone(), deadline()).await
+            match shared.clone().connect().await {
+                Ok(conn) => exchange(conn, &head, body, pool.clone(), deadline()).await,
+                // The backend went away (it closed the connection and now refuses new
+                // ones; so does one stopped as it leaves the set): the request, never acted
+                // on, goes back to the balancer for another backend.
+                Err(refused) => {
+                    return Err(match head.request_again(body, &shared.host) {
+                        Some(request) => Box::new(Unsent::new(request, refused)),
+                        None => refused.into(),
+                    });
+                }
+            }
         }
         result => result,
     };

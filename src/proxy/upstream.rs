@@ -253,6 +253,29 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+impl Head {
+    /// The request again, as it went to the backend whose `Host` is `backend`, for another
+    /// backend: rebuilt from the encoded head (an error path only). Its `X-Forwarded-For`
+    /// already names the client, and a `Host` this proxy added for `backend` is left out
+    /// (the next backend adds its own). `None` if the head does not parse, which the
+    /// encoder never produces.
+    pub(crate) fn request_again<B>(&self, body: B, backend: &HeaderValue) -> Option<Request<B>> {
+        let mut fields = vec![httparse::EMPTY_HEADER; MAX_HEADERS + 64];
+        let mut parsed = httparse::Request::new(&mut fields);
+        if !matches!(parsed.parse(&self.bytes), Ok(httparse::Status::Complete(_))) {
+            return None;
+        }
+        let mut request = Request::builder().method(parsed.method?).uri(parsed.path?);
+        for f in parsed.headers.iter() {
+            if f.name.eq_ignore_ascii_case("host") && f.value == backend.as_bytes() {
+                continue;
+            }
+            request = request.header(f.name, f.value);
+        }
+        request.body(body).ok()
+    }
+}
+
 /// The request body still to be sent, and the bytes of it (or of the head) not yet written.
 struct Sender<B> {
     body: Option<B>,
