@@ -54,7 +54,7 @@ mod key;
 mod layer;
 mod service;
 
-pub use self::backends::{Backends, InFlight, Snapshot, Update};
+pub use self::backends::{Backends, Drain, InFlight, Snapshot, Update};
 pub use self::key::{NoKey, RequestKey};
 pub use self::layer::{BalanceLayer, MakeBackend};
 pub use self::service::Balance;
