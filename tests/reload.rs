@@ -502,6 +502,29 @@ async fn a_backend_that_goes_down_as_it_is_removed_fails_no_request() {
 }
 
 #[tokio::test]
+async fn a_connection_reset_before_any_answer_sends_an_idempotent_request_elsewhere() {
+    // A backend going down resets the connections it had queued but not yet accepted, so
+    // a fresh connection can fail before any byte of an answer too: a GET goes to another
+    // backend; a POST, which the backend may have acted on, is answered 502.
+    let reset = reset_backend().await;
+    let good = Backend::start().await;
+    let proxy = proxy(config(&[reset.addr, good.addr], "")).await;
+    let mut client = Client::connect(proxy.local_addr()).await;
+    for _ in 0..4 {
+        assert_eq!(client.get("/").await, (StatusCode::OK, good.authority()));
+    }
+    assert!(reset.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let res = client.send(Request::post("/").body(empty()).unwrap()).await;
+        statuses.push(res.status());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::BAD_GATEWAY]);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn the_watcher_sees_edits_and_reports_invalid_ones() {
     let dir = tempdir();
     let path = dir.join("config.json");

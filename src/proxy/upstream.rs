@@ -136,13 +136,14 @@ impl fmt::Debug for Conn {
     }
 }
 
-/// Why an exchange failed, and whether the request may be sent again on a new connection.
+/// Why an exchange failed. (The request body comes back with it when the request may be
+/// sent again: idempotent, nothing of its body consumed, no byte of an answer received.)
 #[derive(Debug)]
 pub(crate) struct ExchangeError {
     pub(crate) error: BoxError,
-    /// Nothing of the request body was consumed and no byte of a response arrived, on a
-    /// reused connection: the backend closed it as we sent.
-    pub(crate) retryable: bool,
+    /// Not the connection's first exchange: closed before an answer, it may have been a
+    /// stale keep-alive rather than a backend gone away.
+    pub(crate) reused: bool,
 }
 
 /// How the request body is framed on the wire.
@@ -374,10 +375,9 @@ where
     conn.arm(deadline);
     let fail = |error: BoxError, sender: &mut Sender<B>, conn: &Conn| {
         let timed_out = error.is::<Elapsed>();
-        let retryable =
-            !timed_out && reused && head.idempotent && !sender.started && conn.rbuf.is_empty();
+        let retryable = !timed_out && head.idempotent && !sender.started && conn.rbuf.is_empty();
         let body = if retryable { sender.body.take() } else { None };
-        (ExchangeError { error, retryable }, body)
+        (ExchangeError { error, reused }, body)
     };
     let parsed = std::future::poll_fn(|cx| {
         let poll = poll_head(&mut conn, &mut sender, head, cx);
