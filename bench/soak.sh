@@ -6,7 +6,7 @@
 # demo:     spawn_backends true, servers on 127.0.0.1:9201-9204: every 1-2 s config.json (a
 #           temporary copy) is rewritten with another server set (each transition keeps one
 #           server, so a healthy backend is always there; every server leaves and comes
-#           back, its demo backend stopped and started), random weights 1-3 and the next
+#           back, its demo backend stopped and started), weights 1-3 and the next
 #           algorithm (round_robin, least_connections, hashing).
 # external: the same with spawn_backends false and three nginx backends on 9101-9103 (one
 #           nginx each, as ../shared/bench/conf/backends.nginx.conf configures them);
@@ -14,9 +14,9 @@
 # Load: wrk -t1 -c64 (CONNS=N to change; BIN=PATH runs that binary instead of building) on GET / for the whole run. Prints total requests,
 # failed requests (wrk's non-2xx/3xx answers plus its socket errors, and the proxy's own
 # 5xx log lines), reloads applied (the proxy's "configuration applied" log lines), the
-# proxy's RSS and open descriptors (sampled every 2 s, shown every 10 s), and a verdict: no
-# failure, at least 30 reloads a minute, and RSS and descriptors (medians) grown at most 5%
-# from minute 2 to the last minute (runs under 4 minutes: first half, after 20 s, to second).
+# proxy's RSS and open descriptors every 10 s, and a verdict: no failure, at least 30
+# reloads a minute, and RSS and descriptors grown at most 5% from minute 2 to the last
+# minute, compared where the configuration cycle (15 rewrites) is back at its start.
 # Pinning, as ../shared/bench/compare.sh does: the proxy alone on CPU 0; wrk, backends and
 # this script on CPU 1. Everything started here leads its own process group and is stopped
 # by PID on exit. Files: /tmp/tower-lb-soak/<timestamp>/<mode>/.
@@ -96,11 +96,12 @@ trap 'exit 130' INT TERM
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # ---------------------------------------------------------------- configuration
-# write_config DIR PORTS ALGORITHM SPAWN: config.json replaced by rename, as editors do.
+# write_config DIR PORTS ALGORITHM SPAWN STEP: config.json replaced by rename, as editors
+# do; weights 1-3, a function of the port and the step.
 write_config() {
-  local dir=$1 ports=$2 algorithm=$3 spawn=$4 servers="" p
+  local dir=$1 ports=$2 algorithm=$3 spawn=$4 step=$5 servers="" p
   for p in $ports; do
-    servers+="${servers:+, }{ \"host\": \"127.0.0.1\", \"port\": $p, \"weight\": $((RANDOM % 3 + 1)) }"
+    servers+="${servers:+, }{ \"host\": \"127.0.0.1\", \"port\": $p, \"weight\": $(((p + step) % 3 + 1)) }"
   done
   cat >"$dir/config.json.tmp" <<EOF
 {
@@ -148,10 +149,10 @@ start_nginx() {  # start_nginx DIR PORT: returns once it listens
   echo "nginx on $2 did not start" >&2; return 1
 }
 
-# churn DIR SETS SPAWN KILL: rewrites the config every 1-2 s until killed; with KILL, kills
+# churn DIR SETS SPAWN KILL PROXY: rewrites the config every 1-2 s until killed; with KILL, kills
 # the nginx on 9103 every 10 s and starts it again 4 s later. Logs what it did to DIR/churn.log.
 churn() {
-  local dir=$1 spawn=$3 kill=$4 i=0 n algorithms=(round_robin least_connections hashing)
+  local dir=$1 spawn=$3 kill=$4 proxy=$5 i=0 n algorithms=(round_robin least_connections hashing)
   local -a sets
   IFS=';' read -r -a sets <<<"$2"
   local t0=$SECONDS down_at=-1
@@ -159,7 +160,10 @@ churn() {
     sleep "1.$((RANDOM % 1000))"
     i=$((i + 1))
     n=${#sets[@]}
-    write_config "$dir" "${sets[$((i % n))]}" "${algorithms[$((i % 3))]}" "$spawn"
+    # Every 15 steps the configuration cycle (5 server sets, 3 algorithms) is back where it
+    # started: the proxy is sampled there, in the same state each time, for the verdict.
+    [ $((i % 15)) -eq 0 ] && echo "$((SECONDS - t0)) $(usage "$proxy")" >>"$dir/cycle"
+    write_config "$dir" "${sets[$((i % n))]}" "${algorithms[$((i % 3))]}" "$spawn" "$i"
     echo "$((SECONDS - t0)) write ${sets[$((i % n))]} ${algorithms[$((i % 3))]}" >>"$dir/churn.log"
     if [ "$kill" = 1 ]; then
       if [ $down_at -lt 0 ] && [ $(((SECONDS - t0) % 10)) -lt 2 ] && [ $((SECONDS - t0)) -ge 5 ]; then
@@ -176,14 +180,17 @@ churn() {
   done
 }
 
-# sample PID FILE: "seconds rss_kB fds" every 2 s
+# usage PID: "rss_kB fds"
+usage() {
+  echo "$(awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null) $(ls "/proc/$1/fd" 2>/dev/null | wc -l)"
+}
+
+# sample PID FILE: "seconds rss_kB fds" every 10 s
 sample() {
-  local pid=$1 file=$2 t0=$SECONDS rss fds
+  local pid=$1 file=$2 t0=$SECONDS
   while alive "$pid"; do
-    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)
-    fds=$(ls "/proc/$pid/fd" 2>/dev/null | wc -l)
-    [ -n "$rss" ] && echo "$((SECONDS - t0)) $rss $fds" >>"$file"
-    sleep 2
+    echo "$((SECONDS - t0)) $(usage "$pid")" >>"$file"
+    sleep 10
   done
 }
 
@@ -205,7 +212,7 @@ run_mode() {
   if [ "$mode" = external ]; then
     for p in $ports; do nginx_conf "$dir" "$p"; start_nginx "$dir" "$p" || return 1; done
   fi
-  write_config "$dir" "${sets%%;*}" round_robin "$spawn"
+  write_config "$dir" "${sets%%;*}" round_robin "$spawn" 0
   RUST_LOG=info start "$dir/proxy.log" "${PROXY_CPU[@]}" "$BIN" "$dir/config.json"
   proxy=$LASTPID
   for _ in $(seq 100); do
@@ -215,7 +222,7 @@ run_mode() {
   done
   echo "== $mode: $MINUTES min, wrk -c$CONNS, config rewritten every 1-2 s$([ $kill = 1 ] && echo ', nginx on 9103 killed every 10 s')" >&2
   sample "$proxy" "$dir/samples" & sampler=$!
-  churn "$dir" "$sets" "$spawn" "$kill" & churner=$!
+  churn "$dir" "$sets" "$spawn" "$kill" "$proxy" & churner=$!
   "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$PORT/" >"$dir/wrk.txt" 2>&1
   kill "$churner" "$sampler" 2>/dev/null; wait "$churner" "$sampler" 2>/dev/null
   local survived=yes; alive "$proxy" || survived=no
@@ -237,28 +244,32 @@ report() {
   echo "requests:        ${requests:-0} ($(awk '/^Requests\/sec:/ { print $2 }' "$dir/wrk.txt") req/s)"
   echo "failed:          $non2xx non-2xx answers, $sockerr socket errors (wrk); $logged 5xx logged by the proxy"
   echo "reloads applied: $reloads (of $writes rewrites)$([ "$mode" = external ] && echo ", 9103 killed $(grep -c killed "$dir/churn.log") times")"
-  echo "proxy every ~10 s (s, RSS MiB, fds):"
-  awk 'NR % 5 == 1 { printf "  %5d %7.1f %5d\n", $1, $2 / 1024, $3 }' "$dir/samples" | paste - - - - | sed 's/^/ /'
-  # Growth: minute 2 against the last minute (runs under 4 minutes: the first half,
-  # after 20 s, against the second), as medians of the 2 s samples: descriptors follow the
-  # server set in force (a pool per backend; in demo mode the demo backends' own ends of
-  # those connections too), so single samples jump with each reload; a leak moves the
-  # median, the churn does not.
+  echo "proxy every 10 s (s, RSS MiB, fds):"
+  awk '{ printf "  %5d %7.1f %5d\n", $1, $2 / 1024, $3 }' "$dir/samples" | paste - - - - | sed 's/^/ /'
+  # Growth, from the samples taken each time the configuration cycle was back at its start
+  # (the same server set, weights and algorithm, after the same sequence of reloads):
+  # descriptors follow the set in force and its pools (in demo mode the demo backends'
+  # ends of those connections too), so samples at arbitrary moments jump by 40% with the
+  # churn. Minute 2 against the last minute (mean of the samples in each); runs under 4
+  # minutes: the first sample after 20 s against the last.
   local growth
   growth=$(awk -v d="$DURATION" '
-    function median(a, n,   i, j, t) {
-      for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] > a[j]; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
-      return n ? (n % 2 ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2) : 0 }
-    BEGIN { if (d >= 240) { b0 = 60; b1 = 120; e0 = d - 60 } else { b0 = 20; b1 = d / 2; e0 = d / 2 } }
-    $1 >= b0 && $1 < b1 { br[++nb] = $2; bf[nb] = $3 }
-    $1 >= e0            { er[++ne] = $2; ef[ne] = $3 }
-    END { rb = median(br, nb); re = median(er, ne); fb = median(bf, nb); fe = median(ef, ne)
-          printf "%.1f %.1f %d %d %.1f %.1f %s", rb / 1024, re / 1024, fb, fe,
-                 rb ? 100 * (re - rb) / rb : 0, fb ? 100 * (fe - fb) / fb : 0,
-                 (d >= 240 ? "minute_2->last_minute" : "first_half->second_half") }' "$dir/samples")
+    { t[NR] = $1; r[NR] = $2; f[NR] = $3 }
+    END {
+      for (i = 1; i <= NR; i++) {
+        if (d >= 240 && t[i] >= 60 && t[i] < 120) { rb += r[i]; fb += f[i]; nb++ }
+        if (d >= 240 && t[i] >= d - 60)           { re += r[i]; fe += f[i]; ne++ }
+        if (d < 240 && !nb && t[i] >= 20)         { rb = r[i]; fb = f[i]; nb = 1 }
+      }
+      if (d < 240) { re = r[NR]; fe = f[NR]; ne = 1 }
+      if (!nb || !ne) { print "0 0 0 0 0 0 too_few_samples"; exit }
+      rb /= nb; fb /= nb; re /= ne; fe /= ne
+      printf "%.1f %.1f %d %d %.1f %.1f %s", rb / 1024, re / 1024, fb, fe,
+             100 * (re - rb) / rb, 100 * (fe - fb) / fb,
+             (d >= 240 ? "minute_2->last_minute" : "first->last") }' "$dir/cycle")
   local rb re fb fe rg fg window
   read -r rb re fb fe rg fg window <<<"$growth"
-  echo "growth (${window//_/ }, medians): RSS $rb -> $re MiB ($rg%), fds $fb -> $fe ($fg%)"
+  echo "growth at the start of the config cycle ($(wc -l <"$dir/cycle") samples, ${window//_/ }): RSS $rb -> $re MiB ($rg%), fds $fb -> $fe ($fg%)"
   # The proxy logs each 5xx it answers, which wrk counts too: the larger of the two.
   local failures=$(((non2xx > logged ? non2xx : logged) + sockerr)) verdict=PASS why=()
   [ "$failures" -eq 0 ] || why+=("$failures failures")
