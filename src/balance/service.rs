@@ -38,8 +38,9 @@ use crate::BoxError;
 ///   the connection: a refused connect is retried elsewhere.)
 /// - A backend whose call fails with [`Unsent`](super::error::Unsent) gives the request
 ///   back: it never acted on it, and the request is tried on another backend in the same
-///   way. A request gets one retry in all. (For HTTP: an idempotent request whose pooled
-///   connection the backend closed before answering, and that cannot be reconnected.)
+///   way. A request gets one retry in all. (For HTTP: an idempotent request whose
+///   connection the backend closed or reset before any byte of an answer, when a stale
+///   pooled connection cannot be replaced by a new one to the same backend.)
 /// - The request counts as in flight on its backend from the pick until the
 ///   [`TrackCompletion`] `C` drops the [`InFlight`] guard: by default when the response
 ///   arrives; with [`TrackBody`](crate::proxy::TrackBody), when the response body ends.

@@ -129,9 +129,8 @@ impl<B> MakeBackend<Authority> for Client<B> {
 ///   an idempotent request is sent once more on a fresh connection. If the backend refuses
 ///   that one, or a fresh connection closes or resets before any byte of an answer, the
 ///   idempotent request is given back to the balancer ([`Unsent`]) for another backend.
-///   Response headers must
-///   arrive within `response_timeout` ([`ResponseTimeout`]); the response's hop-by-hop
-///   headers are removed.
+///   Response headers must arrive within `response_timeout` ([`ResponseTimeout`]); the
+///   response's hop-by-hop headers are removed.
 /// - The exchange runs in the task that polls the response future and body (for a proxy,
 ///   the client's connection task): no task or channel per upstream connection. Bodies
 ///   stream both ways, the request body still being sent while the response streams. The
