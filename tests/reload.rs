@@ -204,61 +204,357 @@ async fn a_listen_change_needs_a_restart_and_is_not_applied() {
     proxy.shutdown().await.unwrap();
 }
 
+/// A backend that goes down when its server is removed and comes back on the same address
+/// when it is added, as the standalone's demo backends do: `tower_lb::proxy::Server`,
+/// stopped gracefully (the listener closes, idle keep-alive connections close, requests in
+/// progress finish). `/hold/N` answers at once with `x-served-by` and the first part of its
+/// body; the body ends once `released` reaches N. Anything else: its own address.
+struct Restartable {
+    addr: std::net::SocketAddr,
+    released: tokio::sync::watch::Sender<usize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Restartable {
+    async fn start(released: tokio::sync::watch::Sender<usize>) -> Restartable {
+        let mut backend = Restartable {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            released,
+            stop: None,
+            task: None,
+        };
+        backend.come_back();
+        backend
+    }
+
+    /// Listens (again) on its address and serves.
+    fn come_back(&mut self) {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        let listener = tower_lb::proxy::bind(self.addr).unwrap();
+        self.addr = listener.local_addr().unwrap();
+        let (addr, released) = (self.addr, self.released.clone());
+        let service = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let path = req.uri().path().to_owned();
+            let mut released = released.subscribe();
+            async move {
+                type Frames = futures::stream::BoxStream<
+                    'static,
+                    Result<Frame<bytes::Bytes>, std::convert::Infallible>,
+                >;
+                let Some(round) = path.strip_prefix("/hold/") else {
+                    let body: Frames = futures::stream::once(async move {
+                        Ok(Frame::data(bytes::Bytes::from(addr.to_string())))
+                    })
+                    .boxed();
+                    return Ok::<_, std::convert::Infallible>(http::Response::new(
+                        StreamBody::new(body),
+                    ));
+                };
+                let round: usize = round.parse().unwrap();
+                let first = futures::stream::once(async { Ok(Frame::data("first;".into())) });
+                let last = futures::stream::once(async move {
+                    let _ = released.wait_for(|r| *r >= round).await;
+                    Ok(Frame::data("last".into()))
+                });
+                let body: Frames = first.chain(last).boxed();
+                let mut response = http::Response::new(StreamBody::new(body));
+                let served_by = addr.to_string().parse().unwrap();
+                response.headers_mut().insert("x-served-by", served_by);
+                Ok(response)
+            }
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(stop);
+        self.task = Some(tokio::spawn(async move {
+            tower_lb::proxy::Server::new()
+                .serve(listener, service, async {
+                    let _ = stopped.await;
+                })
+                .await
+        }));
+    }
+
+    /// Stops listening and closes idle connections now; the future returned ends when
+    /// every connection has ended (requests in progress first finish).
+    fn go_down(&mut self) -> impl std::future::Future<Output = ()> + 'static {
+        let _ = self.stop.take().unwrap().send(());
+        let task = self.task.take().unwrap();
+        async move { within(task).await.unwrap().unwrap() }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_fail_no_request() {
-    let backends = [
-        Backend::start().await,
-        Backend::start().await,
-        Backend::start().await,
-    ];
-    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let mut proxy = proxy(config(&addrs, "")).await;
+    // Under load, each round puts a request in flight on a backend, takes that backend
+    // down as a demo backend goes down (closing the idle keep-alive connections that
+    // requests which picked it may be using) as it is removed from the set, lets the held
+    // request finish, and brings the backend back. No request may fail, and the one in
+    // flight on the removed backend must end complete. (Before requests were given back to
+    // the balancer, 1 or 2 of them got 502 in each of 6 runs.)
+    let released = tokio::sync::watch::Sender::new(0usize);
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        backends.push(Restartable::start(released.clone()).await);
+    }
+    let config_of =
+        |proxy: &tower_lb::standalone::Proxy, up: &[std::net::SocketAddr], extra: &str| {
+            let mut c = config(up, extra);
+            c.listen = proxy.local_addr();
+            c
+        };
+    let all: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let mut proxy = proxy(config(&all, "")).await;
     let target = proxy.local_addr();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = tokio::sync::watch::Sender::new(0usize);
     let load: Vec<_> = (0..8)
         .map(|_| {
-            let stop = stop.clone();
+            let (stop, answered) = (stop.clone(), answered.clone());
             tokio::spawn(async move {
                 let mut client = Client::connect(target).await;
                 let mut statuses = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     statuses.push(client.get("/").await.0);
+                    answered.send_modify(|n| *n += 1);
                 }
                 statuses
             })
         })
         .collect();
-    // Cycle through configurations that always keep at least one healthy backend.
-    let refs: Vec<&Backend> = backends.iter().collect();
+
     let algorithms = ["least_connections", "hashing", "round_robin"];
-    for round in 0..9 {
-        let keep: Vec<&Backend> = refs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != round % 3)
-            .map(|(_, b)| *b)
-            .collect();
-        proxy
-            .apply(next(
-                &proxy,
-                &keep,
-                &format!(r#""algorithm": "{}""#, algorithms[round % 3]),
-            ))
-            .await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        proxy.apply(next(&proxy, &refs, "")).await;
+    let mut clients = 2u8..;
+    for round in 1..=9 {
+        let victim = all[round % 3];
+        // Held requests (from distinct client IPs, for hashing) until one is on the victim.
+        let mut held = Vec::new();
+        let on_victim = within(async {
+            loop {
+                let from = format!("127.0.0.{}", clients.next().unwrap());
+                let mut client = Client::connect_from(target, from.parse().unwrap()).await;
+                let req = Request::get(format!("/hold/{round}"))
+                    .body(empty())
+                    .unwrap();
+                let res = client.send(req).await;
+                assert_eq!(res.status(), StatusCode::OK);
+                let by = res.headers()["x-served-by"].to_str().unwrap().to_owned();
+                held.push(res);
+                if by == victim.to_string() {
+                    return;
+                }
+            }
+        });
+        on_victim.await;
+        let victim_key: Authority = victim.to_string().parse().unwrap();
+        assert!(proxy.backends().in_flight(&victim_key) >= Some(1));
+
+        // The victim goes down as it is removed: it stops listening and closes its idle
+        // connections (the held request's once that has finished) just before the removal
+        // is applied, while 16 of the load's requests go by, some of them picking it and
+        // the pooled connections it is closing.
+        let going_down = backends[round % 3].go_down();
+        let seen = *answered.borrow();
+        within(answered.subscribe().wait_for(|n| *n >= seen + 16))
+            .await
+            .unwrap();
+        let up: Vec<_> = all.iter().copied().filter(|a| *a != victim).collect();
+        let extra = format!(r#""algorithm": "{}""#, algorithms[round % 3]);
+        let diff = proxy.apply(config_of(&proxy, &up, &extra)).await;
+        assert_eq!(diff.removed.len(), 1);
+        released.send_replace(round);
+        for res in held {
+            let body = within(res.into_body().collect()).await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"first;last", "a held request ended early");
+        }
+        going_down.await;
+
+        backends[round % 3].come_back();
+        proxy.apply(config_of(&proxy, &all, "")).await;
+        within(
+            proxy
+                .backends()
+                .wait_until(|s| s.iter().filter(|(_, e)| e.is_healthy()).count() == 3),
+        )
+        .await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total = 0;
     for t in load {
         let statuses = within(t).await.unwrap();
         total += statuses.len();
+        let failed: Vec<_> = statuses.iter().filter(|s| **s != StatusCode::OK).collect();
         assert!(
-            statuses.iter().all(|s| *s == StatusCode::OK),
-            "a request failed during a reload"
+            failed.is_empty(),
+            "requests failed during reloads: {failed:?}"
         );
     }
     assert!(total > 100, "only {total} requests");
+    proxy.shutdown().await.unwrap();
+}
+
+/// A backend that goes down when the test says: it answers the first request on each
+/// connection (keep-alive), holds the second one unanswered and reports it, and on
+/// `go_down` stops listening, then closes every connection without answering.
+struct Doomed {
+    addr: std::net::SocketAddr,
+    /// A second request on a connection (a pooled one) has arrived.
+    arrived: Option<tokio::sync::oneshot::Receiver<()>>,
+    down: Option<tokio::sync::oneshot::Sender<()>>,
+    closed: tokio::sync::watch::Sender<bool>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Doomed {
+    async fn start() -> Doomed {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+        let arrived_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(arrived_tx)));
+        let (down, mut down_rx) = tokio::sync::oneshot::channel::<()>();
+        let closed = tokio::sync::watch::Sender::new(false);
+        let watch = closed.clone();
+        let accepting = tokio::spawn(async move {
+            loop {
+                let mut stream = tokio::select! {
+                    biased;
+                    _ = &mut down_rx => return, // the listener closes here
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                };
+                let (arrived_tx, mut closed) = (arrived_tx.clone(), watch.subscribe());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for n in 1.. {
+                        // One request head (GETs without bodies).
+                        let head = loop {
+                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break buf.drain(..end + 4).collect::<Vec<u8>>();
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        };
+                        if head.starts_with(b"GET /health ") {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                            let _ = stream.write_all(ok).await;
+                            return;
+                        }
+                        if n == 1 {
+                            let body = addr.to_string();
+                            let answer = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        if let Some(tx) = arrived_tx.lock().unwrap().take() {
+                            let _ = tx.send(());
+                        }
+                        // Unanswered until the backend goes down; then the connection closes.
+                        let _ = closed.wait_for(|c| *c).await;
+                        return;
+                    }
+                });
+            }
+        });
+        Doomed {
+            addr,
+            arrived: Some(arrived),
+            down: Some(down),
+            closed,
+            accepting,
+        }
+    }
+
+    /// Waits until a request has arrived on a connection that answered one before.
+    async fn pooled_request_arrived(&mut self) {
+        within(self.arrived.take().unwrap()).await.unwrap();
+    }
+
+    /// Stops listening (new connections are refused from when this returns), then closes
+    /// every connection, answering nothing more.
+    async fn go_down(&mut self) {
+        let _ = self.down.take().unwrap().send(());
+        within(&mut self.accepting).await.unwrap();
+        self.closed.send_replace(true);
+    }
+}
+
+#[tokio::test]
+async fn a_backend_that_goes_down_as_it_is_removed_fails_no_request() {
+    // The race of a removed backend that stops at once, as demo backends did: a request
+    // that picked it before the removal is on a pooled connection when the backend closes
+    // it and stops listening. The request never reached the application, so it must go to
+    // another backend, not be answered 502 after a refused reconnect to the same one.
+    let mut doomed = Doomed::start().await;
+    let other = Backend::start().await;
+    let mut proxy = proxy(config(&[doomed.addr, other.addr], "")).await;
+
+    // Round robin alternates: of four requests in a row on one client connection, two
+    // reach `doomed`, the second of them on its pooled connection, where it is held.
+    let target = proxy.local_addr();
+    let requests = tokio::spawn(async move {
+        let mut client = Client::connect(target).await;
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            answers.push(client.get("/").await);
+        }
+        answers
+    });
+    doomed.pooled_request_arrived().await;
+
+    // Removed, then down, while that request is in flight on it.
+    let doomed_key: Authority = doomed.addr.to_string().parse().unwrap();
+    assert_eq!(proxy.backends().in_flight(&doomed_key), Some(1));
+    let mut without = config(&[other.addr], "");
+    without.listen = target;
+    assert_eq!(proxy.apply(without).await.removed.len(), 1);
+    doomed.go_down().await;
+
+    let answers = within(requests).await.unwrap();
+    let statuses: Vec<StatusCode> = answers.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [StatusCode::OK; 4], "{answers:?}");
+    let served_by_other = answers
+        .iter()
+        .filter(|(_, b)| *b == other.authority())
+        .count();
+    assert_eq!(
+        served_by_other, 3,
+        "the held request went to the other backend"
+    );
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_reset_before_any_answer_sends_an_idempotent_request_elsewhere() {
+    // A backend going down resets the connections it had queued but not yet accepted, so
+    // a fresh connection can fail before any byte of an answer too: a GET goes to another
+    // backend; a POST, which the backend may have acted on, is answered 502.
+    let reset = reset_backend().await;
+    let good = Backend::start().await;
+    let proxy = proxy(config(&[reset.addr, good.addr], "")).await;
+    let mut client = Client::connect(proxy.local_addr()).await;
+    for _ in 0..4 {
+        assert_eq!(client.get("/").await, (StatusCode::OK, good.authority()));
+    }
+    assert!(reset.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let res = client.send(Request::post("/").body(empty()).unwrap()).await;
+        statuses.push(res.status());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::BAD_GATEWAY]);
     proxy.shutdown().await.unwrap();
 }
 

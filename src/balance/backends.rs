@@ -540,3 +540,64 @@ impl<K, S: Clone, P: Policy> Snapshot<K, S, P> {
         )
     }
 }
+
+impl<K: Hash + Eq, S, P> Update<'_, K, S, P> {
+    /// Removes a backend, as [`remove`](Update::remove) does, and returns a [`Drain`] to
+    /// wait until the requests still in flight on it have ended; `None` if it was not in
+    /// the set.
+    pub fn remove_draining(&mut self, key: &K) -> Option<Drain> {
+        let i = self.position(key)?;
+        let member = self.writer.members.remove(i);
+        Some(Drain {
+            load: member.endpoint.load().clone(),
+        })
+    }
+}
+
+/// The requests in flight on a removed backend: see [`Update::remove_draining`].
+///
+/// A request counts from its pick until its [`InFlight`] guard drops (for HTTP, the end of
+/// the response body), so once [`drained`](Drain::drained) returns nothing of the backend
+/// is in use and it can be shut down: a server stopped only then closes no connection
+/// that a request is about to use.
+///
+/// ```
+/// use tower_lb::{policy::RoundRobin, Backends};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let backends = Backends::from_services(RoundRobin::new(), [("a", ())]);
+/// let drain = backends.update(|set| set.remove_draining(&"a")).unwrap();
+/// assert_eq!(drain.in_flight(), 0);
+/// drain.drained().await; // at once: nothing was in flight
+/// # }
+/// ```
+pub struct Drain {
+    load: Arc<Load>,
+}
+
+impl Drain {
+    /// Requests still in flight on the removed backend.
+    pub fn in_flight(&self) -> usize {
+        self.load.get()
+    }
+
+    /// Returns once no request is in flight on the removed backend. Once the removal is
+    /// published no pick can choose it (only a pick already under way on the set as it
+    /// was, for the nanoseconds between reading the set and counting the request), so the
+    /// count only goes down; it is checked at intervals growing from 1 ms to 100 ms.
+    pub async fn drained(self) {
+        let mut pause = std::time::Duration::from_millis(1);
+        while self.in_flight() > 0 {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+impl fmt::Debug for Drain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Drain")
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}

@@ -23,3 +23,70 @@ impl fmt::Display for NoHealthyBackend {
 }
 
 impl std::error::Error for NoHealthyBackend {}
+
+/// A backend service's error that gives the request back: the backend did not act on it
+/// (for HTTP: the connection was refused, or closed before any byte of an answer, for a
+/// request that is safe to send again), so [`Balance`](super::Balance) sends it to another
+/// backend, once, as it does when a backend fails `poll_ready`. Where there is no other
+/// backend, or the retry was used, the request fails with the error inside.
+///
+/// ```
+/// use tower::{service_fn, ServiceExt};
+/// use tower_lb::balance::error::Unsent;
+/// use tower_lb::{policy::RoundRobin, Backends, Balance, BoxError};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), BoxError> {
+/// let gone = service_fn(|req: String| async move {
+///     Err::<String, BoxError>(Box::new(Unsent::new(req, "connection refused")))
+/// });
+/// let up = service_fn(|req: String| async move { Ok::<_, BoxError>(format!("b: {req}")) });
+/// let backends = Backends::from_services(
+///     RoundRobin::new(),
+///     [("a", gone.boxed_clone()), ("b", up.boxed_clone())],
+/// );
+/// let lb = Balance::new(backends);
+/// assert_eq!(lb.clone().oneshot("1".into()).await?, "b: 1"); // "a" gave it back
+/// assert_eq!(lb.oneshot("2".into()).await?, "b: 2");
+/// # Ok(()) }
+/// ```
+pub struct Unsent<Req> {
+    // A lock only to make the error `Sync`; it is taken once, by value.
+    request: std::sync::Mutex<Req>,
+    error: crate::BoxError,
+}
+
+impl<Req> Unsent<Req> {
+    /// The request, given back, and why the backend did not take it.
+    pub fn new(request: Req, error: impl Into<crate::BoxError>) -> Self {
+        Unsent {
+            request: std::sync::Mutex::new(request),
+            error: error.into(),
+        }
+    }
+
+    /// The request and the error.
+    pub fn into_parts(self) -> (Req, crate::BoxError) {
+        let request = self.request.into_inner().unwrap_or_else(|e| e.into_inner());
+        (request, self.error)
+    }
+}
+
+impl<Req> fmt::Debug for Unsent<Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Unsent")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Req> fmt::Display for Unsent<Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<Req> std::error::Error for Unsent<Req> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}

@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower::load::completion::TrackCompletion;
 use tower_service::Service;
 
-use super::error::NoHealthyBackend;
+use super::error::{NoHealthyBackend, Unsent};
 use super::{Backends, InFlight};
 use crate::policy::Policy;
 use crate::BoxError;
@@ -20,7 +20,8 @@ pin_project! {
     ///
     /// It carries the request's [`InFlight`] guard: dropping the future (cancelling the
     /// request) ends the request for the policy's bookkeeping. If the chosen backend fails
-    /// to become ready, the request (never handed to it) is tried once on another backend.
+    /// to become ready, the request (never handed to it) is tried once on another backend;
+    /// so is a request the backend gives back with an [`Unsent`] error.
     pub struct ResponseFuture<K, S: Service<Req>, P: Policy, Req, C> {
         #[pin]
         state: State<S, Req>,
@@ -70,11 +71,20 @@ impl<K, S: Service<Req>, P: Policy, Req, C> ResponseFuture<K, S, P, Req, C> {
     }
 
     /// The backend was ready at once and has been called.
-    pub(crate) fn sent(call: S::Future, guard: InFlight, completion: C) -> Self {
+    pub(crate) fn sent(
+        call: S::Future,
+        guard: InFlight,
+        retry: (Backends<K, S, P>, Option<u64>, u64),
+        completion: C,
+    ) -> Self {
         ResponseFuture {
             state: State::Called { call },
             guard: Some(guard),
-            retry: None,
+            retry: Some(Retry {
+                backends: retry.0,
+                key: retry.1,
+                failed: retry.2,
+            }),
             completion,
         }
     }
@@ -119,6 +129,7 @@ where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     P: Policy,
+    Req: 'static,
     C: TrackCompletion<InFlight, S::Response>,
 {
     type Output = Result<C::Output, BoxError>;
@@ -160,11 +171,34 @@ where
                     let result = ready!(call.poll(cx));
                     // The request ends here unless the response carries the guard on.
                     let guard = this.guard.take().expect("polled after completion");
-                    this.retry.take();
-                    return Poll::Ready(match result {
-                        Ok(response) => Ok(this.completion.track_completion(guard, response)),
-                        Err(error) => Err(error.into()),
-                    });
+                    let retry = this.retry.take();
+                    let error = match result {
+                        Ok(response) => {
+                            return Poll::Ready(Ok(this
+                                .completion
+                                .track_completion(guard, response)))
+                        }
+                        Err(error) => error.into(),
+                    };
+                    drop(guard);
+                    // A backend that gives the request back never acted on it: once more
+                    // on another backend, from the set as it is now.
+                    let unsent = match error.downcast::<Unsent<Req>>() {
+                        Ok(unsent) => unsent,
+                        Err(error) => return Poll::Ready(Err(error)),
+                    };
+                    let (request, error) = unsent.into_parts();
+                    match retry.and_then(|r| r.backends.start_excluding(r.key, r.failed)) {
+                        Some((service, guard, _)) => {
+                            tracing::debug!(%error, "backend gave the request back; trying another");
+                            *this.guard = Some(guard);
+                            State::Ready {
+                                service,
+                                request: Some(request),
+                            }
+                        }
+                        None => return Poll::Ready(Err(error)),
+                    }
                 }
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(error.take().expect("polled after completion")));

@@ -55,7 +55,7 @@ mod layer;
 mod service;
 
 pub(crate) use self::backends::WeakBackends;
-pub use self::backends::{Backends, InFlight, Snapshot, Update};
+pub use self::backends::{Backends, Drain, InFlight, Snapshot, Update};
 pub use self::key::{NoKey, RequestKey};
 pub use self::layer::{BalanceLayer, MakeBackend};
 pub use self::service::Balance;

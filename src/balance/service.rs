@@ -36,6 +36,11 @@ use crate::BoxError;
 ///   once more on another backend ([`Policy::pick_excluding`]); if there is none, or that
 ///   one fails too, the readiness error is the request's error. (For HTTP, readiness is
 ///   the connection: a refused connect is retried elsewhere.)
+/// - A backend whose call fails with [`Unsent`](super::error::Unsent) gives the request
+///   back: it never acted on it, and the request is tried on another backend in the same
+///   way. A request gets one retry in all. (For HTTP: an idempotent request whose
+///   connection the backend closed or reset before any byte of an answer, when a stale
+///   pooled connection cannot be replaced by a new one to the same backend.)
 /// - The request counts as in flight on its backend from the pick until the
 ///   [`TrackCompletion`] `C` drops the [`InFlight`] guard: by default when the response
 ///   arrives; with [`TrackBody`](crate::proxy::TrackBody), when the response body ends.
@@ -98,6 +103,7 @@ where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     P: Policy,
+    Req: 'static,
     E: RequestKey<Req>,
     C: TrackCompletion<InFlight, S::Response>,
 {
@@ -125,13 +131,15 @@ where
             };
             let (mut service, guard, id) = snapshot.start(index);
             // Probe readiness now: a backend that is ready at once (a pooled connection, an
-            // always-ready service) is called here, and the future needs no handle for a
-            // retry, which would cost a shared reference count per request. The future's
-            // first poll registers the real waker for a backend that is not ready.
+            // always-ready service) is called here. The future keeps a handle on the set,
+            // for a backend that gives the request back (a pooled connection the backend
+            // closed as it went down). The future's first poll registers the real waker
+            // for a backend that is not ready.
             let mut probe = Context::from_waker(Waker::noop());
             match service.poll_ready(&mut probe) {
                 Poll::Ready(Ok(())) => {
-                    ResponseFuture::sent(service.call(request), guard, completion)
+                    let retry = (self.backends.clone(), key, id);
+                    ResponseFuture::sent(service.call(request), guard, retry, completion)
                 }
                 Poll::Ready(Err(error)) => {
                     drop(guard);

@@ -17,6 +17,7 @@ use tower_service::Service;
 use super::error::{BackendError, ConnectError, ResponseTimeout};
 use super::upstream::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
 use super::{peer_ip, socket_target};
+use crate::balance::error::Unsent;
 use crate::balance::MakeBackend;
 use crate::BoxError;
 
@@ -113,9 +114,11 @@ impl MakeBackend<Authority> for Client {
 ///   HTTP/1.1, hop-by-hop headers removed, the client appended to `X-Forwarded-For`, `Host`
 ///   kept) and sends it. If a pooled connection turns out to have been closed by the
 ///   backend as the request went out (no byte of an answer, no byte of the body read yet),
-///   an idempotent request is sent once more on a fresh connection. Response headers must
-///   arrive within `response_timeout` ([`ResponseTimeout`]); the response's hop-by-hop
-///   headers are removed.
+///   an idempotent request is sent once more on a fresh connection. If the backend refuses
+///   that one, or a fresh connection closes or resets before any byte of an answer, the
+///   idempotent request is given back to the balancer ([`Unsent`]) for another backend.
+///   Response headers must arrive within `response_timeout` ([`ResponseTimeout`]); the
+///   response's hop-by-hop headers are removed.
 /// - The exchange runs in the task that polls the response future and body (for a proxy,
 ///   the client's connection task): no task or channel per upstream connection. Bodies
 ///   stream both ways, the request body still being sent while the response streams. The
@@ -269,14 +272,31 @@ where
     };
     let pool = &shared.pool;
     let deadline = || tokio::time::Instant::now() + timeout;
+    // The request, never acted on, back to the balancer for another backend.
+    let give_back = |body, error: BoxError| -> BoxError {
+        match head.request_again(body, &shared.host) {
+            Some(request) => Box::new(Unsent::new(request, error)),
+            None => error,
+        }
+    };
     let result = match exchange(conn, &head, body, pool.clone(), deadline()).await {
         // A pooled connection the backend closed as we sent: the request never reached
         // it, so once more on a fresh connection.
-        Err((error, Some(body))) if error.retryable => {
+        Err((error, Some(body))) if error.reused => {
             tracing::debug!(backend = %shared.authority, error = %error.error, "stale connection; sending again");
-            let conn = shared.clone().connect().await?;
-            exchange(conn, &head, body, pool.clone(), deadline()).await
+            match shared.clone().connect().await {
+                Ok(conn) => exchange(conn, &head, body, pool.clone(), deadline()).await,
+                // The backend went away (it closed the connection and now refuses new
+                // ones; so does one stopped as it leaves the set).
+                Err(refused) => return Err(give_back(body, refused.into())),
+            }
         }
+        result => result,
+    };
+    // A fresh connection closed or reset before any answer: the backend is going down (a
+    // connection it had queued but not accepted when it stopped listening is reset).
+    let result = match result {
+        Err((error, Some(body))) => return Err(give_back(body, failed(error.error).into())),
         result => result,
     };
     // The response's hop-by-hop fields were left out as it was parsed.

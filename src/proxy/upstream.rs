@@ -136,13 +136,14 @@ impl fmt::Debug for Conn {
     }
 }
 
-/// Why an exchange failed, and whether the request may be sent again on a new connection.
+/// Why an exchange failed. (The request body comes back with it when the request may be
+/// sent again: idempotent, nothing of its body consumed, no byte of an answer received.)
 #[derive(Debug)]
 pub(crate) struct ExchangeError {
     pub(crate) error: BoxError,
-    /// Nothing of the request body was consumed and no byte of a response arrived, on a
-    /// reused connection: the backend closed it as we sent.
-    pub(crate) retryable: bool,
+    /// Not the connection's first exchange: closed before an answer, it may have been a
+    /// stale keep-alive rather than a backend gone away.
+    pub(crate) reused: bool,
 }
 
 /// How the request body is framed on the wire.
@@ -253,6 +254,29 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+impl Head {
+    /// The request again, as it went to the backend whose `Host` is `backend`, for another
+    /// backend: rebuilt from the encoded head (an error path only). Its `X-Forwarded-For`
+    /// already names the client, and a `Host` this proxy added for `backend` is left out
+    /// (the next backend adds its own). `None` if the head does not parse, which the
+    /// encoder never produces.
+    pub(crate) fn request_again<B>(&self, body: B, backend: &HeaderValue) -> Option<Request<B>> {
+        let mut fields = vec![httparse::EMPTY_HEADER; MAX_HEADERS + 64];
+        let mut parsed = httparse::Request::new(&mut fields);
+        if !matches!(parsed.parse(&self.bytes), Ok(httparse::Status::Complete(_))) {
+            return None;
+        }
+        let mut request = Request::builder().method(parsed.method?).uri(parsed.path?);
+        for f in parsed.headers.iter() {
+            if f.name.eq_ignore_ascii_case("host") && f.value == backend.as_bytes() {
+                continue;
+            }
+            request = request.header(f.name, f.value);
+        }
+        request.body(body).ok()
+    }
+}
+
 /// The request body still to be sent, and the bytes of it (or of the head) not yet written.
 struct Sender<B> {
     body: Option<B>,
@@ -351,10 +375,9 @@ where
     conn.arm(deadline);
     let fail = |error: BoxError, sender: &mut Sender<B>, conn: &Conn| {
         let timed_out = error.is::<Elapsed>();
-        let retryable =
-            !timed_out && reused && head.idempotent && !sender.started && conn.rbuf.is_empty();
+        let retryable = !timed_out && head.idempotent && !sender.started && conn.rbuf.is_empty();
         let body = if retryable { sender.body.take() } else { None };
-        (ExchangeError { error, retryable }, body)
+        (ExchangeError { error, reused }, body)
     };
     let parsed = std::future::poll_fn(|cx| {
         let poll = poll_head(&mut conn, &mut sender, head, cx);

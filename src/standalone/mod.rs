@@ -23,7 +23,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tower::discover::Change;
 
-use crate::balance::{MakeBackend, RequestKey, Update};
+use crate::balance::{Drain, MakeBackend, RequestKey, Update};
 use crate::config::{Config, Diff, ServerConfig};
 use crate::discover::{Dns, FromSocketAddr, GaiResolver, Resolve};
 use crate::health::{self, HealthCheck, HttpProbe};
@@ -46,6 +46,8 @@ pub struct Proxy {
     key: Arc<ArcSwap<HashKey>>,
     resolved: HashMap<Authority, Resolved>,
     demos: HashMap<Authority, DemoBackend>,
+    /// Demo backends of removed servers, stopping once their requests have drained.
+    retiring: HashMap<Authority, Retiring>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<io::Result<()>>,
     checks: JoinHandle<()>,
@@ -115,6 +117,7 @@ impl Proxy {
             key,
             resolved,
             demos,
+            retiring: HashMap::new(),
             stop: Some(stop),
             server,
             checks,
@@ -152,16 +155,24 @@ impl Proxy {
             return diff;
         }
 
-        // Demo backends first, so that new servers answer their first probe.
+        // Demo backends first, so that new servers answer their first probe. A server back
+        // before its old demo backend stopped gets that one back.
         let demo_keys = if next.spawn_backends {
             demo_addresses(&next).await
         } else {
             Vec::new()
         };
         for key in &demo_keys {
-            if !self.demos.contains_key(key) {
-                start_demo(&mut self.demos, key.clone(), &next).await;
+            if self.demos.contains_key(key) {
+                continue;
             }
+            if let Some(retiring) = self.retiring.remove(key) {
+                if let Some(demo) = retiring.cancel().await {
+                    self.demos.insert(key.clone(), demo);
+                    continue;
+                }
+            }
+            start_demo(&mut self.demos, key.clone(), &next).await;
         }
 
         if diff.timeouts {
@@ -184,10 +195,11 @@ impl Proxy {
             servers.iter().filter(|s| !s.resolve()).cloned().collect()
         };
         let (removed, added) = (fixed(&diff.removed), fixed(&diff.added));
-        self.backends.update(|set| {
-            for server in &removed {
-                set.remove(&server.authority());
-            }
+        let mut drains: HashMap<Authority, Drain> = self.backends.update(|set| {
+            let drains = removed
+                .iter()
+                .filter_map(|s| Some((s.authority(), set.remove_draining(&s.authority())?)))
+                .collect();
             for server in &added {
                 add_server(set, client, server);
             }
@@ -204,6 +216,7 @@ impl Proxy {
                     set.insert(key.clone(), client.make_backend(&key));
                 }
             }
+            drains
         });
         for server in &removed {
             self.health.remove(server.authority());
@@ -227,7 +240,9 @@ impl Proxy {
             self.health.set_settings(next.health);
         }
 
-        // Demo backends of removed servers (or all, with spawn_backends off) drain and stop.
+        // Demo backends of removed servers (or all, with spawn_backends off) stop once the
+        // requests that were sent to them have ended: stopped at once, a demo backend would
+        // close pooled connections that requests picked before the removal are about to use.
         let gone: Vec<Authority> = self
             .demos
             .keys()
@@ -236,9 +251,11 @@ impl Proxy {
             .collect();
         for key in gone {
             if let Some(demo) = self.demos.remove(&key) {
-                tokio::spawn(demo.stop());
+                let drain = drains.remove(&key);
+                self.retiring.insert(key, Retiring::start(demo, drain));
             }
         }
+        self.retiring.retain(|_, r| !r.task.is_finished());
 
         tracing::info!(
             added = diff.added.len(),
@@ -264,6 +281,12 @@ impl Proxy {
         }
         for (_, demo) in self.demos.drain() {
             demo.stop().await;
+        }
+        // Requests in flight have ended with the server: the retiring ones stop now.
+        for (_, retiring) in self.retiring.drain() {
+            if let Some(demo) = retiring.cancel().await {
+                demo.stop().await;
+            }
         }
         served
     }
@@ -422,4 +445,130 @@ async fn follow<M: MakeBackend<Authority, Service = ()>>(
         })
     });
     mine.into_iter().for_each(|key| health.remove(key));
+}
+
+/// The demo backend of a removed server: it stops once the requests sent to it before the
+/// removal have ended, unless the server comes back first.
+#[derive(Debug)]
+struct Retiring {
+    cancel: oneshot::Sender<()>,
+    task: JoinHandle<Option<DemoBackend>>,
+}
+
+impl Retiring {
+    fn start(demo: DemoBackend, drain: Option<Drain>) -> Retiring {
+        let (cancel, cancelled) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let drained = async {
+                if let Some(drain) = drain {
+                    drain.drained().await;
+                }
+            };
+            tokio::select! {
+                _ = cancelled => return Some(demo),
+                () = drained => {}
+            }
+            demo.stop().await;
+            None
+        });
+        Retiring { cancel, task }
+    }
+
+    /// The demo backend back, still serving; `None` if it had drained and has stopped (its
+    /// address is free again once this returns).
+    async fn cancel(self) -> Option<DemoBackend> {
+        let _ = self.cancel.send(());
+        self.task.await.ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn free_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    fn demo_config(ports: &[u16]) -> Config {
+        let servers: Vec<String> = ports
+            .iter()
+            .map(|p| format!(r#"{{"host": "127.0.0.1", "port": {p}}}"#))
+            .collect();
+        Config::from_json(&format!(
+            r#"{{"listen": "127.0.0.1:0", "servers": [{}], "spawn_backends": true,
+                "health_check_interval": 0.2, "health_check_timeout": 0.1}}"#,
+            servers.join(", ")
+        ))
+        .unwrap()
+    }
+
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .expect("within 10 s")
+    }
+
+    /// `GET /` straight to a demo backend: the body, or why there is none.
+    async fn get(port: u16) -> io::Result<String> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: demo\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        match answer.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+            _ => Err(io::Error::other(format!("not a 200: {answer:?}"))),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_removed_demo_backend_serves_until_its_requests_end_then_stops() {
+        let ports = [free_port(), free_port()];
+        let mut proxy = Proxy::start(demo_config(&ports)).await.unwrap();
+        let key: Authority = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+        let config = |ports: &[u16]| {
+            let mut c = demo_config(ports);
+            c.listen = proxy.local_addr();
+            c
+        };
+        let (only_second, both) = (config(&ports[1..]), config(&ports));
+
+        // A request picked the first backend (it counts until its response body ends);
+        // then the server is removed.
+        let held = proxy.backends().with_snapshot(|s| {
+            let index = s.iter().position(|(k, _)| *k == key).unwrap();
+            s.start(index)
+        });
+        assert_eq!(proxy.apply(only_second.clone()).await.removed.len(), 1);
+        // Its demo backend still serves: stopping now would close the connections that
+        // request may be using.
+        let own = key.to_string();
+        assert_eq!(within(get(ports[0])).await.unwrap(), own);
+
+        // The server comes back before the request ended: the same demo backend serves it.
+        proxy.apply(both).await;
+        drop(held);
+        within(
+            proxy
+                .backends()
+                .wait_until(|s| s.iter().any(|(k, e)| *k == key && e.is_healthy())),
+        )
+        .await;
+        assert_eq!(within(get(ports[0])).await.unwrap(), own);
+
+        // Removed with nothing in flight, it stops by itself.
+        proxy.apply(only_second).await;
+        let retiring = proxy.retiring.remove(&key).expect("stopping");
+        assert!(within(retiring.task).await.unwrap().is_none(), "stopped");
+        let refused = within(get(ports[0])).await.unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        proxy.shutdown().await.unwrap();
+    }
 }
