@@ -135,6 +135,9 @@ where
                         }
                     }
                     Err(error) => {
+                        if let Some(guard) = this.guard.as_mut() {
+                            guard.fail();
+                        }
                         let error = error.into();
                         let again = this
                             .retry
@@ -143,6 +146,7 @@ where
                         match (again, request.take()) {
                             (Some((service, guard, _)), Some(request)) => {
                                 tracing::debug!(%error, "backend not ready; trying another");
+                                crate::stats::retry();
                                 *this.guard = Some(guard);
                                 State::Ready {
                                     service,
@@ -159,11 +163,14 @@ where
                 StateProj::Called { call } => {
                     let result = ready!(call.poll(cx));
                     // The request ends here unless the response carries the guard on.
-                    let guard = this.guard.take().expect("polled after completion");
+                    let mut guard = this.guard.take().expect("polled after completion");
                     this.retry.take();
                     return Poll::Ready(match result {
                         Ok(response) => Ok(this.completion.track_completion(guard, response)),
-                        Err(error) => Err(error.into()),
+                        Err(error) => {
+                            guard.fail();
+                            Err(error.into())
+                        }
                     });
                 }
                 StateProj::Failed { error } => {

@@ -123,7 +123,7 @@ where
             let Some(index) = snapshot.pick(key) else {
                 return ResponseFuture::unavailable(completion);
             };
-            let (mut service, guard, id) = snapshot.start(index);
+            let (mut service, mut guard, id) = snapshot.start(index);
             // Probe readiness now: a backend that is ready at once (a pooled connection, an
             // always-ready service) is called here, and the future needs no handle for a
             // retry, which would cost a shared reference count per request. The future's
@@ -134,6 +134,7 @@ where
                     ResponseFuture::sent(service.call(request), guard, completion)
                 }
                 Poll::Ready(Err(error)) => {
+                    guard.fail();
                     drop(guard);
                     let error: BoxError = error.into();
                     let other = snapshot.policy().pick_excluding(
@@ -145,6 +146,7 @@ where
                     match other {
                         Some(i) => {
                             tracing::debug!(%error, "backend not ready; trying another");
+                            crate::stats::retry();
                             let (service, guard, _) = snapshot.start(i);
                             ResponseFuture::waiting(service, request, guard, completion)
                         }

@@ -61,6 +61,9 @@ pub struct Config {
     pub spawn_backends: bool,
     /// Proxies whose `X-Forwarded-For` is trusted for the client IP (default: none).
     pub trusted_proxies: Vec<TrustedProxy>,
+    /// Address of the admin listener (`/metrics`, `/status`, `/`); none by default. Never
+    /// served on `listen`; a change needs a restart.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// One backend of the configuration, validated.
@@ -153,6 +156,7 @@ struct Raw {
     response_timeout: Option<f64>,
     spawn_backends: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
+    admin_listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -311,6 +315,22 @@ impl Config {
             })
             .collect::<Result<_, _>>()?;
 
+        let admin_listen = match raw.admin_listen {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                ConfigError::field(
+                    "admin_listen",
+                    format!("{text:?} is not an IP address and port"),
+                )
+            })?),
+        };
+        if admin_listen == Some(listen) && listen.port() != 0 {
+            return Err(ConfigError::field(
+                "admin_listen",
+                "must differ from listen: the admin listener is never served on listen",
+            ));
+        }
+
         Ok(Config {
             listen,
             servers,
@@ -321,6 +341,7 @@ impl Config {
             response_timeout: seconds("response_timeout", raw.response_timeout, 30.0)?,
             spawn_backends: raw.spawn_backends.unwrap_or(true),
             trusted_proxies,
+            admin_listen,
         })
     }
 
@@ -357,6 +378,7 @@ impl Config {
             needs_restart: [
                 (self.listen != next.listen).then_some("listen"),
                 (self.trusted_proxies != next.trusted_proxies).then_some("trusted_proxies"),
+                (self.admin_listen != next.admin_listen).then_some("admin_listen"),
             ]
             .into_iter()
             .flatten()

@@ -37,6 +37,7 @@
 //! # Ok(()) }
 //! ```
 
+mod access;
 mod backend;
 mod body;
 mod builder;
@@ -105,6 +106,7 @@ pub fn backends<P: Policy>(
     addresses: impl IntoIterator<Item = Authority>,
 ) -> HttpBackends<P> {
     let set = Backends::new(policy);
+    set.label_metrics(Authority::to_string);
     set.update(|u| {
         for address in addresses {
             let backend = client.make_backend(&address);

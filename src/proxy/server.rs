@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tower::ServiceExt;
 use tower_service::Service;
 
+use super::access::{self, LoggedBody};
 use super::framing::FramingGuard;
 use super::ClientAddr;
 use crate::BoxError;
@@ -118,26 +119,44 @@ impl Server {
             let hyper_service = hyper::service::service_fn(
                 move |mut request: Request<Incoming>| {
                     let index = requests.fetch_add(1, Ordering::Relaxed);
+                    // Off by default: then one check of a cached interest, nothing more.
+                    let entry = access::enabled().then(|| access::Entry::new(peer, &request));
                     request.extensions_mut().insert(ClientAddr(peer));
                     let call =
                         (!verdict.refuses(index)).then(|| call_now(service.clone(), request));
                     async move {
-                        match call {
+                        let response = match call {
                             Some(call) => call.await.map(|r| r.map(Either::Left)),
                             None => {
                                 tracing::debug!(%peer, "refused a request with both Content-Length and Transfer-Encoding");
+                                crate::stats::local_response(400);
                                 Ok(ambiguous_framing())
                             }
-                        }
+                        };
+                        response.map(|response| {
+                            let entry = entry.map(|mut entry| {
+                                entry.respond(&response);
+                                entry
+                            });
+                            response.map(|body| LoggedBody::new(body, entry))
+                        })
                     }
                 },
             );
             let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
             let conn = graceful.watch(conn);
+            let open = crate::stats::ClientConnection::open();
             tokio::spawn(async move {
                 if let Err(error) = conn.await {
+                    // hyper answered a malformed request itself.
+                    if error.is_parse_too_large() {
+                        crate::stats::local_response(431);
+                    } else if error.is_parse() {
+                        crate::stats::local_response(400);
+                    }
                     tracing::debug!(%peer, %error, "client connection ended with an error");
                 }
+                drop(open);
             });
         }
         drop(listener);

@@ -39,6 +39,8 @@ pub struct Proxy {
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<io::Result<()>>,
     checks: JoinHandle<()>,
+    /// The admin listener (`admin_listen`): its address and task.
+    admin: Option<(SocketAddr, JoinHandle<io::Result<()>>)>,
 }
 
 fn client(config: &Config) -> Client {
@@ -67,6 +69,7 @@ impl Proxy {
         let client = client(&config);
         let backends: HttpBackends<Algorithm> = Backends::new(algorithm(&config.algorithm));
         backends.healthy_on_insert(false);
+        backends.label_metrics(Authority::to_string);
         backends.update(|set| {
             for server in &config.servers {
                 add_server(set, &client, server);
@@ -89,6 +92,10 @@ impl Proxy {
             })
             .await
         });
+        let admin = match config.admin_listen {
+            Some(addr) => Some(start_admin(addr, &backends)?),
+            None => None,
+        };
         tracing::info!(listen = %local_addr, algorithm = %config.algorithm, backends = config.servers.len(), "proxy started");
         Ok(Proxy {
             config,
@@ -101,7 +108,13 @@ impl Proxy {
             stop: Some(stop),
             server,
             checks,
+            admin,
         })
+    }
+
+    /// The address of the admin listener, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(addr, _)| *addr)
     }
 
     /// The address the proxy listens on.
@@ -131,6 +144,8 @@ impl Proxy {
         }
         next.listen = self.config.listen;
         next.trusted_proxies = self.config.trusted_proxies.clone();
+        next.admin_listen = self.config.admin_listen;
+        crate::stats::config_reload(true);
         if diff.is_empty() {
             return diff;
         }
@@ -218,6 +233,9 @@ impl Proxy {
         }
         let served = (&mut self.server).await.map_err(io::Error::other)?;
         self.checks.abort();
+        if let Some((_, admin)) = self.admin.take() {
+            admin.abort();
+        }
         for (_, demo) in self.demos.drain() {
             demo.stop().await;
         }
@@ -238,6 +256,22 @@ fn add_server(
         server.weight(),
         false,
     );
+}
+
+/// Binds the admin listener and serves `/metrics`, `/status` and `/` on it.
+fn start_admin(
+    addr: SocketAddr,
+    backends: &HttpBackends<Algorithm>,
+) -> io::Result<(SocketAddr, JoinHandle<io::Result<()>>)> {
+    let listener = proxy::bind(addr)?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(crate::admin::serve(
+        listener,
+        backends.clone(),
+        std::future::pending(),
+    ));
+    tracing::info!("admin listener on http://{local}");
+    Ok((local, task))
 }
 
 async fn start_demo(demos: &mut HashMap<Authority, DemoBackend>, key: Authority, config: &Config) {
