@@ -73,17 +73,9 @@ impl Drop for Entry {
             path = %self.path,
             backend,
             status = self.status,
-            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            duration = ?self.start.elapsed(),
             bytes = self.bytes,
-            "{} {} {} {} -> {} {} {}B {:.3}ms",
-            self.client,
-            self.method,
-            self.path,
-            backend,
-            self.status,
-            if self.status == 0 { "(no response)" } else { "" },
-            self.bytes,
-            self.start.elapsed().as_secs_f64() * 1000.0,
+            "request"
         );
     }
 }
@@ -114,11 +106,21 @@ impl<B: Body> Body for LoggedBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        if let (Some(entry), Some(Ok(frame))) = (this.entry.as_mut(), &frame) {
-            if let Some(data) = frame.data_ref() {
-                entry.bytes += bytes::Buf::remaining(data) as u64;
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if let Some(entry) = this.entry.as_mut() {
+            let ended = match &frame {
+                None | Some(Err(_)) => true,
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        entry.bytes += bytes::Buf::remaining(data) as u64;
+                    }
+                    this.inner.is_end_stream()
+                }
+            };
+            if ended {
+                // Written as the last frame goes out, not when hyper drops the body.
+                this.entry.take();
             }
         }
         Poll::Ready(frame)

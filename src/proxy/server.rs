@@ -41,6 +41,7 @@ use crate::BoxError;
 pub struct Server {
     header_read_timeout: Duration,
     max_header_bytes: usize,
+    observed: bool,
 }
 
 impl Default for Server {
@@ -48,6 +49,7 @@ impl Default for Server {
         Server {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
+            observed: true,
         }
     }
 }
@@ -67,6 +69,14 @@ impl Server {
     /// Largest request head accepted (at least 8 KiB).
     pub fn max_header_bytes(mut self, bytes: usize) -> Self {
         self.max_header_bytes = bytes.max(8 * 1024);
+        self
+    }
+
+    /// Whether this server's connections and answers count in [`crate::stats`] (client
+    /// connections, local `400`s) and its requests go to the access log (default: yes).
+    /// A server that is not the proxy, such as a demo backend, turns it off.
+    pub fn observed(mut self, observed: bool) -> Self {
+        self.observed = observed;
         self
     }
 
@@ -97,6 +107,7 @@ impl Server {
             .writev(false)
             .header_read_timeout(self.header_read_timeout)
             .max_header_size(self.max_header_bytes);
+        let observed = self.observed;
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -120,7 +131,8 @@ impl Server {
                 move |mut request: Request<Incoming>| {
                     let index = requests.fetch_add(1, Ordering::Relaxed);
                     // Off by default: then one check of a cached interest, nothing more.
-                    let entry = access::enabled().then(|| access::Entry::new(peer, &request));
+                    let entry =
+                        (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
                     request.extensions_mut().insert(ClientAddr(peer));
                     let call =
                         (!verdict.refuses(index)).then(|| call_now(service.clone(), request));
@@ -129,7 +141,9 @@ impl Server {
                             Some(call) => call.await.map(|r| r.map(Either::Left)),
                             None => {
                                 tracing::debug!(%peer, "refused a request with both Content-Length and Transfer-Encoding");
-                                crate::stats::local_response(400);
+                                if observed {
+                                    crate::stats::local_response(400);
+                                }
                                 Ok(ambiguous_framing())
                             }
                         };
@@ -145,13 +159,13 @@ impl Server {
             );
             let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
             let conn = graceful.watch(conn);
-            let open = crate::stats::ClientConnection::open();
+            let open = observed.then(crate::stats::ClientConnection::open);
             tokio::spawn(async move {
                 if let Err(error) = conn.await {
                     // hyper answered a malformed request itself.
-                    if error.is_parse_too_large() {
+                    if open.is_some() && error.is_parse_too_large() {
                         crate::stats::local_response(431);
-                    } else if error.is_parse() {
+                    } else if open.is_some() && error.is_parse() {
                         crate::stats::local_response(400);
                     }
                     tracing::debug!(%peer, %error, "client connection ended with an error");

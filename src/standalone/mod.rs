@@ -145,7 +145,6 @@ impl Proxy {
         next.listen = self.config.listen;
         next.trusted_proxies = self.config.trusted_proxies.clone();
         next.admin_listen = self.config.admin_listen;
-        crate::stats::config_reload(true);
         if diff.is_empty() {
             return diff;
         }
@@ -214,6 +213,7 @@ impl Proxy {
             }
         }
 
+        crate::stats::config_reload(true);
         tracing::info!(
             added = diff.added.len(),
             removed = diff.removed.len(),
