@@ -9,6 +9,11 @@
 //! [`InFlight`](crate::balance::InFlight) guard ends: one clock read at the pick and one at
 //! the end, and three relaxed additions (status class, latency bucket, latency sum). No
 //! lock, no map lookup with a label set, no allocation. [`Endpoint::stats`] reads them.
+//! Measured with callgrind on the standalone proxy (release, one keep-alive client, 5,000
+//! requests, two runs each), counters, facade checks and the access log's off-check
+//! together cost about 490 user-space instructions per proxied request (20,130 before,
+//! 20,620 after: +2.4%), of which the two clock reads are about 80; allocations per
+//! request are unchanged.
 //!
 //! # The `metrics` facade
 //!
