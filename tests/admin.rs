@@ -282,7 +282,7 @@ async fn status_reports_every_backend() {
 async fn admin_is_never_served_on_listen() {
     let _turn = serial().await;
     let a = Backend::start().await;
-    let proxy = proxy(admin_config(&[a.addr], "")).await;
+    let mut proxy = proxy(admin_config(&[a.addr], "")).await;
     // On `listen`, these paths are proxied like any other.
     for path in ["/metrics", "/status", "/"] {
         assert_eq!(
@@ -292,6 +292,15 @@ async fn admin_is_never_served_on_listen() {
     }
     assert_eq!(a.hits(), 3);
     assert_ne!(proxy.admin_addr(), Some(proxy.local_addr()));
+
+    // Moving the admin listener needs a restart, like `listen`: it stays where it is.
+    let admin = proxy.admin_addr();
+    let mut moved = config(&[a.addr], r#""admin_listen": "127.0.0.1:1""#);
+    moved.listen = proxy.config().listen;
+    let diff = proxy.apply(moved).await;
+    assert_eq!(diff.needs_restart, ["admin_listen"]);
+    assert_eq!(proxy.admin_addr(), admin);
+    assert_eq!(get(admin.unwrap(), "/status").await.0, StatusCode::OK);
     proxy.shutdown().await.unwrap();
 
     // Without admin_listen there is no admin listener.
@@ -304,6 +313,13 @@ async fn admin_is_never_served_on_listen() {
         r#"{"servers": [{"host": "127.0.0.1", "port": 9001}], "listen": "127.0.0.1:8080", "admin_listen": "127.0.0.1:8080"}"#,
     )
     .unwrap_err();
+    assert_eq!(err.field_name(), Some("admin_listen"));
+    // `null` is the default: no admin listener; a bad address names the field.
+    let one = r#""servers": [{"host": "127.0.0.1", "port": 9001}]"#;
+    let c = config::Config::from_json(&format!(r#"{{{one}, "admin_listen": null}}"#)).unwrap();
+    assert_eq!(c.admin_listen, None);
+    let err = config::Config::from_json(&format!(r#"{{{one}, "admin_listen": "localhost"}}"#))
+        .unwrap_err();
     assert_eq!(err.field_name(), Some("admin_listen"));
 }
 
