@@ -10,7 +10,10 @@
 //! Edit the configuration while it runs: servers, weights, algorithm and health-check
 //! settings apply within a second, without dropping a request. An invalid edit is logged and
 //! the running configuration stays. Ctrl-C or SIGTERM stop accepting, let requests in flight
-//! finish, and exit 0. `RUST_LOG` sets the log level (default `info`).
+//! finish, and exit 0. `RUST_LOG` sets the log level (default `info`);
+//! `RUST_LOG=info,tower_lb::access=info` adds an access log line per request. With
+//! `admin_listen` set, `http://ADMIN/` shows a status page, `/status` its JSON and
+//! `/metrics` Prometheus text.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -130,7 +133,9 @@ impl Args {
 async fn run(path: PathBuf, config: Config) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            // The access log (target `tower_lb::access`) is off unless RUST_LOG names it.
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,tower_lb::access=off")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 use tower::discover::{Change, Discover};
 
 use crate::policy::{stable_hash, Endpoint, Load, Policy};
+use crate::stats::Outcome;
 
 /// The set of backends of a [`Balance`](super::Balance): what it can pick from.
 ///
@@ -56,6 +57,8 @@ struct Writer<K, S, P> {
     members: Vec<Member<K, S>>,
     policy: Arc<P>,
     healthy_on_insert: bool,
+    /// Names backends in the `metrics` facade (see `label_metrics`).
+    metrics_label: Option<fn(&K) -> String>,
 }
 
 #[derive(Clone)]
@@ -233,6 +236,7 @@ where
             members: Vec::new(),
             policy: policy.clone(),
             healthy_on_insert: true,
+            metrics_label: None,
         };
         let snapshot = Snapshot {
             members: Box::default(),
@@ -264,6 +268,16 @@ where
         self
     }
 
+    /// Names each backend (`label(key)`) in the [`metrics`] facade: its counters are
+    /// registered there once, when it joins, under `backend="label"` (see
+    /// [`crate::stats`]). Without it, only [`Endpoint::stats`] reads them.
+    pub fn label_metrics(&self, label: fn(&K) -> String) -> &Self {
+        let mut writer = self.lock();
+        writer.metrics_label = Some(label);
+        self.publish(&writer);
+        self
+    }
+
     /// Applies a batch of changes and publishes the result as one snapshot.
     pub fn update<R>(&self, f: impl FnOnce(&mut Update<'_, K, S, P>) -> R) -> R {
         let mut writer = self.lock();
@@ -281,6 +295,13 @@ where
     }
 
     fn publish(&self, writer: &Writer<K, S, P>) {
+        if let Some(label) = writer.metrics_label {
+            for m in &writer.members {
+                let stats = &m.endpoint.load().stats;
+                stats.register(|| label(&m.key));
+                stats.set_up(m.endpoint.is_healthy());
+            }
+        }
         let previous = self.shared.snapshot.load();
         let endpoints: Box<[Endpoint]> =
             writer.members.iter().map(|m| m.endpoint.clone()).collect();
@@ -507,18 +528,40 @@ impl<K: fmt::Debug, S, P> fmt::Debug for Update<'_, K, S, P> {
 /// response body for [`proxy::TrackBody`](crate::proxy::TrackBody).
 pub struct InFlight {
     load: Arc<Load>,
+    // The backend's counters (crate::stats): when the request started and how it ended.
+    start: std::time::Instant,
+    outcome: Outcome,
 }
 
 impl InFlight {
     pub(crate) fn new(load: &Arc<Load>) -> Self {
         load.incr();
-        InFlight { load: load.clone() }
+        load.stats.started();
+        InFlight {
+            load: load.clone(),
+            start: std::time::Instant::now(),
+            outcome: Outcome::Pending,
+        }
+    }
+
+    /// Records the status of the backend's response, counted by class when the request
+    /// ends (see [`crate::stats`]).
+    #[inline]
+    pub fn respond(&mut self, status: u16) {
+        self.outcome = Outcome::Status(status);
+    }
+
+    /// Records that the backend failed the request (no connection, no response).
+    #[inline]
+    pub(crate) fn fail(&mut self) {
+        self.outcome = Outcome::Failed;
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.load.decr();
+        self.load.stats.ended(self.outcome, self.start.elapsed());
     }
 }
 

@@ -146,6 +146,9 @@ where
                         }
                     }
                     Err(error) => {
+                        if let Some(guard) = this.guard.as_mut() {
+                            guard.fail();
+                        }
                         let error = error.into();
                         let again = this
                             .retry
@@ -154,6 +157,7 @@ where
                         match (again, request.take()) {
                             (Some((service, guard, _)), Some(request)) => {
                                 tracing::debug!(%error, "backend not ready; trying another");
+                                crate::stats::retry();
                                 *this.guard = Some(guard);
                                 State::Ready {
                                     service,
@@ -170,7 +174,7 @@ where
                 StateProj::Called { call } => {
                     let result = ready!(call.poll(cx));
                     // The request ends here unless the response carries the guard on.
-                    let guard = this.guard.take().expect("polled after completion");
+                    let mut guard = this.guard.take().expect("polled after completion");
                     let retry = this.retry.take();
                     let error = match result {
                         Ok(response) => {
@@ -180,6 +184,7 @@ where
                         }
                         Err(error) => error.into(),
                     };
+                    guard.fail();
                     drop(guard);
                     // A backend that gives the request back never acted on it: once more
                     // on another backend, from the set as it is now.
@@ -191,6 +196,7 @@ where
                     match retry.and_then(|r| r.backends.start_excluding(r.key, r.failed)) {
                         Some((service, guard, _)) => {
                             tracing::debug!(%error, "backend gave the request back; trying another");
+                            crate::stats::retry();
                             *this.guard = Some(guard);
                             State::Ready {
                                 service,

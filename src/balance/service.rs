@@ -129,7 +129,7 @@ where
             let Some(index) = snapshot.pick(key) else {
                 return ResponseFuture::unavailable(completion);
             };
-            let (mut service, guard, id) = snapshot.start(index);
+            let (mut service, mut guard, id) = snapshot.start(index);
             // Probe readiness now: a backend that is ready at once (a pooled connection, an
             // always-ready service) is called here. The future keeps a handle on the set,
             // for a backend that gives the request back (a pooled connection the backend
@@ -142,6 +142,7 @@ where
                     ResponseFuture::sent(service.call(request), guard, retry, completion)
                 }
                 Poll::Ready(Err(error)) => {
+                    guard.fail();
                     drop(guard);
                     let error: BoxError = error.into();
                     let other = snapshot.policy().pick_excluding(
@@ -153,6 +154,7 @@ where
                     match other {
                         Some(i) => {
                             tracing::debug!(%error, "backend not ready; trying another");
+                            crate::stats::retry();
                             let (service, guard, _) = snapshot.start(i);
                             ResponseFuture::waiting(service, request, guard, completion)
                         }

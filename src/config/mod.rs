@@ -66,6 +66,9 @@ pub struct Config {
     pub trusted_proxies: Vec<TrustedProxy>,
     /// Time between two DNS resolutions of the servers with `resolve` (default 30 s).
     pub dns_refresh: Duration,
+    /// Address of the admin listener (`/metrics`, `/status`, `/`); none by default. Never
+    /// served on `listen`; a change needs a restart.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// One backend of the configuration, validated.
@@ -175,6 +178,7 @@ struct Raw {
     spawn_backends: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
     dns_refresh: Option<f64>,
+    admin_listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -346,6 +350,22 @@ impl Config {
             })
             .collect::<Result<_, _>>()?;
 
+        let admin_listen = match raw.admin_listen {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                ConfigError::field(
+                    "admin_listen",
+                    format!("{text:?} is not an IP address and port"),
+                )
+            })?),
+        };
+        if admin_listen == Some(listen) && listen.port() != 0 {
+            return Err(ConfigError::field(
+                "admin_listen",
+                "must differ from listen: the admin listener is never served on listen",
+            ));
+        }
+
         Ok(Config {
             listen,
             servers,
@@ -358,6 +378,7 @@ impl Config {
             spawn_backends: raw.spawn_backends.unwrap_or(true),
             trusted_proxies,
             dns_refresh: seconds("dns_refresh", raw.dns_refresh, 30.0)?,
+            admin_listen,
         })
     }
 
@@ -403,6 +424,7 @@ impl Config {
             needs_restart: [
                 (self.listen != next.listen).then_some("listen"),
                 (self.trusted_proxies != next.trusted_proxies).then_some("trusted_proxies"),
+                (self.admin_listen != next.admin_listen).then_some("admin_listen"),
             ]
             .into_iter()
             .flatten()

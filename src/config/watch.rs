@@ -40,7 +40,12 @@ impl Stream for Watch {
     type Item = Result<Config, ConfigError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        let item = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(Err(_))) = &item {
+            // An invalid edit: the running configuration stays (tower_lb_config_reloads_total).
+            crate::stats::config_reload(false);
+        }
+        item
     }
 }
 

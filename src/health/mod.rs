@@ -408,6 +408,7 @@ where
             return;
         }
         t.probing = false;
+        crate::stats::health_check(&key, result.is_ok());
         let flip = match &result {
             Ok(()) => {
                 t.failures = 0;

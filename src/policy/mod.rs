@@ -56,6 +56,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::stats::{BackendCounters, BackendStats};
+
 mod algorithm;
 mod hashing;
 mod least_connections;
@@ -154,6 +156,12 @@ impl Endpoint {
         self.load.get()
     }
 
+    /// The backend's counters: responses by status class, failures, latency. Like the
+    /// in-flight count, they are live and shared by every snapshot.
+    pub fn stats(&self) -> BackendCounters {
+        self.load.stats.snapshot()
+    }
+
     pub(crate) fn load(&self) -> &Arc<Load> {
         &self.load
     }
@@ -170,21 +178,24 @@ impl fmt::Debug for Endpoint {
     }
 }
 
-/// The in-flight counter of one backend.
+/// The in-flight counter of one backend, and its counters (see [`crate::stats`]).
 #[derive(Debug, Default)]
-pub(crate) struct Load(AtomicUsize);
+pub(crate) struct Load {
+    in_flight: AtomicUsize,
+    pub(crate) stats: BackendStats,
+}
 
 impl Load {
     pub(crate) fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     pub(crate) fn incr(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn decr(&self) {
-        self.0.fetch_sub(1, Ordering::Release);
+        self.in_flight.fetch_sub(1, Ordering::Release);
     }
 }
 

@@ -300,13 +300,21 @@ where
         result => result,
     };
     // The response's hop-by-hop fields were left out as it was parsed.
-    result.map_err(|(error, _)| {
-        if error.error.is::<Elapsed>() {
-            timed_out().into()
-        } else {
-            failed(error.error).into()
-        }
-    })
+    result
+        .map(|mut response| {
+            if super::access::enabled() {
+                let served_by = super::access::ServedBy(shared.authority.clone());
+                response.extensions_mut().insert(served_by);
+            }
+            response
+        })
+        .map_err(|(error, _)| {
+            if error.error.is::<Elapsed>() {
+                timed_out().into()
+            } else {
+                failed(error.error).into()
+            }
+        })
 }
 
 impl fmt::Debug for Backend {

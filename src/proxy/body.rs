@@ -22,7 +22,8 @@ pub struct TrackBody;
 impl<B: Body> TrackCompletion<InFlight, Response<B>> for TrackBody {
     type Output = Response<TrackedBody<B>>;
 
-    fn track_completion(&self, guard: InFlight, response: Response<B>) -> Self::Output {
+    fn track_completion(&self, mut guard: InFlight, response: Response<B>) -> Self::Output {
+        guard.respond(response.status().as_u16());
         response.map(|body| TrackedBody::new(body, guard))
     }
 }

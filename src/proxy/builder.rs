@@ -237,6 +237,7 @@ fn checked<P: Policy>(
     addresses: impl IntoIterator<Item = Authority>,
 ) -> Result<HttpBackends<P>, BuildError> {
     let backends = Backends::new(policy);
+    backends.label_metrics(Authority::to_string);
     if let Some((path, settings)) = health {
         let path: PathAndQuery = path
             .parse()

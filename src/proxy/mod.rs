@@ -39,6 +39,7 @@
 //! # Ok(()) }
 //! ```
 
+mod access;
 mod backend;
 mod body;
 mod builder;
@@ -117,6 +118,7 @@ pub fn backends<P: Policy>(
     addresses: impl IntoIterator<Item = Authority>,
 ) -> HttpBackends<P> {
     let set = Backends::new(policy);
+    set.label_metrics(Authority::to_string);
     set.update(|u| {
         for address in addresses {
             let backend = client.make_backend(&address);

@@ -153,6 +153,7 @@ impl<F> fmt::Debug for ResponseFuture<F> {
 /// The response for a proxying error (see [`ErrorResponses`]).
 pub fn error_response(error: &BoxError) -> Response<Full<Bytes>> {
     let (status, text) = classify(error);
+    crate::stats::local_response(status.as_u16());
     if status == StatusCode::SERVICE_UNAVAILABLE {
         tracing::debug!(%error, "no healthy backend");
     } else {

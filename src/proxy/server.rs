@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tower::ServiceExt;
 use tower_service::Service;
 
+use super::access::{self, LoggedBody};
 use super::framing::FramingGuard;
 use super::ClientAddr;
 use crate::BoxError;
@@ -40,6 +41,7 @@ use crate::BoxError;
 pub struct Server {
     header_read_timeout: Duration,
     max_header_bytes: usize,
+    observed: bool,
 }
 
 impl Default for Server {
@@ -47,6 +49,7 @@ impl Default for Server {
         Server {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
+            observed: true,
         }
     }
 }
@@ -66,6 +69,14 @@ impl Server {
     /// Largest request head accepted (at least 8 KiB).
     pub fn max_header_bytes(mut self, bytes: usize) -> Self {
         self.max_header_bytes = bytes.max(8 * 1024);
+        self
+    }
+
+    /// Whether this server's connections and answers count in [`crate::stats`] (client
+    /// connections, local `400`s) and its requests go to the access log (default: yes).
+    /// A server that is not the proxy, such as a demo backend, turns it off.
+    pub fn observed(mut self, observed: bool) -> Self {
+        self.observed = observed;
         self
     }
 
@@ -96,6 +107,7 @@ impl Server {
             .writev(false)
             .header_read_timeout(self.header_read_timeout)
             .max_header_size(self.max_header_bytes);
+        let observed = self.observed;
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -118,26 +130,47 @@ impl Server {
             let hyper_service = hyper::service::service_fn(
                 move |mut request: Request<Incoming>| {
                     let index = requests.fetch_add(1, Ordering::Relaxed);
+                    // Off by default: then one check of a cached interest, nothing more.
+                    let entry =
+                        (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
                     request.extensions_mut().insert(ClientAddr(peer));
                     let call =
                         (!verdict.refuses(index)).then(|| call_now(service.clone(), request));
                     async move {
-                        match call {
+                        let response = match call {
                             Some(call) => call.await.map(|r| r.map(Either::Left)),
                             None => {
                                 tracing::debug!(%peer, "refused a request with both Content-Length and Transfer-Encoding");
+                                if observed {
+                                    crate::stats::local_response(400);
+                                }
                                 Ok(ambiguous_framing())
                             }
-                        }
+                        };
+                        response.map(|response| {
+                            let entry = entry.map(|mut entry| {
+                                entry.respond(&response);
+                                entry
+                            });
+                            response.map(|body| LoggedBody::new(body, entry))
+                        })
                     }
                 },
             );
             let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
             let conn = graceful.watch(conn);
+            let open = observed.then(crate::stats::ClientConnection::open);
             tokio::spawn(async move {
                 if let Err(error) = conn.await {
+                    // hyper answered a malformed request itself.
+                    if open.is_some() && error.is_parse_too_large() {
+                        crate::stats::local_response(431);
+                    } else if open.is_some() && error.is_parse() {
+                        crate::stats::local_response(400);
+                    }
                     tracing::debug!(%peer, %error, "client connection ended with an error");
                 }
+                drop(open);
             });
         }
         drop(listener);

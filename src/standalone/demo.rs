@@ -58,6 +58,8 @@ impl DemoBackend {
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             Server::new()
+                // Not the proxy: its connections and requests are not the proxy's.
+                .observed(false)
                 .serve(listener, service, async {
                     let _ = stopped.await;
                 })

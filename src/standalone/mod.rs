@@ -51,6 +51,8 @@ pub struct Proxy {
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<io::Result<()>>,
     checks: JoinHandle<()>,
+    /// The admin listener (`admin_listen`): its address and task.
+    admin: Option<(SocketAddr, JoinHandle<io::Result<()>>)>,
 }
 
 fn client(config: &Config) -> Client {
@@ -74,6 +76,7 @@ impl Proxy {
         let client = client(&config);
         let backends: HttpBackends<Algorithm> = Backends::new(config.algorithm.clone());
         backends.healthy_on_insert(false);
+        backends.label_metrics(Authority::to_string);
         let fixed = || config.servers.iter().filter(|s| !s.resolve());
         backends.update(|set| fixed().for_each(|server| add_server(set, &client, server)));
 
@@ -106,6 +109,10 @@ impl Proxy {
             })
             .await
         });
+        let admin = match config.admin_listen {
+            Some(addr) => Some(start_admin(addr, &backends)?),
+            None => None,
+        };
         tracing::info!(listen = %local_addr, algorithm = %config.algorithm, backends = config.servers.len(), "proxy started");
         Ok(Proxy {
             config,
@@ -121,7 +128,13 @@ impl Proxy {
             stop: Some(stop),
             server,
             checks,
+            admin,
         })
+    }
+
+    /// The address of the admin listener, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(addr, _)| *addr)
     }
 
     /// The address the proxy listens on.
@@ -151,6 +164,7 @@ impl Proxy {
         }
         next.listen = self.config.listen;
         next.trusted_proxies = self.config.trusted_proxies.clone();
+        next.admin_listen = self.config.admin_listen;
         if diff.is_empty() {
             return diff;
         }
@@ -257,6 +271,7 @@ impl Proxy {
         }
         self.retiring.retain(|_, r| !r.task.is_finished());
 
+        crate::stats::config_reload(true);
         tracing::info!(
             added = diff.added.len(),
             removed = diff.removed.len(),
@@ -278,6 +293,9 @@ impl Proxy {
         self.checks.abort();
         for (_, resolved) in self.resolved.drain() {
             resolved.task.abort();
+        }
+        if let Some((_, admin)) = self.admin.take() {
+            admin.abort();
         }
         for (_, demo) in self.demos.drain() {
             demo.stop().await;
@@ -305,6 +323,22 @@ fn add_server(
         server.weight(),
         false,
     );
+}
+
+/// Binds the admin listener and serves `/metrics`, `/status` and `/` on it.
+fn start_admin(
+    addr: SocketAddr,
+    backends: &HttpBackends<Algorithm>,
+) -> io::Result<(SocketAddr, JoinHandle<io::Result<()>>)> {
+    let listener = proxy::bind(addr)?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(crate::admin::serve(
+        listener,
+        backends.clone(),
+        std::future::pending(),
+    ));
+    tracing::info!("admin listener on http://{local}");
+    Ok((local, task))
 }
 
 async fn start_demo(demos: &mut HashMap<Authority, DemoBackend>, key: Authority, config: &Config) {
