@@ -673,3 +673,53 @@ async fn idle_with_no_healthy_backend_and_with_every_backend_down() {
     assert_eq!(proxy.terminate().code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn check_validates_and_exits_without_starting() {
+    // The listen address is taken: a start would fail to bind, so a 0 here also shows that
+    // --check started nothing.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let valid = format!(
+        r#"{{"listen": "{}", "servers": [{{"host": "127.0.0.1", "port": 9001}}], "spawn_backends": true}}"#,
+        taken.local_addr().unwrap()
+    );
+    let dir = tempdir();
+    let path = dir.join("config.json");
+    std::fs::write(&path, &valid).unwrap();
+    for args in [vec!["--check".into(), path.clone()], vec!["--check".into()]] {
+        let out = Command::new(example())
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        assert_eq!(stdout.lines().count(), 1, "one line: {stdout}");
+        assert!(
+            stdout.contains("config.json") && stdout.contains("valid"),
+            "{stdout}"
+        );
+        assert!(out.stderr.is_empty(), "{out:?}");
+    }
+
+    // Invalid: status 1 and the very message a start prints, on stderr only.
+    let invalid = r#"{"servers": [{"host": "127.0.0.1", "port": 70000}]}"#;
+    let (start_status, start_stderr, bad) = run_with(invalid);
+    assert_eq!(start_status.code(), Some(1));
+    let out = Command::new(example())
+        .arg("--check")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), start_stderr);
+    assert!(start_stderr.contains("servers[0].port"), "{start_stderr}");
+
+    // A typo in the flag is a usage error, not a start with a file named "--chek".
+    let out = Command::new(example()).arg("--chek").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(bad.parent().unwrap()).unwrap();
+    drop(taken);
+}
