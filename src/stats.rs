@@ -275,6 +275,7 @@ pub(crate) fn retry() {
 }
 
 /// Counts an answer the proxy made itself.
+#[cfg(feature = "http")]
 pub(crate) fn local_response(status: u16) {
     if let Some(i) = LOCAL_STATUSES.iter().position(|&s| s == status) {
         global().local[i].fetch_add(1, Ordering::Relaxed);
@@ -301,9 +302,11 @@ pub fn config_reload(applied: bool) {
 }
 
 /// Counts an open client connection until dropped.
+#[cfg(feature = "http")]
 #[derive(Debug)]
 pub(crate) struct ClientConnection(());
 
+#[cfg(feature = "http")]
 impl ClientConnection {
     pub(crate) fn open() -> Self {
         global().client_connections.fetch_add(1, Ordering::Relaxed);
@@ -312,6 +315,7 @@ impl ClientConnection {
     }
 }
 
+#[cfg(feature = "http")]
 impl Drop for ClientConnection {
     fn drop(&mut self) {
         global().client_connections.fetch_sub(1, Ordering::Relaxed);
