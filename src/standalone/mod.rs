@@ -75,15 +75,14 @@ impl Proxy {
 
         let client = client(&config);
         let backends: HttpBackends<Algorithm> = Backends::new(config.algorithm.clone());
-        backends.healthy_on_insert(false);
         backends.label_metrics(Authority::to_string);
-        let fixed = || config.servers.iter().filter(|s| !s.resolve());
-        backends.update(|set| fixed().for_each(|server| add_server(set, &client, server)));
-
+        // The checks follow the set: every backend that joins it, configured or resolved, is
+        // probed and takes traffic from its first pass; one that leaves is no longer probed.
         let probe = HttpProbe::new(config.health_check_url.clone());
         let (checks, health) = HealthCheck::new(probe.clone(), config.health);
-        fixed().for_each(|server| health.insert(server.authority()));
-        let checks = tokio::spawn(checks.drive(backends.clone()));
+        let checks = tokio::spawn(checks.attach(&backends).drive());
+        let fixed = || config.servers.iter().filter(|s| !s.resolve());
+        backends.update(|set| fixed().for_each(|server| add_server(set, &client, server)));
         let resolved = config
             .servers
             .iter()
@@ -91,7 +90,7 @@ impl Proxy {
             .map(|s| {
                 (
                     s.authority(),
-                    Resolved::start(s, &config, &client, &backends, &health),
+                    Resolved::start(s, &config, &client, &backends),
                 )
             })
             .collect();
@@ -232,18 +231,12 @@ impl Proxy {
             }
             drains
         });
-        for server in &removed {
-            self.health.remove(server.authority());
-        }
-        for server in &added {
-            self.health.insert(server.authority());
-        }
         // Resolve servers: a removed one's task takes its backends out as it ends.
         for server in diff.removed.iter().filter(|s| s.resolve()) {
             self.resolved.remove(&server.authority());
         }
         for server in diff.added.iter().filter(|s| s.resolve()) {
-            let task = Resolved::start(server, &next, client, &self.backends, &self.health);
+            let task = Resolved::start(server, &next, client, &self.backends);
             self.resolved.insert(server.authority(), task);
         }
         if diff.hash_key.is_some() {
@@ -403,7 +396,6 @@ impl Resolved {
         config: &Config,
         client: &Client,
         backends: &HttpBackends<Algorithm>,
-        health: &health::Handle<Authority>,
     ) -> Resolved {
         let settings = ResolveSettings {
             client: client.clone(),
@@ -418,17 +410,16 @@ impl Resolved {
             |_: &Authority| (),
         )
         .refresh(config.dns_refresh);
-        let task = tokio::spawn(follow(dns, backends.clone(), health.clone(), rx));
+        let task = tokio::spawn(follow(dns, backends.clone(), rx));
         Resolved { settings: tx, task }
     }
 }
 
-/// Each new address joins the set unhealthy and is probed; each vanished one leaves (and
-/// drains). An address already in the set (listed by another server) is left to it.
+/// Each new address joins the set unhealthy (the attached checks probe it); each vanished
+/// one leaves (and drains). An address already in the set (listed by another server) is left to it.
 async fn follow<M: MakeBackend<Authority, Service = ()>>(
     mut dns: Dns<GaiResolver, M, Authority>,
     backends: HttpBackends<Algorithm>,
-    health: health::Handle<Authority>,
     mut settings: watch::Receiver<ResolveSettings>,
 ) {
     let mut mine: HashSet<Authority> = HashSet::new();
@@ -446,7 +437,6 @@ async fn follow<M: MakeBackend<Authority, Service = ()>>(
                     });
                     if inserted {
                         tracing::info!(backend = %key, host = dns.host(), "resolved backend added");
-                        health.insert(key.clone());
                         mine.insert(key);
                     } else {
                         tracing::warn!(backend = %key, host = dns.host(), "already a backend");
@@ -458,7 +448,6 @@ async fn follow<M: MakeBackend<Authority, Service = ()>>(
                     }
                     tracing::info!(backend = %key, host = dns.host(), "resolved backend removed");
                     backends.remove(&key);
-                    health.remove(key);
                 }
                 None => break,
             },
@@ -478,7 +467,6 @@ async fn follow<M: MakeBackend<Authority, Service = ()>>(
             set.remove(key);
         })
     });
-    mine.into_iter().for_each(|key| health.remove(key));
 }
 
 /// The demo backend of a removed server: it stops once the requests sent to it before the
