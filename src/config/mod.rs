@@ -505,6 +505,17 @@ mod tests {
         Config::from_json(json).unwrap_err().to_string()
     }
 
+    /// Each configuration is refused with a message containing its expected text.
+    fn refused(cases: &[(String, &str)]) {
+        for (json, expected) in cases {
+            let e = err(json);
+            assert!(
+                e.contains(expected),
+                "{json}\n  gave: {e}\n  want: {expected}"
+            );
+        }
+    }
+
     const ONE: &str = r#""servers": [{"host": "127.0.0.1", "port": 9001}]"#;
 
     /// The defaults are the contract's literals (`../shared/CONTRACT.md`), not the code's
@@ -630,13 +641,7 @@ mod tests {
                 "spawn_backends: invalid type",
             ),
         ];
-        for (json, expected) in cases {
-            let e = err(&json);
-            assert!(
-                e.contains(expected),
-                "{json}\n  gave: {e}\n  want: {expected}"
-            );
-        }
+        refused(&cases);
     }
 
     #[test]
@@ -762,13 +767,7 @@ mod tests {
                 "algorithm: invalid type",
             ),
         ];
-        for (json, expected) in cases {
-            let e = err(&json);
-            assert!(
-                e.contains(expected),
-                "{json}\n  gave: {e}\n  want: {expected}"
-            );
-        }
+        refused(&cases);
     }
 
     #[test]
