@@ -69,6 +69,83 @@ pub struct Config {
     /// Address of the admin listener (`/metrics`, `/status`, `/`); none by default. Never
     /// served on `listen`; a change needs a restart.
     pub admin_listen: Option<SocketAddr>,
+    /// Outlier ejection from live traffic (`passive_health`); on by default.
+    pub passive_health: PassiveHealth,
+    /// Further backends one request may be tried on (default 1; 0 turns retries off).
+    pub retries: u32,
+    /// Retries as a percentage of the requests of the last 10 seconds (default 20), with
+    /// at least 3 retries a second allowed.
+    pub retry_budget: f64,
+    /// Ramp of a backend that joins or turns healthy from a tenth of its weight to all of
+    /// it; zero (the default) turns slow start off.
+    pub slow_start: Duration,
+    /// Client connections held at once; `None` (the default) derives it from the
+    /// open-files limit, (limit − 64) / 2.
+    pub max_connections: Option<usize>,
+    /// gRPC service name probed with `grpc.health.v1.Health/Check` instead of
+    /// `GET health_check_url` (`Some("")`: the whole server); none by default.
+    pub health_check_grpc: Option<String>,
+    /// Silence in both directions after which a tunnel (WebSocket) is closed (default 3600 s).
+    pub tunnel_idle_timeout: Duration,
+    /// After SIGTERM, time given to requests and tunnels in flight (default 30 s; may be 0).
+    pub shutdown_timeout: Duration,
+    /// Time a keep-alive client connection may sit without a request (default 60 s).
+    pub client_idle_timeout: Duration,
+}
+
+/// `passive_health`: outlier ejection settings, as validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveHealth {
+    /// Failures in a row that eject a backend; 0 turns passive health off (default 5).
+    pub consecutive_failures: u32,
+    /// Base ejection time, multiplied by the ejections in a row, at most 10× (default 10 s).
+    pub ejection_time: Duration,
+    /// Largest share of the backends ejected at once, in percent, 0–100 (default 50);
+    /// at least one backend may always be ejected.
+    pub max_ejection_percent: u8,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        PassiveHealth {
+            consecutive_failures: 5,
+            ejection_time: Duration::from_secs(10),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+impl PassiveHealth {
+    /// Whether passive health is on (`consecutive_failures` above 0).
+    pub fn enabled(&self) -> bool {
+        self.consecutive_failures > 0
+    }
+}
+
+/// The protocol spoken to a backend (`servers[].protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// HTTP/1.1 (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (h2c), as gRPC servers expect.
+    Http2,
+}
+
+impl Protocol {
+    /// The configuration name: `http1` or `http2`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// One backend of the configuration, validated.
@@ -78,6 +155,7 @@ pub struct ServerConfig {
     port: u16,
     weight: u32,
     resolve: bool,
+    protocol: Protocol,
     authority: Authority,
 }
 
@@ -110,10 +188,18 @@ impl ServerConfig {
         self.resolve
     }
 
+    /// The protocol spoken to this backend.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
     /// Whether `self` and `other` are the same server of two configurations: the same
-    /// address, resolved or not.
+    /// address, resolved or not, spoken to in the same protocol (a change of protocol
+    /// replaces the server: its connections cannot be reused).
     fn same_as(&self, other: &ServerConfig) -> bool {
-        self.authority == other.authority && self.resolve == other.resolve
+        self.authority == other.authority
+            && self.resolve == other.resolve
+            && self.protocol == other.protocol
     }
 }
 
@@ -179,6 +265,23 @@ struct Raw {
     trusted_proxies: Option<Vec<String>>,
     dns_refresh: Option<f64>,
     admin_listen: Option<String>,
+    passive_health: Option<RawPassiveHealth>,
+    retries: Option<i64>,
+    retry_budget: Option<f64>,
+    slow_start: Option<f64>,
+    max_connections: Option<i64>,
+    health_check_grpc: Option<String>,
+    tunnel_idle_timeout: Option<f64>,
+    shutdown_timeout: Option<f64>,
+    client_idle_timeout: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPassiveHealth {
+    consecutive_failures: Option<i64>,
+    ejection_time: Option<f64>,
+    max_ejection_percent: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +291,7 @@ struct RawServer {
     port: i64,
     weight: Option<i64>,
     resolve: Option<bool>,
+    protocol: Option<String>,
 }
 
 impl Config {
@@ -287,11 +391,22 @@ impl Config {
                     ))
                 }
             };
+            let protocol = match s.protocol.as_deref() {
+                None | Some("http1") => Protocol::Http1,
+                Some("http2") => Protocol::Http2,
+                Some(other) => {
+                    return Err(ConfigError::field(
+                        field("protocol"),
+                        format!("unknown protocol {other:?} (expected \"http1\" or \"http2\")"),
+                    ))
+                }
+            };
             let server = ServerConfig {
                 host,
                 port,
                 weight,
                 resolve,
+                protocol,
                 authority,
             };
             if !seen.insert((server.host.to_ascii_lowercase(), port)) {
@@ -366,6 +481,56 @@ impl Config {
             ));
         }
 
+        let passive_health = match raw.passive_health {
+            None => PassiveHealth::default(),
+            Some(p) => {
+                let defaults = PassiveHealth::default();
+                PassiveHealth {
+                    consecutive_failures: match p.consecutive_failures {
+                        None => defaults.consecutive_failures,
+                        Some(n) => count("passive_health.consecutive_failures", n)?,
+                    },
+                    ejection_time: seconds(
+                        "passive_health.ejection_time",
+                        p.ejection_time,
+                        defaults.ejection_time.as_secs_f64(),
+                    )?,
+                    max_ejection_percent: match p.max_ejection_percent {
+                        None => defaults.max_ejection_percent,
+                        Some(n) => u8::try_from(n).ok().filter(|n| *n <= 100).ok_or_else(|| {
+                            ConfigError::field(
+                                "passive_health.max_ejection_percent",
+                                format!("{n} is not a percentage (0-100)"),
+                            )
+                        })?,
+                    },
+                }
+            }
+        };
+        let retries = match raw.retries {
+            None => 1,
+            Some(n) => count("retries", n)?,
+        };
+        let retry_budget = match raw.retry_budget {
+            None => 20.0,
+            Some(v) if v.is_finite() && (0.0..=1e6).contains(&v) => v,
+            Some(v) => {
+                return Err(ConfigError::field(
+                    "retry_budget",
+                    format!("{v} is not a percentage (a number of at least 0)"),
+                ))
+            }
+        };
+        let max_connections = match raw.max_connections {
+            None => None,
+            Some(n) => Some(usize::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                ConfigError::field(
+                    "max_connections",
+                    format!("{n} is not a count (an integer of at least 1)"),
+                )
+            })?),
+        };
+
         Ok(Config {
             listen,
             servers,
@@ -379,6 +544,15 @@ impl Config {
             trusted_proxies,
             dns_refresh: seconds("dns_refresh", raw.dns_refresh, 30.0)?,
             admin_listen,
+            passive_health,
+            retries,
+            retry_budget,
+            slow_start: seconds_or_zero("slow_start", raw.slow_start, 0.0)?,
+            max_connections,
+            health_check_grpc: raw.health_check_grpc,
+            tunnel_idle_timeout: seconds("tunnel_idle_timeout", raw.tunnel_idle_timeout, 3600.0)?,
+            shutdown_timeout: seconds_or_zero("shutdown_timeout", raw.shutdown_timeout, 30.0)?,
+            client_idle_timeout: seconds("client_idle_timeout", raw.client_idle_timeout, 60.0)?,
         })
     }
 
@@ -417,7 +591,12 @@ impl Config {
             algorithm: (self.algorithm != next.algorithm).then(|| next.algorithm.clone()),
             hash_key: (self.hash_key != next.hash_key).then(|| next.hash_key.clone()),
             dns_refresh: self.dns_refresh != next.dns_refresh,
-            health: self.health != next.health || self.health_check_url != next.health_check_url,
+            health: self.health != next.health
+                || self.health_check_url != next.health_check_url
+                || self.health_check_grpc != next.health_check_grpc,
+            passive_health: self.passive_health != next.passive_health,
+            retries: self.retries != next.retries || self.retry_budget != next.retry_budget,
+            slow_start: self.slow_start != next.slow_start,
             timeouts: self.connect_timeout != next.connect_timeout
                 || self.response_timeout != next.response_timeout,
             spawn_backends: self.spawn_backends != next.spawn_backends,
@@ -425,6 +604,12 @@ impl Config {
                 (self.listen != next.listen).then_some("listen"),
                 (self.trusted_proxies != next.trusted_proxies).then_some("trusted_proxies"),
                 (self.admin_listen != next.admin_listen).then_some("admin_listen"),
+                (self.max_connections != next.max_connections).then_some("max_connections"),
+                (self.client_idle_timeout != next.client_idle_timeout)
+                    .then_some("client_idle_timeout"),
+                (self.tunnel_idle_timeout != next.tunnel_idle_timeout)
+                    .then_some("tunnel_idle_timeout"),
+                (self.shutdown_timeout != next.shutdown_timeout).then_some("shutdown_timeout"),
             ]
             .into_iter()
             .flatten()
@@ -448,8 +633,14 @@ pub struct Diff {
     pub hash_key: Option<HashKey>,
     /// `dns_refresh` changed.
     pub dns_refresh: bool,
-    /// Health-check settings or URL changed.
+    /// Health-check settings, URL or `health_check_grpc` changed.
     pub health: bool,
+    /// `passive_health` changed.
+    pub passive_health: bool,
+    /// `retries` or `retry_budget` changed.
+    pub retries: bool,
+    /// `slow_start` changed.
+    pub slow_start: bool,
     /// `connect_timeout` or `response_timeout` changed.
     pub timeouts: bool,
     /// `spawn_backends` changed.
@@ -483,6 +674,28 @@ fn seconds(field: &str, value: Option<f64>, default: f64) -> Result<Duration, Co
         ));
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// Like [`seconds`], but 0 is allowed (it turns the feature off or means "at once").
+fn seconds_or_zero(field: &str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default) {
+        0.0 => Ok(Duration::ZERO),
+        v if v < 0.0 || !v.is_finite() => Err(ConfigError::field(
+            field,
+            format!("{v} is not a number of seconds (0 or more)"),
+        )),
+        v => seconds(field, Some(v), default),
+    }
+}
+
+/// A count that may be 0.
+fn count(field: &str, value: i64) -> Result<u32, ConfigError> {
+    u32::try_from(value).map_err(|_| {
+        ConfigError::field(
+            field,
+            format!("{value} is not a count (an integer of at least 0)"),
+        )
+    })
 }
 
 fn threshold(field: &str, value: Option<i64>) -> Result<u32, ConfigError> {
@@ -555,6 +768,92 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spelled_out, c);
+    }
+
+    #[test]
+    fn version_0_2_keys() {
+        let c = Config::from_json(&format!("{{{ONE}}}")).unwrap();
+        assert_eq!(c.passive_health, PassiveHealth::default());
+        assert!(c.passive_health.enabled());
+        assert_eq!((c.retries, c.retry_budget), (1, 20.0));
+        assert_eq!(c.slow_start, Duration::ZERO);
+        assert_eq!(c.max_connections, None);
+        assert_eq!(c.health_check_grpc, None);
+        assert_eq!(c.tunnel_idle_timeout, Duration::from_secs(3600));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.client_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.servers[0].protocol(), Protocol::Http1);
+        // The contract's example of version 0.2, every key at its default.
+        let spelled_out = Config::from_json(&format!(
+            r#"{{{ONE}, "passive_health": {{ "consecutive_failures": 5, "ejection_time": 10, "max_ejection_percent": 50 }},
+                "retries": 1, "retry_budget": 20, "slow_start": 0, "max_connections": null,
+                "dns_refresh": 30, "health_check_grpc": null, "tunnel_idle_timeout": 3600,
+                "shutdown_timeout": 30, "client_idle_timeout": 60, "admin_listen": null}}"#
+        ))
+        .unwrap();
+        assert_eq!(spelled_out, c);
+
+        // Objects in part: missing fields take their defaults.
+        let c = Config::from_json(
+            r#"{"servers": [{"host": "127.0.0.1", "port": 9001, "protocol": "http2"}],
+                "passive_health": {"consecutive_failures": 0}, "retries": 0, "slow_start": 2.5,
+                "max_connections": 100, "health_check_grpc": "", "shutdown_timeout": 0}"#,
+        )
+        .unwrap();
+        assert_eq!(c.servers[0].protocol(), Protocol::Http2);
+        assert!(!c.passive_health.enabled());
+        assert_eq!(c.passive_health.ejection_time, Duration::from_secs(10));
+        assert_eq!(c.retries, 0);
+        assert_eq!(c.slow_start, Duration::from_millis(2500));
+        assert_eq!(c.max_connections, Some(100));
+        assert_eq!(c.health_check_grpc.as_deref(), Some(""));
+        assert_eq!(c.shutdown_timeout, Duration::ZERO);
+
+        let with = |rest: &str| format!("{{{ONE}, {rest}}}");
+        refused(&[
+            (
+                r#"{"servers": [{"host": "127.0.0.1", "port": 9001, "protocol": "h3"}]}"#.into(),
+                "servers[0].protocol: unknown protocol \"h3\"",
+            ),
+            (
+                with(r#""passive_health": {"max_ejection_percent": 101}"#),
+                "passive_health.max_ejection_percent: 101 is not a percentage",
+            ),
+            (
+                with(r#""passive_health": {"ejection_time": -1}"#),
+                "passive_health.ejection_time: -1 is not a positive number",
+            ),
+            (
+                with(r#""passive_health": {"consecutive": 1}"#),
+                "passive_health.consecutive: unknown field",
+            ),
+            (with(r#""retries": -1"#), "retries: -1 is not a count"),
+            (
+                with(r#""retry_budget": -5"#),
+                "retry_budget: -5 is not a percentage",
+            ),
+            (
+                with(r#""slow_start": -1"#),
+                "slow_start: -1 is not a number of seconds",
+            ),
+            (with(r#""slow_start": "10s""#), "slow_start: invalid type"),
+            (
+                with(r#""max_connections": 0"#),
+                "max_connections: 0 is not a count",
+            ),
+            (
+                with(r#""tunnel_idle_timeout": 0"#),
+                "tunnel_idle_timeout: 0 is not a positive",
+            ),
+            (
+                with(r#""shutdown_timeout": -2"#),
+                "shutdown_timeout: -2 is not a number",
+            ),
+            (
+                with(r#""client_idle_timeout": 0"#),
+                "client_idle_timeout: 0 is not a positive",
+            ),
+        ]);
     }
 
     #[test]
