@@ -33,7 +33,9 @@ impl Failing {
                 };
                 if head.starts_with(b"GET /health ") {
                     let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
                         .await;
                     return;
                 }
@@ -91,7 +93,10 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 async fn send(proxy: SocketAddr, request: Request<Body>) -> (StatusCode, Bytes) {
     let response = Client::connect(proxy).await.send(request).await;
     let status = response.status();
-    (status, response.into_body().collect().await.unwrap().to_bytes())
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
 }
 
 #[tokio::test]
@@ -101,7 +106,11 @@ async fn a_get_reset_before_an_answer_succeeds_on_another_backend() {
         Failing::start(false).await,
         Backend::start().await,
     );
-    let proxy = proxy(retry_config(&[a.addr(), b.addr(), good.addr], r#""retries": 2"#)).await;
+    let proxy = proxy(retry_config(
+        &[a.addr(), b.addr(), good.addr],
+        r#""retries": 2"#,
+    ))
+    .await;
     let before = tower_lb::stats::global().retries();
     for _ in 0..6 {
         let (status, body) = within(get(proxy.local_addr(), "/")).await;
@@ -109,7 +118,12 @@ async fn a_get_reset_before_an_answer_succeeds_on_another_backend() {
     }
     // Round robin started two of the six on each failing backend; each of those was
     // retried, on a backend it had not tried.
-    assert!(a.requests() >= 2 && b.requests() >= 2, "{} {}", a.requests(), b.requests());
+    assert!(
+        a.requests() >= 2 && b.requests() >= 2,
+        "{} {}",
+        a.requests(),
+        b.requests()
+    );
     assert_eq!(good.hits(), 6);
     assert!(tower_lb::stats::global().retries() - before >= (a.requests() + b.requests()) as u64);
     proxy.shutdown().await.unwrap();
@@ -185,13 +199,21 @@ async fn a_small_body_is_replayed_byte_for_byte_a_large_one_is_not() {
     assert_eq!(good.hits(), 2);
 
     // Streamed without a length (chunked), in two parts: replayed too.
-    let parts = [Bytes::from_static(b"first part, "), Bytes::from_static(b"second part")];
+    let parts = [
+        Bytes::from_static(b"first part, "),
+        Bytes::from_static(b"second part"),
+    ];
     for _ in 0..2 {
-        let frames = parts.clone().map(|p| Ok::<_, std::io::Error>(Frame::data(p)));
+        let frames = parts
+            .clone()
+            .map(|p| Ok::<_, std::io::Error>(Frame::data(p)));
         let body = Body::new(StreamBody::new(futures::stream::iter(frames)));
         let request = Request::put("/echo").body(body).unwrap();
         let (status, body) = within(send(proxy.local_addr(), request)).await;
-        assert_eq!((status, &body[..]), (StatusCode::OK, &b"first part, second part"[..]));
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::OK, &b"first part, second part"[..])
+        );
     }
 
     // 100 KiB: not kept, so not sent again once the backend has read it.
@@ -222,7 +244,10 @@ async fn the_budget_caps_retries_when_every_backend_fails() {
         assert_eq!(status, StatusCode::BAD_GATEWAY);
     }
     // Without the budget the backends would have seen 120 attempts.
-    assert!(started.elapsed().as_secs() < 9, "the test assumes one 10 s window");
+    assert!(
+        started.elapsed().as_secs() < 9,
+        "the test assumes one 10 s window"
+    );
     assert_eq!(a.requests() + b.requests(), 60 + 30);
     proxy.shutdown().await.unwrap();
 }

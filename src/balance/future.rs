@@ -106,11 +106,9 @@ impl<K, S: Clone, P: Policy> Retry<K, S, P> {
         let endpoints = &snapshot.endpoints;
         let current = endpoints.iter().position(|e| e.id() == self.current);
         let first = match current {
-            Some(i) => {
-                snapshot
-                    .policy()
-                    .pick_excluding(&snapshot.table, endpoints, self.key, i)?
-            }
+            Some(i) => snapshot
+                .policy()
+                .pick_excluding(&snapshot.table, endpoints, self.key, i)?,
             None => snapshot.pick(self.key)?,
         };
         let untried = |i: &usize| {

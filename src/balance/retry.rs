@@ -87,7 +87,11 @@ impl Retries {
     /// Changes the budget (see [`budget`](Self::budget)); the requests and retries already
     /// counted stay counted.
     pub fn set_budget(&self, percent: f64) {
-        let percent = if percent.is_nan() { 0.0 } else { percent.max(0.0) };
+        let percent = if percent.is_nan() {
+            0.0
+        } else {
+            percent.max(0.0)
+        };
         self.shared
             .percent
             .store(percent.to_bits(), Ordering::Relaxed);
@@ -236,7 +240,15 @@ mod tests {
         // Retries off: requests are not even counted.
         let r = Retries::none();
         assert_eq!(r.start(), 0);
-        assert_eq!(r.shared.budget.requests.iter().map(|s| s.load(Ordering::Relaxed)).sum::<u64>(), 0);
+        assert_eq!(
+            r.shared
+                .budget
+                .requests
+                .iter()
+                .map(|s| s.load(Ordering::Relaxed))
+                .sum::<u64>(),
+            0
+        );
     }
 
     #[tokio::test(start_paused = true)]

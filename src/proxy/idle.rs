@@ -9,7 +9,9 @@
 //!
 //! [`IdleTimer`] is that timer in two phases. Until a byte of the next request arrives (the
 //! connection's [`Reads`] count moves), the deadline is `client_idle_timeout` from the
-//! start; from that byte on, it is `header_read_timeout` from the byte. No request is in
+//! start; from that byte on, it is `header_read_timeout` from the byte. (The first head of
+//! a connection has `header_read_timeout` from the start: the server hands a connection to
+//! hyper only once a byte has come.) No request is in
 //! flight while hyper waits for a head, so a connection busy with a request is never cut;
 //! and a client trickling its head still has `header_read_timeout` to finish it. The cost:
 //! one counter increment per read, one small allocation per connection.
@@ -17,7 +19,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -99,21 +101,36 @@ impl<T: AsyncWrite> AsyncWrite for CountReads<T> {
 }
 
 /// hyper's timer for one HTTP/1 connection: see the [module docs](self).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct IdleTimer {
     reads: Arc<Reads>,
     idle: Duration,
     head: Duration,
+    /// No head has been waited for yet: the first wait is not a keep-alive's idle time.
+    first: AtomicBool,
 }
 
 impl IdleTimer {
     /// `idle`: the wait for a request's first byte; `head`: from there to its last header.
     pub(crate) fn new(reads: Arc<Reads>, idle: Duration, head: Duration) -> Self {
-        IdleTimer { reads, idle, head }
+        IdleTimer {
+            reads,
+            idle,
+            head,
+            first: AtomicBool::new(true),
+        }
     }
 
     fn head_timer(&self) -> HeadTimer {
         let now = tokio::time::Instant::now();
+        if self.first.swap(false, Ordering::Relaxed) {
+            return HeadTimer {
+                sleep: tokio::time::sleep_until(now + self.head),
+                reads: self.reads.clone(),
+                seen: None,
+                head: self.head,
+            };
+        }
         HeadTimer {
             sleep: tokio::time::sleep_until(now + self.idle),
             reads: self.reads.clone(),
@@ -162,8 +179,7 @@ impl HeadTimer {
     fn restart(self: Pin<&mut Self>, timer: &IdleTimer) {
         let this = self.project();
         *this.seen = Some(this.reads.get());
-        this.sleep
-            .reset(tokio::time::Instant::now() + timer.idle);
+        this.sleep.reset(tokio::time::Instant::now() + timer.idle);
     }
 }
 

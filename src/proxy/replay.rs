@@ -261,7 +261,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_body_is_sent_again_byte_for_byte() {
-        let request = Request::put("/").body(chunks(&[b"hello ", b"world"])).unwrap();
+        let request = Request::put("/")
+            .body(chunks(&[b"hello ", b"world"]))
+            .unwrap();
         let mut body = prepare(request).into_body();
         // Taken in part, then the backend went away.
         assert_eq!(
@@ -295,8 +297,12 @@ mod tests {
         assert!(body.into_parts().is_none());
 
         // Known to be large only once read: kept until it is too large.
-        let mut body = prepare(Request::put("/").body(chunks(&[&[1; 40_000], &[2; 40_000]])).unwrap())
-            .into_body();
+        let mut body = prepare(
+            Request::put("/")
+                .body(chunks(&[&[1; 40_000], &[2; 40_000]]))
+                .unwrap(),
+        )
+        .into_body();
         body.frame().await;
         assert!(body.can_replay());
         body.frame().await;

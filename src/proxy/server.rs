@@ -170,17 +170,23 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let open = observed.then(crate::stats::ClientConnection::open);
-            let (service, http, watcher, mut closed) =
-                (service.clone(), http.clone(), graceful.watcher(), closed.clone());
+            let (service, http, watcher, mut closed) = (
+                service.clone(),
+                http.clone(),
+                graceful.watcher(),
+                closed.clone(),
+            );
             tokio::spawn(async move {
                 // Held as long as this connection's task, upgrades included.
                 let _permit = permit;
                 // hyper allocates its buffers as soon as it has the connection: hand it over
                 // once the client has sent something. A client that sends nothing is closed
                 // by the header timeout.
+                // (A peek, not `readable()`, which may report a socket readable that is not.)
+                let mut byte = [0; 1];
                 let readable = tokio::select! {
-                    readable = tokio::time::timeout(head, stream.readable()) => {
-                        matches!(readable, Ok(Ok(())))
+                    peeked = tokio::time::timeout(head, stream.peek(&mut byte)) => {
+                        matches!(peeked, Ok(Ok(1)))
                     }
                     _ = closed.wait_for(|closing| *closing) => false,
                 };
