@@ -271,6 +271,46 @@ mod tests {
         assert_eq!((0..200).filter(|_| r.withdraw()).count(), 30);
     }
 
+    #[tokio::test]
+    async fn each_retry_goes_to_a_backend_not_tried_yet() {
+        use std::sync::Mutex;
+        use tower::{service_fn, ServiceExt};
+
+        use crate::balance::error::Unsent;
+        use crate::policy::RoundRobin;
+        use crate::{Backends, Balance, BoxError};
+
+        let tried = Arc::new(Mutex::new(Vec::new()));
+        let gives_back = |name: &'static str| {
+            let tried = tried.clone();
+            service_fn(move |req: u32| {
+                tried.lock().unwrap().push(name);
+                async move { Err::<u32, BoxError>(Box::new(Unsent::new(req, "reset"))) }
+            })
+            .boxed_clone()
+        };
+        let backends = Backends::from_services(
+            RoundRobin::new(),
+            [
+                ("a", gives_back("a")),
+                ("b", gives_back("b")),
+                ("c", gives_back("c")),
+            ],
+        );
+        let retries = Retries::new(5);
+        let lb = Balance::new(backends).with_retries(retries.clone());
+        // Five retries allowed, three backends: each is tried once, then the request fails.
+        for _ in 0..3 {
+            assert!(lb.clone().oneshot(1).await.is_err());
+            let mut once = std::mem::take(&mut *tried.lock().unwrap());
+            once.sort();
+            assert_eq!(once, ["a", "b", "c"]);
+        }
+        retries.set_retries(1);
+        assert!(lb.oneshot(1).await.is_err());
+        assert_eq!(tried.lock().unwrap().len(), 2);
+    }
+
     #[test]
     fn settings_change_live() {
         let r = Retries::default();
