@@ -233,12 +233,12 @@ async fn the_budget_caps_retries_when_every_backend_fails() {
     let (a, b) = (Failing::start(true).await, Failing::start(true).await);
     // A budget of 1 percent of 60 requests is less than the floor of 3 a second: 30 retries
     // in 10 s, whatever the percentage.
+    let started = std::time::Instant::now();
     let proxy = proxy(retry_config(
         &[a.addr(), b.addr()],
         r#""retries": 1, "retry_budget": 1"#,
     ))
     .await;
-    let started = std::time::Instant::now();
     for _ in 0..60 {
         let (status, _) = within(get(proxy.local_addr(), "/")).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
