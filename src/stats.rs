@@ -241,7 +241,8 @@ pub fn global() -> &'static Global {
 }
 
 impl Global {
-    /// Requests the balancer tried on another backend after the first could not take them.
+    /// Retries: attempts on another backend for a request that its backend failed before
+    /// acting on it (see [`Retries`](crate::balance::Retries)).
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
     }

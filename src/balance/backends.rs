@@ -416,24 +416,6 @@ where
         self.with_snapshot(|s| s.pick(key).map(|i| s.members[i].0.clone()))
     }
 
-    /// Starts a request on another backend than the one with id `failed`, for a request
-    /// that one could not take.
-    pub(crate) fn start_excluding(
-        &self,
-        key: Option<u64>,
-        failed: u64,
-    ) -> Option<(S, InFlight, u64)> {
-        self.with_snapshot(|s| {
-            let index = match s.endpoints.iter().position(|e| e.id() == failed) {
-                Some(exclude) => s
-                    .policy
-                    .pick_excluding(&s.table, &s.endpoints, key, exclude),
-                None => s.pick(key),
-            };
-            index.map(|i| s.start(i))
-        })
-    }
-
     /// Whether a backend is healthy, or `None` if it is not in the set.
     pub fn is_healthy(&self, key: &K) -> Option<bool> {
         self.find(key, Endpoint::is_healthy)

@@ -27,8 +27,9 @@ impl std::error::Error for NoHealthyBackend {}
 /// A backend service's error that gives the request back: the backend did not act on it
 /// (for HTTP: the connection was refused, or closed before any byte of an answer, for a
 /// request that is safe to send again), so [`Balance`](super::Balance) sends it to another
-/// backend, once, as it does when a backend fails `poll_ready`. Where there is no other
-/// backend, or the retry was used, the request fails with the error inside.
+/// backend, as it does when a backend fails `poll_ready`, within its
+/// [`Retries`](super::Retries). Where there is no backend left to try, or the retries or
+/// the retry budget are used up, the request fails with the error inside.
 ///
 /// ```
 /// use tower::{service_fn, ServiceExt};

@@ -11,7 +11,7 @@ use tower::load::completion::TrackCompletion;
 use tower_service::Service;
 
 use super::error::{NoHealthyBackend, Unsent};
-use super::{Backends, InFlight};
+use super::{Backends, InFlight, Retries, Snapshot};
 use crate::policy::Policy;
 use crate::BoxError;
 
@@ -20,8 +20,9 @@ pin_project! {
     ///
     /// It carries the request's [`InFlight`] guard: dropping the future (cancelling the
     /// request) ends the request for the policy's bookkeeping. If the chosen backend fails
-    /// to become ready, the request (never handed to it) is tried once on another backend;
-    /// so is a request the backend gives back with an [`Unsent`] error.
+    /// to become ready, the request (never handed to it) is tried on another backend; so is
+    /// a request the backend gives back with an [`Unsent`] error. Each retry goes to a
+    /// backend not tried yet, within the balancer's [`Retries`].
     pub struct ResponseFuture<K, S: Service<Req>, P: Policy, Req, C> {
         #[pin]
         state: State<S, Req>,
@@ -40,19 +41,92 @@ pin_project! {
     }
 }
 
-/// What it takes to pick again.
-struct Retry<K, S, P: Policy> {
+/// What it takes to try another backend.
+pub(crate) struct Retry<K, S, P: Policy> {
     backends: Backends<K, S, P>,
+    retries: Retries,
     key: Option<u64>,
-    failed: u64,
+    /// The id of the backend trying the request now.
+    current: u64,
+    /// The backends tried before it.
+    tried: Vec<u64>,
+    /// Retries left to this request.
+    left: u32,
+}
+
+impl<K, S: Clone, P: Policy> Retry<K, S, P> {
+    /// `None` when the request may not be retried at all.
+    pub(crate) fn new(
+        backends: &Backends<K, S, P>,
+        retries: &Retries,
+        left: u32,
+        key: Option<u64>,
+        current: u64,
+    ) -> Option<Self> {
+        (left > 0).then(|| Retry {
+            backends: backends.clone(),
+            retries: retries.clone(),
+            key,
+            current,
+            tried: Vec::new(),
+            left,
+        })
+    }
+
+    /// Starts the request on another backend, from the set as it is now.
+    fn next(&mut self) -> Option<(S, InFlight)>
+    where
+        K: std::hash::Hash + Eq + Clone,
+    {
+        let snapshot = self.backends.snapshot();
+        self.next_in(&snapshot)
+    }
+
+    /// Starts the request on a backend of `snapshot` that it has not tried, if retries are
+    /// left to it and the budget allows one.
+    pub(crate) fn next_in(&mut self, snapshot: &Snapshot<K, S, P>) -> Option<(S, InFlight)> {
+        if self.left == 0 {
+            return None;
+        }
+        let index = self.untried(snapshot)?;
+        if !self.retries.withdraw() {
+            tracing::debug!("retry budget spent; not retrying");
+            return None;
+        }
+        self.left -= 1;
+        let (service, guard, id) = snapshot.start(index);
+        self.tried.push(std::mem::replace(&mut self.current, id));
+        crate::stats::retry();
+        Some((service, guard))
+    }
+
+    /// The policy's choice without the current backend; if that one was tried already, the
+    /// next healthy backend after it that was not.
+    fn untried(&self, snapshot: &Snapshot<K, S, P>) -> Option<usize> {
+        let endpoints = &snapshot.endpoints;
+        let current = endpoints.iter().position(|e| e.id() == self.current);
+        let first = match current {
+            Some(i) => snapshot
+                .policy()
+                .pick_excluding(&snapshot.table, endpoints, self.key, i)?,
+            None => snapshot.pick(self.key)?,
+        };
+        let untried = |i: &usize| {
+            let e = &endpoints[*i];
+            e.is_healthy() && e.id() != self.current && !self.tried.contains(&e.id())
+        };
+        let n = endpoints.len();
+        (0..n).map(|d| (first + d) % n).find(untried)
+    }
 }
 
 impl<K, S: Service<Req>, P: Policy, Req, C> ResponseFuture<K, S, P, Req, C> {
+    /// The backend is not ready yet: the future drives it to readiness, then calls it.
     pub(crate) fn called(
         service: S,
         request: Req,
         guard: InFlight,
-        retry: (Backends<K, S, P>, Option<u64>, u64),
+        retry: Option<Retry<K, S, P>>,
         completion: C,
     ) -> Self {
         ResponseFuture {
@@ -61,11 +135,7 @@ impl<K, S: Service<Req>, P: Policy, Req, C> ResponseFuture<K, S, P, Req, C> {
                 request: Some(request),
             },
             guard: Some(guard),
-            retry: Some(Retry {
-                backends: retry.0,
-                key: retry.1,
-                failed: retry.2,
-            }),
+            retry,
             completion,
         }
     }
@@ -74,30 +144,13 @@ impl<K, S: Service<Req>, P: Policy, Req, C> ResponseFuture<K, S, P, Req, C> {
     pub(crate) fn sent(
         call: S::Future,
         guard: InFlight,
-        retry: (Backends<K, S, P>, Option<u64>, u64),
+        retry: Option<Retry<K, S, P>>,
         completion: C,
     ) -> Self {
         ResponseFuture {
             state: State::Called { call },
             guard: Some(guard),
-            retry: Some(Retry {
-                backends: retry.0,
-                key: retry.1,
-                failed: retry.2,
-            }),
-            completion,
-        }
-    }
-
-    /// Waiting for a backend that may no longer be retried elsewhere.
-    pub(crate) fn waiting(service: S, request: Req, guard: InFlight, completion: C) -> Self {
-        ResponseFuture {
-            state: State::Ready {
-                service,
-                request: Some(request),
-            },
-            guard: Some(guard),
-            retry: None,
+            retry,
             completion,
         }
     }
@@ -146,28 +199,21 @@ where
                         }
                     }
                     Err(error) => {
-                        if let Some(guard) = this.guard.as_mut() {
+                        if let Some(mut guard) = this.guard.take() {
                             guard.fail();
                         }
                         let error = error.into();
-                        let again = this
-                            .retry
-                            .take()
-                            .and_then(|r| r.backends.start_excluding(r.key, r.failed));
-                        match (again, request.take()) {
-                            (Some((service, guard, _)), Some(request)) => {
+                        let request = request.take().expect("polled after completion");
+                        match this.retry.as_mut().and_then(Retry::next) {
+                            Some((service, guard)) => {
                                 tracing::debug!(%error, "backend not ready; trying another");
-                                crate::stats::retry();
                                 *this.guard = Some(guard);
                                 State::Ready {
                                     service,
                                     request: Some(request),
                                 }
                             }
-                            _ => {
-                                this.guard.take();
-                                return Poll::Ready(Err(error));
-                            }
+                            None => return Poll::Ready(Err(error)),
                         }
                     }
                 },
@@ -175,7 +221,6 @@ where
                     let result = ready!(call.poll(cx));
                     // The request ends here unless the response carries the guard on.
                     let mut guard = this.guard.take().expect("polled after completion");
-                    let retry = this.retry.take();
                     let error = match result {
                         Ok(response) => {
                             return Poll::Ready(Ok(this
@@ -186,17 +231,16 @@ where
                     };
                     guard.fail();
                     drop(guard);
-                    // A backend that gives the request back never acted on it: once more
-                    // on another backend, from the set as it is now.
+                    // A backend that gives the request back never acted on it: on to
+                    // another backend, from the set as it is now.
                     let unsent = match error.downcast::<Unsent<Req>>() {
                         Ok(unsent) => unsent,
                         Err(error) => return Poll::Ready(Err(error)),
                     };
                     let (request, error) = unsent.into_parts();
-                    match retry.and_then(|r| r.backends.start_excluding(r.key, r.failed)) {
-                        Some((service, guard, _)) => {
+                    match this.retry.as_mut().and_then(Retry::next) {
+                        Some((service, guard)) => {
                             tracing::debug!(%error, "backend gave the request back; trying another");
-                            crate::stats::retry();
                             *this.guard = Some(guard);
                             State::Ready {
                                 service,

@@ -4,7 +4,7 @@ use std::hash::Hash;
 use tower::load::completion::CompleteOnResponse;
 use tower_layer::Layer;
 
-use super::{Backends, Balance, NoKey};
+use super::{Backends, Balance, NoKey, Retries};
 use crate::policy::Policy;
 
 /// Aims a transport at one backend: the per-backend service of a [`BalanceLayer`].
@@ -60,6 +60,7 @@ pub struct BalanceLayer<K, P, E = NoKey, C = CompleteOnResponse> {
     policy: P,
     key: E,
     completion: C,
+    retries: Retries,
 }
 
 impl<K, P> BalanceLayer<K, P> {
@@ -75,6 +76,7 @@ impl<K, P> BalanceLayer<K, P> {
             policy,
             key: NoKey,
             completion: CompleteOnResponse::default(),
+            retries: Retries::default(),
         }
     }
 }
@@ -87,6 +89,7 @@ impl<K, P, E, C> BalanceLayer<K, P, E, C> {
             policy: self.policy,
             key,
             completion: self.completion,
+            retries: self.retries,
         }
     }
 
@@ -97,7 +100,15 @@ impl<K, P, E, C> BalanceLayer<K, P, E, C> {
             policy: self.policy,
             key: self.key,
             completion,
+            retries: self.retries,
         }
+    }
+
+    /// See [`Balance::with_retries`]. The balancers this layer makes share `retries` (and
+    /// so one budget).
+    pub fn with_retries(mut self, retries: Retries) -> Self {
+        self.retries = retries;
+        self
     }
 }
 
@@ -122,6 +133,7 @@ where
         Balance::new(backends)
             .with_key(self.key.clone())
             .with_completion(self.completion.clone())
+            .with_retries(self.retries.clone())
     }
 }
 
@@ -132,6 +144,7 @@ impl<K: Clone, P: Clone, E: Clone, C: Clone> Clone for BalanceLayer<K, P, E, C> 
             policy: self.policy.clone(),
             key: self.key.clone(),
             completion: self.completion.clone(),
+            retries: self.retries.clone(),
         }
     }
 }
@@ -142,6 +155,7 @@ impl<K: fmt::Debug, P: fmt::Debug, E: fmt::Debug, C> fmt::Debug for BalanceLayer
             .field("backends", &self.backends)
             .field("policy", &self.policy)
             .field("key", &self.key)
+            .field("retries", &self.retries)
             .finish_non_exhaustive()
     }
 }

@@ -52,10 +52,12 @@ pub mod error;
 pub mod future;
 mod key;
 mod layer;
+mod retry;
 mod service;
 
 pub(crate) use self::backends::WeakBackends;
 pub use self::backends::{Backends, Drain, InFlight, Snapshot, Update};
 pub use self::key::{NoKey, RequestKey};
 pub use self::layer::{BalanceLayer, MakeBackend};
+pub use self::retry::Retries;
 pub use self::service::Balance;

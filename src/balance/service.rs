@@ -5,8 +5,8 @@ use std::task::{Context, Poll, Waker};
 use tower::load::completion::{CompleteOnResponse, TrackCompletion};
 use tower_service::Service;
 
-use super::future::ResponseFuture;
-use super::{Backends, InFlight, NoKey, RequestKey};
+use super::future::{ResponseFuture, Retry};
+use super::{Backends, InFlight, NoKey, RequestKey, Retries};
 use crate::policy::Policy;
 use crate::BoxError;
 
@@ -33,14 +33,16 @@ use crate::BoxError;
 ///   the requests picked for it; they count as in flight, so least connections steers away
 ///   from it.
 /// - A backend whose readiness fails never received the request, so the request is tried
-///   once more on another backend ([`Policy::pick_excluding`]); if there is none, or that
-///   one fails too, the readiness error is the request's error. (For HTTP, readiness is
-///   the connection: a refused connect is retried elsewhere.)
+///   on another backend ([`Policy::pick_excluding`], then the next healthy backend the
+///   request has not tried); if there is none, or the retries are used up, the readiness
+///   error is the request's error. (For HTTP, readiness is the connection: a refused
+///   connect is retried elsewhere.)
 /// - A backend whose call fails with [`Unsent`](super::error::Unsent) gives the request
 ///   back: it never acted on it, and the request is tried on another backend in the same
-///   way. A request gets one retry in all. (For HTTP: an idempotent request whose
-///   connection the backend closed or reset before any byte of an answer, when a stale
-///   pooled connection cannot be replaced by a new one to the same backend.)
+///   way. (For HTTP: an idempotent request whose connection the backend closed or reset
+///   before any byte of an answer.)
+/// - A request gets at most [`Retries::retries`] retries in all (default 1), each on a
+///   backend it has not tried, and only while the retry budget allows: see [`Retries`].
 /// - The request counts as in flight on its backend from the pick until the
 ///   [`TrackCompletion`] `C` drops the [`InFlight`] guard: by default when the response
 ///   arrives; with [`TrackBody`](crate::proxy::TrackBody), when the response body ends.
@@ -49,6 +51,7 @@ pub struct Balance<K, S, P: Policy, E = NoKey, C = CompleteOnResponse> {
     backends: Backends<K, S, P>,
     key: E,
     completion: C,
+    retries: Retries,
 }
 
 impl<K, S, P: Policy> Balance<K, S, P> {
@@ -58,6 +61,7 @@ impl<K, S, P: Policy> Balance<K, S, P> {
             backends,
             key: NoKey,
             completion: CompleteOnResponse::default(),
+            retries: Retries::default(),
         }
     }
 }
@@ -69,6 +73,7 @@ impl<K, S, P: Policy, E, C> Balance<K, S, P, E, C> {
             backends: self.backends,
             key,
             completion: self.completion,
+            retries: self.retries,
         }
     }
 
@@ -78,7 +83,20 @@ impl<K, S, P: Policy, E, C> Balance<K, S, P, E, C> {
             backends: self.backends,
             key: self.key,
             completion,
+            retries: self.retries,
         }
+    }
+
+    /// Retries requests on other backends as `retries` says (default: one retry, a budget
+    /// of 20 percent). Clones share it; [`Retries::set_retries`] changes it live.
+    pub fn with_retries(mut self, retries: Retries) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// The retry setting, to change it at run time.
+    pub fn retries(&self) -> &Retries {
+        &self.retries
     }
 
     /// The backend set, to change it at run time.
@@ -130,6 +148,7 @@ where
                 return ResponseFuture::unavailable(completion);
             };
             let (mut service, mut guard, id) = snapshot.start(index);
+            let left = self.retries.start();
             // Probe readiness now: a backend that is ready at once (a pooled connection, an
             // always-ready service) is called here. The future keeps a handle on the set,
             // for a backend that gives the request back (a pooled connection the backend
@@ -138,31 +157,24 @@ where
             let mut probe = Context::from_waker(Waker::noop());
             match service.poll_ready(&mut probe) {
                 Poll::Ready(Ok(())) => {
-                    let retry = (self.backends.clone(), key, id);
+                    let retry = Retry::new(&self.backends, &self.retries, left, key, id);
                     ResponseFuture::sent(service.call(request), guard, retry, completion)
                 }
                 Poll::Ready(Err(error)) => {
                     guard.fail();
                     drop(guard);
                     let error: BoxError = error.into();
-                    let other = snapshot.policy().pick_excluding(
-                        &snapshot.table,
-                        &snapshot.endpoints,
-                        key,
-                        index,
-                    );
-                    match other {
-                        Some(i) => {
+                    let mut retry = Retry::new(&self.backends, &self.retries, left, key, id);
+                    match retry.as_mut().and_then(|r| r.next_in(snapshot)) {
+                        Some((service, guard)) => {
                             tracing::debug!(%error, "backend not ready; trying another");
-                            crate::stats::retry();
-                            let (service, guard, _) = snapshot.start(i);
-                            ResponseFuture::waiting(service, request, guard, completion)
+                            ResponseFuture::called(service, request, guard, retry, completion)
                         }
                         None => ResponseFuture::failed(error, completion),
                     }
                 }
                 Poll::Pending => {
-                    let retry = (self.backends.clone(), key, id);
+                    let retry = Retry::new(&self.backends, &self.retries, left, key, id);
                     ResponseFuture::called(service, request, guard, retry, completion)
                 }
             }
@@ -176,6 +188,7 @@ impl<K, S, P: Policy, E: Clone, C: Clone> Clone for Balance<K, S, P, E, C> {
             backends: self.backends.clone(),
             key: self.key.clone(),
             completion: self.completion.clone(),
+            retries: self.retries.clone(),
         }
     }
 }
@@ -187,6 +200,7 @@ impl<K: fmt::Debug, S, P: Policy + fmt::Debug, E: fmt::Debug, C> fmt::Debug
         f.debug_struct("Balance")
             .field("backends", &self.backends)
             .field("key", &self.key)
+            .field("retries", &self.retries)
             .finish_non_exhaustive()
     }
 }

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::error::{BackendError, ConnectError, ResponseTimeout};
+use super::replay::{self, ReplayBody};
 use super::upstream::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
 use super::{peer_ip, socket_target};
 use crate::balance::error::Unsent;
@@ -113,10 +114,12 @@ impl MakeBackend<Authority> for Client {
 /// - [`call`](Service::call) rewrites the request for the backend (origin-form target,
 ///   HTTP/1.1, hop-by-hop headers removed, the client appended to `X-Forwarded-For`, `Host`
 ///   kept) and sends it. If a pooled connection turns out to have been closed by the
-///   backend as the request went out (no byte of an answer, no byte of the body read yet),
-///   an idempotent request is sent once more on a fresh connection. If the backend refuses
-///   that one, or a fresh connection closes or resets before any byte of an answer, the
-///   idempotent request is given back to the balancer ([`Unsent`]) for another backend.
+///   backend as the request went out (no byte of an answer), an idempotent request is sent
+///   once more on a fresh connection. If the backend refuses that one, or a fresh
+///   connection closes or resets before any byte of an answer, the idempotent request is
+///   given back to the balancer ([`Unsent`]) for another backend. A body the backend has
+///   (partly) read is sent again only if it is at most 64 KiB: the [`ReplayBody`] keeps a
+///   copy of such a body as it goes out.
 ///   Response headers must arrive within `response_timeout` ([`ResponseTimeout`]); the
 ///   response's hop-by-hop headers are removed.
 /// - The exchange runs in the task that polls the response future and body (for a proxy,
@@ -127,7 +130,8 @@ impl MakeBackend<Authority> for Client {
 ///
 /// It serves `Request<B>` for any body type `B` (hyper's `Incoming`, axum's `Body`, a
 /// `Full<Bytes>`, …) that is `Unpin`; the body is streamed as it is, with no boxing,
-/// and the response body [`UpstreamBody<B>`] carries it while it is still being sent. A
+/// and the response body [`UpstreamBody<ReplayBody<B>>`] carries it while it is still
+/// being sent. A
 /// body that is not `Unpin` can be sent pinned in a box
 /// (`http_body_util::combinators::BoxBody`).
 pub struct Backend {
@@ -211,7 +215,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<UpstreamBody<B>>;
+    type Response = Response<UpstreamBody<ReplayBody<B>>>;
     type Error = BoxError;
     type Future = ResponseFuture<B>;
 
@@ -245,6 +249,7 @@ where
         // Encoded now, so that the request's head (slices of the server's read buffer) is
         // released before the server reads on: hyper then reuses its buffer instead of
         // allocating a new one for every request.
+        let request = replay::prepare(request);
         let head = encode_head(&request, &self.shared.host, peer_ip(&request));
         ResponseFuture::new(send(self.shared.clone(), conn, head, request.into_body()))
     }
@@ -254,8 +259,8 @@ async fn send<B>(
     shared: Arc<Shared>,
     conn: Conn,
     head: Head,
-    body: B,
-) -> Result<Response<UpstreamBody<B>>, BoxError>
+    body: ReplayBody<B>,
+) -> Result<Response<UpstreamBody<ReplayBody<B>>>, BoxError>
 where
     B: Body + Unpin + Send + 'static,
     B::Data: Send,
@@ -272,17 +277,27 @@ where
     };
     let pool = &shared.pool;
     let deadline = || tokio::time::Instant::now() + timeout;
-    // The request, never acted on, back to the balancer for another backend.
-    let give_back = |body, error: BoxError| -> BoxError {
+    // The request, never acted on, back to the balancer for another backend, with what
+    // was taken of its body; unless its body was taken in part and not kept.
+    let give_back = |body: ReplayBody<B>, error: BoxError| -> BoxError {
+        let Some((body, replayed)) = body.into_parts() else {
+            return error;
+        };
         match head.request_again(body, &shared.host) {
-            Some(request) => Box::new(Unsent::new(request, error)),
+            Some(mut request) => {
+                if let Some(replayed) = replayed {
+                    request.extensions_mut().insert(replayed);
+                }
+                Box::new(Unsent::new(request, error))
+            }
             None => error,
         }
     };
     let result = match exchange(conn, &head, body, pool.clone(), deadline()).await {
         // A pooled connection the backend closed as we sent: the request never reached
         // it, so once more on a fresh connection.
-        Err((error, Some(body))) if error.reused => {
+        Err((error, Some(mut body))) if error.reused && body.can_replay() => {
+            body.rewind();
             tracing::debug!(backend = %shared.authority, error = %error.error, "stale connection; sending again");
             match shared.clone().connect().await {
                 Ok(conn) => exchange(conn, &head, body, pool.clone(), deadline()).await,
@@ -327,7 +342,7 @@ impl fmt::Debug for Backend {
 }
 
 type BoxResponse<B> =
-    Pin<Box<dyn Future<Output = Result<Response<UpstreamBody<B>>, BoxError>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<Response<UpstreamBody<ReplayBody<B>>>, BoxError>> + Send>>;
 
 pin_project_lite::pin_project! {
     /// Response future of [`Backend`].
@@ -338,14 +353,16 @@ pin_project_lite::pin_project! {
 
 impl<B> ResponseFuture<B> {
     fn new(
-        f: impl Future<Output = Result<Response<UpstreamBody<B>>, BoxError>> + Send + 'static,
+        f: impl Future<Output = Result<Response<UpstreamBody<ReplayBody<B>>>, BoxError>>
+            + Send
+            + 'static,
     ) -> Self {
         ResponseFuture { inner: Box::pin(f) }
     }
 }
 
 impl<B> Future for ResponseFuture<B> {
-    type Output = Result<Response<UpstreamBody<B>>, BoxError>;
+    type Output = Result<Response<UpstreamBody<ReplayBody<B>>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.project().inner.as_mut().poll(cx)

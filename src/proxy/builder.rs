@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery};
 
-use super::{balancer, Client, ClientIpKey, HttpBackends, HttpBalance};
-use crate::balance::MakeBackend;
+use super::{balancer, Client, ClientIpKey, ErrorResponses, HttpBackends, HttpBalance};
+use crate::balance::{MakeBackend, Retries};
 use crate::health::{self, HealthCheck, HttpProbe};
 use crate::policy::{Policy, RoundRobin};
 use crate::Backends;
@@ -23,6 +23,7 @@ use crate::Backends;
 /// | [`health_interval`](Self::health_interval), [`health_timeout`](Self::health_timeout) | 10 s, 2 s |
 /// | [`healthy_threshold`](Self::healthy_threshold), [`unhealthy_threshold`](Self::unhealthy_threshold) | 1, 1 |
 /// | [`connect_timeout`](Self::connect_timeout), [`response_timeout`](Self::response_timeout) | 2 s, 30 s |
+/// | [`retries`](Self::retries), [`retry_budget`](Self::retry_budget) | 1, 20 percent (see [`Retries`]) |
 ///
 /// [`build`](Self::build) (or [`build_backends`](Self::build_backends)) must be called
 /// within a tokio runtime: it spawns the health checks on it
@@ -92,6 +93,8 @@ pub struct Builder<P = RoundRobin, E = ClientIpKey> {
     client: Client,
     /// `None`: no health checks.
     health: Option<(String, health::Settings)>,
+    /// Retries and the budget in percent.
+    retries: (u32, f64),
 }
 
 impl Builder {
@@ -102,6 +105,7 @@ impl Builder {
             key: ClientIpKey::new(),
             client: Client::new(),
             health: Some(("/health".to_owned(), health::Settings::default())),
+            retries: (1, 20.0),
         }
     }
 }
@@ -120,6 +124,7 @@ impl<P, E> Builder<P, E> {
             key: self.key,
             client: self.client,
             health: self.health,
+            retries: self.retries,
         }
     }
 
@@ -132,6 +137,7 @@ impl<P, E> Builder<P, E> {
             key,
             client: self.client,
             health: self.health,
+            retries: self.retries,
         }
     }
 
@@ -150,6 +156,20 @@ impl<P, E> Builder<P, E> {
     /// Time allowed from sending a request until its response headers arrive.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.client = self.client.response_timeout(timeout);
+        self
+    }
+
+    /// Further backends a request may be tried on when its backend failed before acting
+    /// on it (default 1; 0 turns retries off). See [`Retries`].
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries.0 = retries;
+        self
+    }
+
+    /// Retries stay within `percent` percent of the requests of the last 10 seconds, and
+    /// 3 a second at least (default 20). See [`Retries`].
+    pub fn retry_budget(mut self, percent: f64) -> Self {
+        self.retries.1 = percent;
         self
     }
 
@@ -217,7 +237,10 @@ impl<P: Policy, E> Builder<P, E> {
         addresses: impl IntoIterator<Item = Authority>,
     ) -> Result<HttpBalance<P, E>, BuildError> {
         let backends = checked(self.policy, &self.client, self.health, addresses)?;
-        Ok(balancer(backends, self.key))
+        let (retries, percent) = self.retries;
+        let retries = Retries::new(retries).budget(percent);
+        let balance = balancer(backends, self.key).into_inner();
+        Ok(ErrorResponses::new(balance.with_retries(retries)))
     }
 
     /// The backend set alone, health-checked as in [`build`](Self::build); the balancer
@@ -270,6 +293,7 @@ impl<P: fmt::Debug, E: fmt::Debug> fmt::Debug for Builder<P, E> {
             .field("key", &self.key)
             .field("client", &self.client)
             .field("health", &self.health)
+            .field("retries", &self.retries)
             .finish()
     }
 }

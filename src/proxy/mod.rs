@@ -50,6 +50,8 @@ mod framing;
 mod h2;
 mod hash_key;
 mod headers;
+mod idle;
+mod replay;
 mod respond;
 mod server;
 mod upstream;
@@ -74,6 +76,7 @@ pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy,
 pub use self::h2::{Http2Backend, Http2Client};
 pub use self::hash_key::{CookieKey, HashKey, HeaderKey, InvalidHashKey, PathKey};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
+pub use self::replay::ReplayBody;
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
 pub use self::server::{bind, serve, Server};
 pub use self::upstream::UpstreamBody;

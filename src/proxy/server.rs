@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -14,13 +15,15 @@ use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpSocket};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, Semaphore};
 use tower::ServiceExt;
 use tower_service::Service;
 
 use super::access::{self, LoggedBody};
 use super::framing::FramingGuard;
+use super::idle::{CountReads, IdleTimer, Reads};
 use super::ClientAddr;
 use crate::BoxError;
 
@@ -34,7 +37,15 @@ use crate::BoxError;
 ///   requests with both `Content-Length` and `Transfer-Encoding` (and two different
 ///   `Content-Length`s), which are never passed on: the connection closes after the `400`;
 /// - every request carries its connection's [`ClientAddr`];
-/// - TCP_NODELAY on accepted sockets.
+/// - TCP_NODELAY on accepted sockets;
+/// - a keep-alive connection with no request for `client_idle_timeout` (60 s) is closed,
+///   so that idle clients cannot hold every connection;
+/// - a connection is handed to hyper (which allocates its buffers at once) only when the
+///   client has sent something: a silent connection costs a socket and a small task, and
+///   is closed after `header_read_timeout`;
+/// - with [`max_connections`](Self::max_connections), at most that many client connections
+///   at once: at the limit the server stops accepting, and new clients wait in the listen
+///   backlog until a connection closes (no busy loop, no error for lack of descriptors).
 ///
 /// Give it a listener from [`bind`], whose accept queue takes a burst of clients.
 #[derive(Debug, Clone)]
@@ -42,6 +53,8 @@ pub struct Server {
     header_read_timeout: Duration,
     max_header_bytes: usize,
     observed: bool,
+    max_connections: Option<usize>,
+    client_idle_timeout: Duration,
 }
 
 impl Default for Server {
@@ -50,6 +63,8 @@ impl Default for Server {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             observed: true,
+            max_connections: None,
+            client_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -69,6 +84,22 @@ impl Server {
     /// Largest request head accepted (at least 8 KiB).
     pub fn max_header_bytes(mut self, bytes: usize) -> Self {
         self.max_header_bytes = bytes.max(8 * 1024);
+        self
+    }
+
+    /// Client connections held at once (HTTP/1.1, HTTP/2, upgraded); none by default. At
+    /// the limit the server accepts no more until one closes: new clients wait in the
+    /// listen backlog. (The standalone proxy derives its default from the open-files limit.)
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = Some(max.clamp(1, Semaphore::MAX_PERMITS));
+        self
+    }
+
+    /// Time a keep-alive client connection may wait for its next request before it is
+    /// closed (default 60 s). Once a byte of the request has come, the rest of its head
+    /// has `header_read_timeout`.
+    pub fn client_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.client_idle_timeout = timeout;
         self
     }
 
@@ -108,8 +139,22 @@ impl Server {
             .header_read_timeout(self.header_read_timeout)
             .max_header_size(self.max_header_bytes);
         let observed = self.observed;
+        let (idle, head) = (self.client_idle_timeout, self.header_read_timeout);
+        // Connections waiting for their first byte are not hyper's yet: they go at shutdown.
+        let (closing, closed) = watch::channel(false);
+        let limit = self.max_connections.map(|n| Arc::new(Semaphore::new(n)));
         tokio::pin!(shutdown);
         loop {
+            // At the limit, accept nothing until a connection closes and gives back its
+            // permit: new clients wait in the listen backlog.
+            let permit = match &limit {
+                None => None,
+                Some(limit) => tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    permit = limit.clone().acquire_owned() => permit.ok(),
+                },
+            };
             let (stream, peer) = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -124,59 +169,105 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let (stream, verdict) = FramingGuard::new(stream);
-            let service = service.clone();
-            let requests = AtomicU64::new(0);
-            let hyper_service = hyper::service::service_fn(
-                move |mut request: Request<Incoming>| {
-                    let index = requests.fetch_add(1, Ordering::Relaxed);
-                    // Off by default: then one check of a cached interest, nothing more.
-                    let entry =
-                        (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
-                    request.extensions_mut().insert(ClientAddr(peer));
-                    let call =
-                        (!verdict.refuses(index)).then(|| call_now(service.clone(), request));
-                    async move {
-                        let response = match call {
-                            Some(call) => call.await.map(|r| r.map(Either::Left)),
-                            None => {
-                                tracing::debug!(%peer, "refused a request with both Content-Length and Transfer-Encoding");
-                                if observed {
-                                    crate::stats::local_response(400);
-                                }
-                                Ok(ambiguous_framing())
-                            }
-                        };
-                        response.map(|response| {
-                            let entry = entry.map(|mut entry| {
-                                entry.respond(&response);
-                                entry
-                            });
-                            response.map(|body| LoggedBody::new(body, entry))
-                        })
-                    }
-                },
-            );
-            let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
-            let conn = graceful.watch(conn);
             let open = observed.then(crate::stats::ClientConnection::open);
+            let (service, http, watcher, mut closed) = (
+                service.clone(),
+                http.clone(),
+                graceful.watcher(),
+                closed.clone(),
+            );
             tokio::spawn(async move {
-                if let Err(error) = conn.await {
-                    // hyper answered a malformed request itself.
-                    if open.is_some() && error.is_parse_too_large() {
-                        crate::stats::local_response(431);
-                    } else if open.is_some() && error.is_parse() {
-                        crate::stats::local_response(400);
+                // Held as long as this connection's task, upgrades included.
+                let _permit = permit;
+                // hyper allocates its buffers as soon as it has the connection: hand it over
+                // once the client has sent something. A client that sends nothing is closed
+                // by the header timeout.
+                // (A peek, not `readable()`, which may report a socket readable that is not.)
+                let mut byte = [0; 1];
+                let readable = tokio::select! {
+                    peeked = tokio::time::timeout(head, stream.peek(&mut byte)) => {
+                        matches!(peeked, Ok(Ok(1)))
                     }
-                    tracing::debug!(%peer, %error, "client connection ended with an error");
+                    _ = closed.wait_for(|closing| *closing) => false,
+                };
+                if !readable {
+                    tracing::debug!(%peer, "client sent nothing; closing");
+                    return;
                 }
-                drop(open);
+                let reads = Arc::new(Reads::default());
+                let stream = CountReads::new(stream, reads.clone());
+                let mut http = http;
+                http.timer(IdleTimer::new(reads, idle, head));
+                Box::pin(serve_connection(
+                    stream, peer, service, &http, watcher, observed, open,
+                ))
+                .await;
             });
         }
+        let _ = closing.send(true);
         drop(listener);
         graceful.shutdown().await;
         Ok(())
     }
+}
+
+/// Serves one client connection with hyper, `watcher` signalling graceful shutdown.
+async fn serve_connection<S, B>(
+    stream: CountReads<TcpStream>,
+    peer: SocketAddr,
+    service: S,
+    http: &hyper::server::conn::http1::Builder,
+    watcher: Watcher,
+    observed: bool,
+    open: Option<crate::stats::ClientConnection>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (stream, verdict) = FramingGuard::new(stream);
+    let requests = AtomicU64::new(0);
+    let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let index = requests.fetch_add(1, Ordering::Relaxed);
+        // Off by default: then one check of a cached interest, nothing more.
+        let entry = (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
+        request.extensions_mut().insert(ClientAddr(peer));
+        let call = (!verdict.refuses(index)).then(|| call_now(service.clone(), request));
+        async move {
+            let response = match call {
+                Some(call) => call.await.map(|r| r.map(Either::Left)),
+                None => {
+                    tracing::debug!(%peer, "refused a request with both Content-Length and Transfer-Encoding");
+                    if observed {
+                        crate::stats::local_response(400);
+                    }
+                    Ok(ambiguous_framing())
+                }
+            };
+            response.map(|response| {
+                let entry = entry.map(|mut entry| {
+                    entry.respond(&response);
+                    entry
+                });
+                response.map(|body| LoggedBody::new(body, entry))
+            })
+        }
+    });
+    let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
+    if let Err(error) = watcher.watch(conn).await {
+        // hyper answered a malformed request itself.
+        if open.is_some() && error.is_parse_too_large() {
+            crate::stats::local_response(431);
+        } else if open.is_some() && error.is_parse() {
+            crate::stats::local_response(400);
+        }
+        tracing::debug!(%peer, %error, "client connection ended with an error");
+    }
+    drop(open);
 }
 
 /// Calls `service` at once when it is ready (a balancer always is), else once it is.

@@ -282,7 +282,9 @@ struct Sender<B> {
     body: Option<B>,
     upload: Upload,
     pending: Bytes,
-    started: bool,
+    /// The body once it has ended, kept until the response head: a request that failed
+    /// before an answer goes back with its body (see `exchange`).
+    ended: Option<B>,
 }
 
 impl<B> Sender<B>
@@ -311,7 +313,6 @@ where
             let Some(body) = self.body.as_mut() else {
                 return Poll::Ready(Ok(()));
             };
-            self.started = true;
             match ready!(Pin::new(body).poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     if let Ok(mut data) = frame.into_data() {
@@ -334,7 +335,7 @@ where
                 }
                 Some(Err(e)) => return Poll::Ready(Err(e.into())),
                 None => {
-                    self.body = None;
+                    self.ended = self.body.take();
                     if self.upload == Upload::Chunked {
                         self.pending = Bytes::from_static(b"0\r\n\r\n");
                     }
@@ -351,7 +352,9 @@ where
 /// Sends `head` and `body` on `conn` and reads the response head, which must arrive by
 /// `deadline`. The response body reads on from the same connection, and puts it back in
 /// `pool` when it is reusable. On failure, the body comes back with the error when the
-/// request may be sent again.
+/// request may be sent again (idempotent, no byte of an answer, no timeout), taken in
+/// part or not: whether it can be sent again from its start is the body's to say
+/// (`replay::ReplayBody`).
 pub(crate) async fn exchange<B>(
     mut conn: Conn,
     head: &Head,
@@ -370,13 +373,14 @@ where
         body: Some(body),
         upload: head.upload,
         pending: head.bytes.clone(),
-        started: false,
+        ended: None,
     };
     conn.arm(deadline);
     let fail = |error: BoxError, sender: &mut Sender<B>, conn: &Conn| {
         let timed_out = error.is::<Elapsed>();
-        let retryable = !timed_out && head.idempotent && !sender.started && conn.rbuf.is_empty();
-        let body = if retryable { sender.body.take() } else { None };
+        let retryable = !timed_out && head.idempotent && conn.rbuf.is_empty();
+        let body = retryable.then(|| sender.body.take().or(sender.ended.take()));
+        let body = body.flatten();
         (ExchangeError { error, reused }, body)
     };
     let parsed = std::future::poll_fn(|cx| {
@@ -391,6 +395,7 @@ where
         Ok(parsed) => parsed,
         Err(error) => return Err(fail(error, &mut sender, &conn)),
     };
+    sender.ended = None;
     let mut response = Response::new(());
     *response.status_mut() = parsed.status;
     *response.version_mut() = parsed.version;

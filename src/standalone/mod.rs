@@ -23,7 +23,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tower::discover::Change;
 
-use crate::balance::{Drain, MakeBackend, RequestKey, Update};
+use crate::balance::{Drain, MakeBackend, RequestKey, Retries, Update};
 use crate::config::{Config, Diff, ServerConfig};
 use crate::discover::{Dns, FromSocketAddr, GaiResolver, Resolve};
 use crate::health::{self, HealthCheck, HttpProbe};
@@ -44,6 +44,8 @@ pub struct Proxy {
     probe: HttpProbe,
     health: health::Handle<Authority>,
     key: Arc<ArcSwap<HashKey>>,
+    /// `retries` and `retry_budget`, shared with the balancer: changed live.
+    retries: Retries,
     resolved: HashMap<Authority, Resolved>,
     demos: HashMap<Authority, DemoBackend>,
     /// Demo backends of removed servers, stopping once their requests have drained.
@@ -96,17 +98,23 @@ impl Proxy {
             .collect();
 
         let key = Arc::new(ArcSwap::from_pointee(config.request_key()));
+        let retries = Retries::new(config.retries).budget(config.retry_budget);
         let service = ErrorResponses::new(
             Balance::new(backends.clone())
                 .with_key(LiveKey(key.clone()))
-                .with_completion(TrackBody),
+                .with_completion(TrackBody)
+                .with_retries(retries.clone()),
         );
         let (stop, stopped) = oneshot::channel::<()>();
+        let server = proxy::Server::new()
+            .max_connections(max_connections(&config))
+            .client_idle_timeout(config.client_idle_timeout);
         let server = tokio::spawn(async move {
-            proxy::serve(listener, service, async {
-                let _ = stopped.await;
-            })
-            .await
+            server
+                .serve(listener, service, async {
+                    let _ = stopped.await;
+                })
+                .await
         });
         let admin = match config.admin_listen {
             Some(addr) => Some(start_admin(addr, &backends)?),
@@ -121,6 +129,7 @@ impl Proxy {
             probe,
             health,
             key,
+            retries,
             resolved,
             demos,
             retiring: HashMap::new(),
@@ -164,6 +173,8 @@ impl Proxy {
         next.listen = self.config.listen;
         next.trusted_proxies = self.config.trusted_proxies.clone();
         next.admin_listen = self.config.admin_listen;
+        next.max_connections = self.config.max_connections;
+        next.client_idle_timeout = self.config.client_idle_timeout;
         if diff.is_empty() {
             return diff;
         }
@@ -242,6 +253,10 @@ impl Proxy {
         if diff.hash_key.is_some() {
             self.key.store(Arc::new(next.request_key()));
         }
+        if diff.retries {
+            self.retries.set_retries(next.retries);
+            self.retries.set_budget(next.retry_budget);
+        }
         if diff.health {
             self.probe.set_path(next.health_check_url.clone());
             self.health.set_settings(next.health);
@@ -301,6 +316,20 @@ impl Proxy {
         }
         served
     }
+}
+
+/// `max_connections`, or by default half of what the open-files limit leaves after 64
+/// descriptors for the process itself: every client connection may need a backend one.
+fn max_connections(config: &Config) -> usize {
+    config.max_connections.unwrap_or_else(|| {
+        #[cfg(unix)]
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        #[cfg(not(unix))]
+        let limit: Option<u64> = None;
+        // No limit: none of our own either.
+        let limit = limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        (limit.saturating_sub(64) / 2).max(1)
+    })
 }
 
 /// A configured server joins the set unhealthy: it takes traffic from its first passed probe.
