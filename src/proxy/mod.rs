@@ -52,6 +52,8 @@ mod hash_key;
 mod headers;
 mod respond;
 mod server;
+mod shutdown;
+mod upgrade;
 mod upstream;
 
 /// The futures the services of this module return.

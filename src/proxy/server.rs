@@ -13,14 +13,15 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket};
 use tower::ServiceExt;
 use tower_service::Service;
 
 use super::access::{self, LoggedBody};
 use super::framing::FramingGuard;
+use super::shutdown::Shutdown;
 use super::ClientAddr;
 use crate::BoxError;
 
@@ -34,7 +35,10 @@ use crate::BoxError;
 ///   requests with both `Content-Length` and `Transfer-Encoding` (and two different
 ///   `Content-Length`s), which are never passed on: the connection closes after the `400`;
 /// - every request carries its connection's [`ClientAddr`];
-/// - TCP_NODELAY on accepted sockets.
+/// - TCP_NODELAY on accepted sockets;
+/// - upgrades (WebSocket) pass through: see [`Backend`](super::Backend);
+/// - at shutdown, requests and tunnels in flight get `shutdown_timeout` (30 s) to finish;
+///   then their connections are closed.
 ///
 /// Give it a listener from [`bind`], whose accept queue takes a burst of clients.
 #[derive(Debug, Clone)]
@@ -42,6 +46,7 @@ pub struct Server {
     header_read_timeout: Duration,
     max_header_bytes: usize,
     observed: bool,
+    shutdown_timeout: Duration,
 }
 
 impl Default for Server {
@@ -50,6 +55,7 @@ impl Default for Server {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             observed: true,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -80,9 +86,18 @@ impl Server {
         self
     }
 
+    /// Time given at shutdown to requests and tunnels in flight (default 30 s; may be zero).
+    /// When it is up, the connections still open are closed: their clients see them end.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
     /// Accepts connections on `listener` and serves each with a clone of `service` until
     /// `shutdown` completes; then stops accepting (the listener is closed, so new
-    /// connections are refused), lets requests in flight finish, and returns.
+    /// connections are refused), lets requests in flight and tunnels finish within the
+    /// [shutdown timeout](Self::shutdown_timeout), closes what is still open, and returns.
+    /// Idle keep-alive connections are closed at once.
     pub async fn serve<S, B>(
         &self,
         listener: TcpListener,
@@ -98,7 +113,7 @@ impl Server {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let graceful = GracefulShutdown::new();
+        let stopping = Shutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
         // One buffer for head and body instead of a queue of buffers for writev: most
         // proxied responses are small, and the queue cost about 360 instructions per
@@ -127,9 +142,14 @@ impl Server {
             let (stream, verdict) = FramingGuard::new(stream);
             let service = service.clone();
             let requests = AtomicU64::new(0);
+            let tunnels = stopping.watch();
             let hyper_service = hyper::service::service_fn(
                 move |mut request: Request<Incoming>| {
                     let index = requests.fetch_add(1, Ordering::Relaxed);
+                    // A tunnel it may become follows the shutdown too.
+                    if request.extensions().get::<OnUpgrade>().is_some() {
+                        request.extensions_mut().insert(tunnels.clone());
+                    }
                     // Off by default: then one check of a cached interest, nothing more.
                     let entry =
                         (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
@@ -157,8 +177,12 @@ impl Server {
                     }
                 },
             );
-            let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
-            let conn = graceful.watch(conn);
+            let conn = http
+                .serve_connection(TokioIo::new(stream), hyper_service)
+                .with_upgrades();
+            let conn = stopping
+                .watch()
+                .connection(conn, |conn| conn.graceful_shutdown());
             let open = observed.then(crate::stats::ClientConnection::open);
             tokio::spawn(async move {
                 if let Err(error) = conn.await {
@@ -174,7 +198,7 @@ impl Server {
             });
         }
         drop(listener);
-        graceful.shutdown().await;
+        stopping.run(self.shutdown_timeout).await;
         Ok(())
     }
 }
