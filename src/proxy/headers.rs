@@ -276,7 +276,10 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert("connection", connection.parse().unwrap());
             h.insert("upgrade", upgrade.parse().unwrap());
-            h.insert("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA".parse().unwrap());
+            h.insert(
+                "http2-settings",
+                "AAMAAABkAAQAoAAAAAIAAAAA".parse().unwrap(),
+            );
             h.insert("x-kept", "1".parse().unwrap());
             remove_hop_by_hop(&mut h);
             let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();

@@ -6,8 +6,8 @@
 //! ordinary response. On `101`, the backend connection leaves HTTP (it is never pooled
 //! again) and, once hyper has sent the `101` to the client and handed over the client's
 //! connection ([`hyper::upgrade::on`]), bytes are copied both ways as they come, in one
-//! task, until both sides have closed, or neither has sent a byte for the tunnel idle
-//! timeout, or the server's shutdown time is up.
+//! task, until one side closes (then both are closed), or neither has sent a byte for the
+//! tunnel idle timeout, or the server's shutdown time is up.
 //!
 //! The tunnel counts as in flight for the balancer until it closes: [`TrackBody`] hands the
 //! request's guard to the tunnel (through [`Hold`]) instead of to the `101`'s empty body.
@@ -17,9 +17,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -127,88 +126,124 @@ async fn tunnel(upgrade: Upgrade, backend: TcpStream, read_ahead: BytesMut, hold
 /// How a tunnel ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Ended {
-    /// Both sides closed: bytes sent from the client, and from the backend.
+    /// One side closed (its end passed on to the other): bytes sent from the client, and
+    /// from the backend.
     Closed(u64, u64),
     /// Neither side sent a byte for the idle timeout.
     Idle,
 }
 
-/// Copies bytes both ways between `a` and `b` (each side's end passed on as a write
-/// shutdown) until both have ended, or until neither has sent a byte for `idle_timeout`.
-async fn copy_until_idle<A, B>(a: A, b: B, idle_timeout: Duration) -> io::Result<Ended>
+/// Copies bytes both ways between `client` and `backend` as they come, until one side
+/// ends (its end is passed on as a write shutdown, then both are closed, as nginx does: a
+/// half-closed tunnel would count in flight for nothing), or until neither has sent a byte
+/// for `idle_timeout`.
+async fn copy_until_idle<A, B>(
+    mut client: A,
+    mut backend: B,
+    idle_timeout: Duration,
+) -> io::Result<Ended>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    // Milliseconds from `start` to the last byte read on either side.
-    let last = AtomicU64::new(0);
-    let mut a = Active {
-        io: a,
-        last: &last,
-        start,
-    };
-    let mut b = Active {
-        io: b,
-        last: &last,
-        start,
-    };
-    let idle = async {
-        loop {
-            let deadline =
-                start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle_timeout;
-            if Instant::now() >= deadline {
-                return;
+    let (mut up, mut down) = (Pipe::new(), Pipe::new());
+    let mut last = Instant::now();
+    // Moved on lazily: when it fires, it is set to the last byte plus the timeout.
+    let mut idle = std::pin::pin!(tokio::time::sleep_until(last + idle_timeout));
+    std::future::poll_fn(|cx| {
+        let mut active = false;
+        let up_done = up.poll_copy(cx, &mut client, &mut backend, &mut active)?;
+        let down_done = down.poll_copy(cx, &mut backend, &mut client, &mut active)?;
+        if up_done.is_ready() || down_done.is_ready() {
+            return Poll::Ready(Ok(Ended::Closed(up.copied, down.copied)));
+        }
+        if active {
+            last = Instant::now();
+        }
+        while idle.as_mut().poll(cx).is_ready() {
+            let deadline = last + idle_timeout;
+            if deadline <= Instant::now() {
+                return Poll::Ready(Ok(Ended::Idle));
             }
-            tokio::time::sleep_until(deadline).await;
+            idle.as_mut().reset(deadline);
         }
-    };
-    tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut a, &mut b) => {
-            copied.map(|(up, down)| Ended::Closed(up, down))
+        Poll::Pending
+    })
+    .await
+}
+
+/// One direction of a tunnel: a buffer of bytes read from one side, not yet all written
+/// to the other.
+struct Pipe {
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+    eof: bool,
+    /// Written since the last flush.
+    unflushed: bool,
+    copied: u64,
+}
+
+impl Pipe {
+    fn new() -> Self {
+        Pipe {
+            buf: vec![0; 16 * 1024].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            eof: false,
+            unflushed: false,
+            copied: 0,
         }
-        () = idle => Ok(Ended::Idle),
     }
-}
 
-/// One side of a tunnel, noting when it last read a byte.
-struct Active<'a, T> {
-    io: T,
-    last: &'a AtomicU64,
-    start: Instant,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Active<'_, T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+    /// Copies from `from` to `to` until `from` ends and the end is passed on (`Ready`).
+    /// Sets `active` when it read a byte.
+    fn poll_copy<R, W>(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            let now = self.start.elapsed().as_millis() as u64;
-            self.last.store(now, Ordering::Relaxed);
+        from: &mut R,
+        to: &mut W,
+        active: &mut bool,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.pos == self.end && !self.eof {
+                let mut buf = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *from).poll_read(cx, &mut buf) {
+                    Poll::Ready(read) => read?,
+                    Poll::Pending => {
+                        if self.unflushed {
+                            ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                            self.unflushed = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+                let n = buf.filled().len();
+                if n == 0 {
+                    self.eof = true;
+                } else {
+                    (self.pos, self.end) = (0, n);
+                    *active = true;
+                }
+            }
+            while self.pos < self.end {
+                let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.buf[self.pos..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.copied += n as u64;
+                self.unflushed = true;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                return Poll::Ready(Ok(()));
+            }
         }
-        poll
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Active<'_, T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -247,20 +282,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tunnel_ends_when_both_sides_close() {
+    async fn a_tunnel_ends_when_one_side_closes() {
         let (mut client, a) = duplex(64);
         let (b, mut backend) = duplex(64);
         let copy = tokio::spawn(copy_until_idle(a, b, Duration::from_secs(3600)));
         client.write_all(b"ping").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        backend.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"ping");
-        backend.write_all(b"pong!").await.unwrap();
+        let mut got = [0u8; 4];
+        backend.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        // More than one buffer's worth, then the backend's end.
+        let big = vec![5u8; 100_000];
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        backend.write_all(&big).await.unwrap();
         backend.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        client.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"pong!");
-        assert_eq!(copy.await.unwrap().unwrap(), Ended::Closed(4, 5));
+        assert_eq!(reader.await.unwrap(), big);
+        assert_eq!(copy.await.unwrap().unwrap(), Ended::Closed(4, 100_000));
+        // The other direction is closed too.
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
     }
 }

@@ -59,6 +59,7 @@ fn client(config: &Config) -> Client {
     Client::new()
         .connect_timeout(config.connect_timeout)
         .response_timeout(config.response_timeout)
+        .tunnel_idle_timeout(config.tunnel_idle_timeout)
 }
 
 impl Proxy {
@@ -102,11 +103,12 @@ impl Proxy {
                 .with_completion(TrackBody),
         );
         let (stop, stopped) = oneshot::channel::<()>();
+        let server = proxy::Server::new().shutdown_timeout(config.shutdown_timeout);
         let server = tokio::spawn(async move {
-            proxy::serve(listener, service, async {
+            let stopped = async {
                 let _ = stopped.await;
-            })
-            .await
+            };
+            server.serve(listener, service, stopped).await
         });
         let admin = match config.admin_listen {
             Some(addr) => Some(start_admin(addr, &backends)?),
@@ -276,8 +278,9 @@ impl Proxy {
         diff
     }
 
-    /// Stops accepting (new connections are refused), lets requests in flight finish, then
-    /// stops health checks and demo backends.
+    /// Stops accepting (new connections are refused), lets requests and tunnels in flight
+    /// finish within `shutdown_timeout` and closes those still open then, then stops health
+    /// checks and demo backends.
     pub async fn shutdown(mut self) -> io::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
