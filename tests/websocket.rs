@@ -257,6 +257,23 @@ async fn least_connections_counts_an_open_tunnel() {
     proxy.shutdown().await.unwrap();
 }
 
+/// A backend that resets the upgrade request gives it back; the next backend's tunnel still
+/// reaches the client.
+#[tokio::test]
+async fn an_upgrade_given_back_by_a_failing_backend_tunnels_on_another() {
+    let reset = support::reset_backend().await;
+    let backend = WsBackend::start().await;
+    let proxy = proxy(config(&[reset.addr, backend.addr], "")).await;
+    // Round robin: one of the two upgrades goes to the resetting backend first.
+    for i in 0..2 {
+        let (mut ws, tunneled) = connect(proxy.local_addr(), "/").await;
+        assert_eq!(tunneled, backend.addr.to_string());
+        echo(&mut ws, Message::text(format!("tunnel {i}"))).await;
+    }
+    assert_eq!(backend.upgrades().len(), 2);
+    proxy.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn tunnel_idle_timeout_closes_a_silent_tunnel_not_an_active_one() {
     let backend = WsBackend::start().await;
@@ -345,7 +362,6 @@ async fn upgrades_pass_through_the_axum_embedding() {
     ws.close(None).await.unwrap();
     closed(&mut ws).await;
     within(set.wait_until(|s| s.iter().all(|(_, e)| e.in_flight() == 0))).await;
-    // The prefix is stripped as for any request.
     let heads = backend.upgrades();
     assert_eq!(heads.len(), 1);
     server.abort();

@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use super::shutdown::Watch;
 use super::upstream::UpstreamBody;
+use crate::balance::error::Unsent;
 use crate::balance::InFlight;
 use crate::BoxError;
 
@@ -55,15 +56,19 @@ impl Upgrade {
         }
     }
 
-    /// Sends the request with `sent`; a `101` answer starts the tunnel.
+    /// Sends the request with `sent`; a `101` answer starts the tunnel. A request given
+    /// back for another backend ([`Unsent`]) takes what it needs for its upgrade along.
     pub(crate) async fn after<B, F>(self, sent: F) -> Result<Response<UpstreamBody<B>>, BoxError>
     where
         F: Future<Output = Result<Response<UpstreamBody<B>>, BoxError>>,
-        B: Body + Unpin,
+        B: Body + Unpin + Send + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let mut response = sent.await?;
+        let mut response = match sent.await {
+            Ok(response) => response,
+            Err(error) => return Err(self.give_back::<B>(error)),
+        };
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return Ok(response);
         }
@@ -74,6 +79,22 @@ impl Upgrade {
         response.extensions_mut().insert(hold.clone());
         tokio::spawn(tunnel(self, backend, read_ahead, hold));
         Ok(response)
+    }
+}
+
+impl Upgrade {
+    fn give_back<B: Send + 'static>(self, error: BoxError) -> BoxError {
+        match error.downcast::<Unsent<Request<B>>>() {
+            Ok(unsent) => {
+                let (mut request, error) = unsent.into_parts();
+                request.extensions_mut().insert(self.client);
+                if let Some(shutdown) = self.shutdown {
+                    request.extensions_mut().insert(shutdown);
+                }
+                Box::new(Unsent::new(request, error))
+            }
+            Err(error) => error,
+        }
     }
 }
 
@@ -95,8 +116,12 @@ async fn tunnel(upgrade: Upgrade, backend: TcpStream, read_ahead: BytesMut, hold
         idle_timeout,
     } = upgrade;
     let peer = backend.peer_addr().ok();
+    let observed = shutdown.is_some();
     let run = async {
         let mut client = TokioIo::new(client.await.map_err(io::Error::other)?);
+        // hyper's connection has ended, handing its socket over: the tunnel holds it now,
+        // and counts as the client connection it is (with a `Server`'s).
+        let _open = observed.then(crate::stats::ClientConnection::open);
         // What the backend sent right after its `101`.
         if !read_ahead.is_empty() {
             client.write_all(&read_ahead).await?;
