@@ -154,7 +154,8 @@ impl Proxy {
     }
 
     /// Moves to `next`, applying only what changed, and returns what that was.
-    /// Keys that need a restart (`listen`, `trusted_proxies`) are logged and kept as running.
+    /// Keys that need a restart (`listen`, `trusted_proxies`, `admin_listen`, the tunnel idle
+    /// and shutdown timeouts) are logged and kept as running.
     pub async fn apply(&mut self, mut next: Config) -> Diff {
         let diff = self.config.diff(&next);
         for key in &diff.needs_restart {
@@ -166,6 +167,8 @@ impl Proxy {
         next.listen = self.config.listen;
         next.trusted_proxies = self.config.trusted_proxies.clone();
         next.admin_listen = self.config.admin_listen;
+        next.tunnel_idle_timeout = self.config.tunnel_idle_timeout;
+        next.shutdown_timeout = self.config.shutdown_timeout;
         if diff.is_empty() {
             return diff;
         }
