@@ -97,10 +97,8 @@ fn answer(
         let mut ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(Ok(message)) = ws.next().await {
-            if message.is_text() || message.is_binary() {
-                if ws.send(message).await.is_err() {
-                    return;
-                }
+            if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                return;
             }
         }
     });
@@ -138,12 +136,10 @@ async fn echo(ws: &mut Ws, message: Message) {
 
 /// Waits until the tunnel ends: the next read finds the connection closed.
 async fn closed(ws: &mut Ws) {
-    loop {
-        match within(ws.next()).await {
-            None | Some(Err(_)) => return,
-            Some(Ok(message)) if message.is_close() => return,
-            Some(Ok(message)) => panic!("still open: {message:?}"),
-        }
+    match within(ws.next()).await {
+        None | Some(Err(_)) => {}
+        Some(Ok(message)) if message.is_close() => {}
+        Some(Ok(message)) => panic!("still open: {message:?}"),
     }
 }
 
