@@ -16,6 +16,7 @@
 
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -126,6 +127,7 @@ async fn tunnel(upgrade: Upgrade, backend: TcpStream, read_ahead: BytesMut, hold
         if !read_ahead.is_empty() {
             client.write_all(&read_ahead).await?;
         }
+        drop(read_ahead);
         copy_until_idle(client, backend, idle_timeout).await
     };
     let cut = async {
@@ -158,7 +160,8 @@ enum Ended {
     Idle,
 }
 
-/// Copies bytes both ways between `client` and `backend` as they come, until one side
+/// Copies bytes both ways between `client` and `backend` as they come (up to 16 KiB at a
+/// time, not a whole message), until one side
 /// ends (its end is passed on as a write shutdown, then both are closed, as nginx does: a
 /// half-closed tunnel would count in flight for nothing), or until neither has sent a byte
 /// for `idle_timeout`.
@@ -197,12 +200,16 @@ where
     .await
 }
 
-/// One direction of a tunnel: a buffer of bytes read from one side, not yet all written
-/// to the other.
+/// Bytes read at once from one side of a tunnel.
+const CHUNK: usize = 16 * 1024;
+
+/// One direction of a tunnel. Bytes are read into a buffer on the stack and written to the
+/// other side at once; only what that side does not take yet waits on the heap. An idle
+/// tunnel (most WebSockets, most of the time) holds no buffer.
 struct Pipe {
-    buf: Box<[u8]>,
+    /// Read, not yet written, from `pos` on.
+    pending: Vec<u8>,
     pos: usize,
-    end: usize,
     eof: bool,
     /// Written since the last flush.
     unflushed: bool,
@@ -212,9 +219,8 @@ struct Pipe {
 impl Pipe {
     fn new() -> Self {
         Pipe {
-            buf: vec![0; 16 * 1024].into_boxed_slice(),
+            pending: Vec::new(),
             pos: 0,
-            end: 0,
             eof: false,
             unflushed: false,
             copied: 0,
@@ -235,41 +241,79 @@ impl Pipe {
         W: AsyncWrite + Unpin,
     {
         loop {
-            if self.pos == self.end && !self.eof {
-                let mut buf = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *from).poll_read(cx, &mut buf) {
-                    Poll::Ready(read) => read?,
-                    Poll::Pending => {
-                        if self.unflushed {
-                            ready!(Pin::new(&mut *to).poll_flush(cx))?;
-                            self.unflushed = false;
-                        }
-                        return Poll::Pending;
-                    }
+            if !self.pending.is_empty() {
+                while self.pos < self.pending.len() {
+                    let n = ready!(self.poll_write(cx, to, Stash::No))?;
+                    self.pos += n;
                 }
-                let n = buf.filled().len();
-                if n == 0 {
-                    self.eof = true;
-                } else {
-                    (self.pos, self.end) = (0, n);
-                    *active = true;
-                }
-            }
-            while self.pos < self.end {
-                let n = ready!(Pin::new(&mut *to).poll_write(cx, &self.buf[self.pos..self.end]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.pos += n;
-                self.copied += n as u64;
-                self.unflushed = true;
+                self.pending = Vec::new();
+                self.pos = 0;
             }
             if self.eof {
                 ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
                 return Poll::Ready(Ok(()));
             }
+            let mut storage = [MaybeUninit::<u8>::uninit(); CHUNK];
+            let mut buf = ReadBuf::uninit(&mut storage);
+            match Pin::new(&mut *from).poll_read(cx, &mut buf) {
+                Poll::Ready(read) => read?,
+                Poll::Pending => {
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+            let mut data = buf.filled();
+            if data.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            *active = true;
+            while !data.is_empty() {
+                // What the other side does not take now waits in `pending`.
+                let n = ready!(self.poll_write(cx, to, Stash::Rest(data)))?;
+                data = &data[n..];
+            }
         }
     }
+
+    /// Writes the pending bytes, or `stash`'s; a `Pending` write stashes them.
+    fn poll_write<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        to: &mut W,
+        stash: Stash<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let bytes = match stash {
+            Stash::No => &self.pending[self.pos..],
+            Stash::Rest(bytes) => bytes,
+        };
+        match Pin::new(&mut *to).poll_write(cx, bytes) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                self.copied += n as u64;
+                self.unflushed = true;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if let Stash::Rest(bytes) = stash {
+                    self.pending = bytes.to_vec();
+                    self.pos = 0;
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Bytes to write: the pending ones, or the rest of a read that is not stashed yet.
+#[derive(Clone, Copy)]
+enum Stash<'a> {
+    No,
+    Rest(&'a [u8]),
 }
 
 #[cfg(test)]
