@@ -273,12 +273,12 @@ async fn an_upgrade_given_back_by_a_failing_backend_tunnels_on_another() {
 #[tokio::test]
 async fn tunnel_idle_timeout_closes_a_silent_tunnel_not_an_active_one() {
     let backend = WsBackend::start().await;
-    let proxy = proxy(config(&[backend.addr], r#""tunnel_idle_timeout": 0.6"#)).await;
+    let proxy = proxy(config(&[backend.addr], r#""tunnel_idle_timeout": 1"#)).await;
     let (mut ws, _) = connect(proxy.local_addr(), "/").await;
-    // Active for 2.5 times the timeout: a message every 0.1 s.
+    // Active for twice the timeout: a message every 0.1 s.
     let active = Instant::now();
     let mut silent = active;
-    while active.elapsed() < Duration::from_millis(1500) {
+    while active.elapsed() < Duration::from_millis(2000) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         echo(&mut ws, Message::text("tick")).await;
         silent = Instant::now();
@@ -287,10 +287,10 @@ async fn tunnel_idle_timeout_closes_a_silent_tunnel_not_an_active_one() {
     closed(&mut ws).await;
     let after = silent.elapsed();
     assert!(
-        after >= Duration::from_millis(550),
+        after >= Duration::from_millis(950),
         "closed after {after:?}"
     );
-    assert!(after < Duration::from_secs(3), "closed after {after:?}");
+    assert!(after < Duration::from_secs(4), "closed after {after:?}");
     nothing_in_flight(&proxy).await;
     proxy.shutdown().await.unwrap();
 }
