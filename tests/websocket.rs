@@ -253,6 +253,20 @@ async fn least_connections_counts_an_open_tunnel() {
     proxy.shutdown().await.unwrap();
 }
 
+/// A `101` to a request that asked for no upgrade is the backend's error: `502`.
+#[tokio::test]
+async fn a_101_without_an_upgrade_request_is_a_502() {
+    let backend = support::raw_backend(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+    )
+    .await;
+    let proxy = proxy(config(&[backend.addr], r#""retries": 0"#)).await;
+    let (status, _) = get(proxy.local_addr(), "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    nothing_in_flight(&proxy).await;
+    proxy.shutdown().await.unwrap();
+}
+
 /// A backend that resets the upgrade request gives it back; the next backend's tunnel still
 /// reaches the client.
 #[tokio::test]

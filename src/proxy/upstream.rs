@@ -918,6 +918,60 @@ mod tests {
         );
     }
 
+    #[test]
+    fn upgrades_keep_upgrade_and_connection_upgrade() {
+        use http_body_util::{Empty, Full};
+        let request = Request::get("/chat")
+            .header("host", "h")
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "k")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            encoded(&request, None),
+            "GET /chat HTTP/1.1\r\nhost: h\r\nupgrade: websocket\r\nsec-websocket-key: k\r\n\
+             connection: upgrade\r\n\r\n"
+        );
+        // With a body, it is no upgrade: `Upgrade` is dropped as hop-by-hop.
+        let request = Request::post("/p")
+            .header("host", "h")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::from_static(b"ok")))
+            .unwrap();
+        let host = HeaderValue::from_static("backend:9001");
+        let head = encode_head(&request, &host, None);
+        assert!(!head.upgrade);
+        assert_eq!(
+            String::from_utf8(head.bytes.to_vec()).unwrap(),
+            "POST /p HTTP/1.1\r\nhost: h\r\ncontent-length: 2\r\n\r\n"
+        );
+
+        // A `101` keeps its `Upgrade`, says `Connection: upgrade`, and has no body: what
+        // follows its head is the new protocol's.
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-A\r\nX-A: 1\r\nContent-Length: 0\r\nSec-WebSocket-Accept: a\r\n\r\n\x81\x00"[..],
+        );
+        let p = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(p.status, 101);
+        let mut names: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "connection",
+                "content-length",
+                "sec-websocket-accept",
+                "upgrade"
+            ]
+        );
+        assert_eq!(p.headers["connection"], "upgrade");
+        assert_eq!(p.framing, Framing::Close);
+        assert!(!p.keep_alive);
+        assert_eq!(&buf[..], b"\x81\x00");
+    }
+
     fn decode_all(input: &[u8], split: usize) -> Result<Vec<u8>, BoxError> {
         let mut state = Chunk::Size;
         let mut buf = BytesMut::new();
