@@ -131,9 +131,10 @@ impl MakeBackend<Authority> for Client {
 ///   response's hop-by-hop headers are removed.
 /// - A request that asks for an upgrade (WebSocket) keeps its `Upgrade` field; a `101`
 ///   answer turns the client's connection (from hyper, [`hyper::upgrade::on`]) and this
-///   one into a tunnel that carries bytes both ways until both close or neither sends a
-///   byte for the [tunnel idle timeout](Client::tunnel_idle_timeout). That connection is
-///   never pooled again. Any other answer is an ordinary response.
+///   one into a tunnel that carries bytes both ways until one side closes (then both are
+///   closed) or neither sends a byte for the
+///   [tunnel idle timeout](Client::tunnel_idle_timeout). That connection is never pooled
+///   again. Any other answer is an ordinary response.
 /// - The exchange runs in the task that polls the response future and body (for a proxy,
 ///   the client's connection task): no task or channel per upstream connection. Bodies
 ///   stream both ways, the request body still being sent while the response streams. The

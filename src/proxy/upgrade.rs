@@ -81,9 +81,7 @@ impl Upgrade {
         tokio::spawn(tunnel(self, backend, read_ahead, hold));
         Ok(response)
     }
-}
 
-impl Upgrade {
     fn give_back<B: Send + 'static>(self, error: BoxError) -> BoxError {
         match error.downcast::<Unsent<Request<B>>>() {
             Ok(unsent) => {
