@@ -9,8 +9,9 @@
 //!
 //! Edit the configuration while it runs: servers, weights, algorithm and health-check
 //! settings apply within a second, without dropping a request. An invalid edit is logged and
-//! the running configuration stays. Ctrl-C or SIGTERM stop accepting, let requests in flight
-//! finish, and exit 0. `RUST_LOG` sets the log level (default `info`);
+//! the running configuration stays. Ctrl-C or SIGTERM stop accepting, let requests and
+//! WebSocket tunnels in flight finish (for up to `shutdown_timeout`, then close them), and
+//! exit 0. `RUST_LOG` sets the log level (default `info`);
 //! `RUST_LOG=info,tower_lb::access=info` adds an access log line per request. With
 //! `admin_listen` set, `http://ADMIN/` shows a status page, `/status` its JSON and
 //! `/metrics` Prometheus text.
@@ -165,7 +166,10 @@ async fn run(path: PathBuf, config: Config) -> ExitCode {
             },
         }
     }
-    tracing::info!("shutting down: finishing requests in flight");
+    tracing::info!(
+        "shutting down: finishing requests and tunnels in flight (up to {:?})",
+        proxy.config().shutdown_timeout
+    );
     drop(edits);
     match proxy.shutdown().await {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,7 @@ use tower_service::Service;
 
 use super::error::{BackendError, ConnectError, ResponseTimeout};
 use super::replay::{self, ReplayBody};
+use super::upgrade::Upgrade;
 use super::upstream::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
 use super::{peer_ip, socket_target};
 use crate::balance::error::Unsent;
@@ -58,6 +59,7 @@ struct Settings {
     connect_timeout: Duration,
     response_timeout: Duration,
     max_idle: usize,
+    tunnel_idle_timeout: Duration,
 }
 
 impl Default for Client {
@@ -67,6 +69,7 @@ impl Default for Client {
                 connect_timeout: Duration::from_secs(2),
                 response_timeout: Duration::from_secs(30),
                 max_idle: 1024,
+                tunnel_idle_timeout: Duration::from_secs(3600),
             },
         }
     }
@@ -87,6 +90,13 @@ impl Client {
     /// Time allowed from sending a request until its response headers arrive.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.settings.response_timeout = timeout;
+        self
+    }
+
+    /// Time an upgraded connection (a WebSocket tunnel) may carry no byte either way before
+    /// it is closed (default an hour).
+    pub fn tunnel_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.tunnel_idle_timeout = timeout;
         self
     }
 
@@ -122,6 +132,12 @@ impl MakeBackend<Authority> for Client {
 ///   copy of such a body as it goes out.
 ///   Response headers must arrive within `response_timeout` ([`ResponseTimeout`]); the
 ///   response's hop-by-hop headers are removed.
+/// - A request that asks for an upgrade (WebSocket) keeps its `Upgrade` field; a `101`
+///   answer turns the client's connection (from hyper, [`hyper::upgrade::on`]) and this
+///   one into a tunnel that carries bytes both ways until one side closes (then both are
+///   closed) or neither sends a byte for the
+///   [tunnel idle timeout](Client::tunnel_idle_timeout). That connection is never pooled
+///   again. Any other answer is an ordinary response.
 /// - The exchange runs in the task that polls the response future and body (for a proxy,
 ///   the client's connection task): no task or channel per upstream connection. Bodies
 ///   stream both ways, the request body still being sent while the response streams. The
@@ -251,6 +267,12 @@ where
         // allocating a new one for every request.
         let request = replay::prepare(request);
         let head = encode_head(&request, &self.shared.host, peer_ip(&request));
+        if head.upgrade {
+            let mut request = request;
+            let upgrade = Upgrade::take(&mut request, self.shared.settings.tunnel_idle_timeout);
+            let sent = send(self.shared.clone(), conn, head, request.into_body());
+            return ResponseFuture::new(upgrade.after::<B, _, _>(sent));
+        }
         ResponseFuture::new(send(self.shared.clone(), conn, head, request.into_body()))
     }
 }

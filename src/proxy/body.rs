@@ -8,11 +8,13 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower::load::completion::TrackCompletion;
 
+use super::upgrade::Hold;
 use crate::balance::InFlight;
 
 /// Counts an HTTP request as in flight until its response body has ended (or is dropped),
 /// not just until the response headers arrive: a streaming download keeps counting for
-/// least connections.
+/// least connections. An upgraded connection (a WebSocket tunnel, answered `101` by a
+/// [`Backend`](super::Backend)) counts until the tunnel closes.
 ///
 /// Use it as the completion of a [`Balance`](crate::Balance) whose backends answer
 /// `http::Response<B>`; responses become `http::Response<TrackedBody<B>>`.
@@ -22,8 +24,16 @@ pub struct TrackBody;
 impl<B: Body> TrackCompletion<InFlight, Response<B>> for TrackBody {
     type Output = Response<TrackedBody<B>>;
 
-    fn track_completion(&self, mut guard: InFlight, response: Response<B>) -> Self::Output {
-        guard.respond(response.status().as_u16());
+    fn track_completion(&self, mut guard: InFlight, mut response: Response<B>) -> Self::Output {
+        let status = response.status().as_u16();
+        guard.respond(status);
+        if status == 101 {
+            // An upgrade: the tunnel holds the guard until it closes; the body is empty.
+            if let Some(hold) = response.extensions_mut().remove::<Hold>() {
+                hold.keep(guard);
+                return response.map(|inner| TrackedBody { inner, guard: None });
+            }
+        }
         response.map(|body| TrackedBody::new(body, guard))
     }
 }

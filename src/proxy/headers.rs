@@ -1,4 +1,10 @@
 //! Header rewriting for a forwarded message: hop-by-hop removal and `X-Forwarded-For`.
+//!
+//! One rule for every message, with one exception: an upgrade (RFC 9110 §7.8). A message
+//! whose `Connection` names `upgrade` and that carries an `Upgrade` field (WebSocket, say)
+//! keeps that field and goes on with `Connection: upgrade`, so that the backend can answer
+//! `101` and the connection becomes a tunnel. HTTP/2's own upgrade (`h2c`) stays hop-by-hop:
+//! it is about the client's connection to the proxy, not the backend.
 
 use std::io::Write as _;
 use std::net::IpAddr;
@@ -22,6 +28,25 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
 
+/// Whether the field `name` is hop-by-hop by itself in a message that carries an upgrade
+/// (`upgrade`) or not: of an upgrade, `Upgrade` goes on (the one exception).
+pub(crate) fn is_hop_by_hop_in(name: &HeaderName, upgrade: bool) -> bool {
+    is_hop_by_hop(name) && !(upgrade && name == header::UPGRADE)
+}
+
+/// `Connection: upgrade`, the `Connection` field a forwarded upgrade carries instead of its
+/// own (which may name fields that were left out).
+pub(crate) const CONNECTION_UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
+
+/// Whether an `Upgrade` value offers a protocol other than HTTP/2 (`h2c`, or the `h2` that
+/// some servers advertise): only such an upgrade is forwarded.
+fn offers_tunnel(value: &[u8]) -> bool {
+    connection_tokens(value).any(|token| {
+        let name = token.split(|&b| b == b'/').next().unwrap_or_default();
+        !(name.eq_ignore_ascii_case(b"h2c") || name.eq_ignore_ascii_case(b"h2"))
+    })
+}
+
 /// The tokens of a `Connection` value, trimmed, empty ones left out.
 fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
@@ -38,33 +63,56 @@ fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 pub(crate) struct HopByHop {
     /// Fields named in `Connection`: almost always none, so nothing is allocated.
     listed: Vec<HeaderName>,
+    /// `Connection` named `upgrade`.
+    connection_upgrade: bool,
+    /// The message carries an upgrade to forward: `Connection: upgrade` and an `Upgrade`
+    /// field offering more than HTTP/2 (set by [`HopByHop::of`]).
+    upgrade: bool,
 }
 
 impl HopByHop {
     pub(crate) fn of(headers: &HeaderMap) -> Self {
         let mut hop = HopByHop::default();
+        let mut offered = false;
         // A pass over a few entries costs less than hashing the name for a lookup.
         for (name, value) in headers {
             if name == header::CONNECTION {
                 hop.add_connection(value.as_bytes());
+            } else if name == header::UPGRADE {
+                offered |= offers_tunnel(value.as_bytes());
             }
         }
+        hop.upgrade = hop.connection_upgrade && offered;
         hop
     }
 
-    /// Takes in the fields that a `Connection` value names (every option but `close` and
-    /// `keep-alive`; a token that is not a field name names nothing). Returns whether the
-    /// value asks to close the connection.
+    /// Takes in the fields that a `Connection` value names (every option but `close`,
+    /// `keep-alive` and `upgrade`; a token that is not a field name names nothing). Returns
+    /// whether the value asks to close the connection.
     pub(crate) fn add_connection(&mut self, value: &[u8]) -> bool {
         let mut close = false;
         for token in connection_tokens(value) {
             if token.eq_ignore_ascii_case(b"close") {
                 close = true;
+            } else if token.eq_ignore_ascii_case(b"upgrade") {
+                // `Upgrade` is hop-by-hop by itself; whether it goes on is `upgrade`'s call.
+                self.connection_upgrade = true;
             } else if !token.eq_ignore_ascii_case(b"keep-alive") {
                 self.listed.extend(HeaderName::from_bytes(token).ok());
             }
         }
         close
+    }
+
+    /// Whether the message carries an upgrade to forward: then `Upgrade` goes on, and the
+    /// message is sent with [`CONNECTION_UPGRADE`] instead of its own `Connection`.
+    pub(crate) fn upgrade(&self) -> bool {
+        self.upgrade
+    }
+
+    /// Forwards no upgrade: `Upgrade` is dropped as any hop-by-hop field.
+    pub(crate) fn refuse_upgrade(&mut self) {
+        self.upgrade = false;
     }
 
     /// Whether `Connection` named no field.
@@ -79,7 +127,7 @@ impl HopByHop {
 
     /// Whether the field `name` must not be forwarded.
     pub(crate) fn drops(&self, name: &HeaderName) -> bool {
-        is_hop_by_hop(name) || self.names(name)
+        is_hop_by_hop_in(name, self.upgrade) || self.names(name)
     }
 }
 
@@ -88,6 +136,10 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 
 /// Removes the hop-by-hop fields from `headers`: those of RFC 9110 §7.6.1 and every field
 /// that a `Connection` header names.
+///
+/// The one exception is an upgrade: with `Connection: upgrade` and an `Upgrade` field (other
+/// than HTTP/2's `h2c`), `Upgrade` stays and `Connection` becomes `upgrade`, so that the
+/// next hop can switch protocols (WebSocket).
 ///
 /// ```
 /// use http::HeaderMap;
@@ -99,6 +151,14 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 /// tower_lb::proxy::remove_hop_by_hop(&mut headers);
 /// assert_eq!(headers.len(), 1);
 /// assert!(headers.contains_key("accept"));
+///
+/// // An upgrade goes on.
+/// let mut headers = HeaderMap::new();
+/// headers.insert("connection", "keep-alive, Upgrade".parse().unwrap());
+/// headers.insert("upgrade", "websocket".parse().unwrap());
+/// tower_lb::proxy::remove_hop_by_hop(&mut headers);
+/// assert_eq!(headers["connection"], "upgrade");
+/// assert_eq!(headers["upgrade"], "websocket");
 /// ```
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let hop = HopByHop::of(headers);
@@ -106,11 +166,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|name| hop.drops(name)) {
         return;
     }
-    for name in hop.listed {
+    for name in &hop.listed {
         headers.remove(name);
     }
     for name in HOP_BY_HOP {
-        headers.remove(name);
+        if !(hop.upgrade && name == "upgrade") {
+            headers.remove(name);
+        }
+    }
+    if hop.upgrade {
+        headers.insert(header::CONNECTION, CONNECTION_UPGRADE);
     }
 }
 
@@ -198,7 +263,49 @@ mod tests {
         remove_hop_by_hop(&mut h);
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
-        assert_eq!(left, ["host", "x-kept"]);
+        // An upgrade goes on, with `Connection: upgrade` alone.
+        assert_eq!(left, ["connection", "host", "upgrade", "x-kept"]);
+        assert_eq!(h["connection"], "upgrade");
+
+        // Without `Connection: upgrade`, or for HTTP/2's own upgrade, `Upgrade` is dropped.
+        for (connection, upgrade) in [
+            ("keep-alive", "websocket"),
+            ("Upgrade, HTTP2-Settings", "h2c"),
+            ("upgrade", "h2, h2c"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("connection", connection.parse().unwrap());
+            h.insert("upgrade", upgrade.parse().unwrap());
+            h.insert(
+                "http2-settings",
+                "AAMAAABkAAQAoAAAAAIAAAAA".parse().unwrap(),
+            );
+            h.insert("x-kept", "1".parse().unwrap());
+            remove_hop_by_hop(&mut h);
+            let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            left.sort();
+            let expected: &[&str] = if !connection.contains("HTTP2-Settings") {
+                &["http2-settings", "x-kept"]
+            } else {
+                &["x-kept"]
+            };
+            assert_eq!(left, expected, "{connection} / {upgrade}");
+        }
+    }
+
+    #[test]
+    fn upgrades_are_seen_in_requests() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Upgrade".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        let hop = HopByHop::of(&h);
+        assert!(hop.upgrade());
+        assert!(!hop.drops(&header::UPGRADE));
+        assert!(hop.drops(&header::CONNECTION));
+        h.remove("upgrade");
+        assert!(!HopByHop::of(&h).upgrade());
+        assert!(is_hop_by_hop_in(&header::UPGRADE, false));
+        assert!(!is_hop_by_hop_in(&header::UPGRADE, true));
     }
 
     #[test]

@@ -18,6 +18,9 @@
 //!   chooses one at run time.
 //! - [`ErrorResponses`] answers failures with `502`, `503` and `504`.
 //! - [`Server`] / [`serve`] serve HTTP/1.1 with safe defaults and graceful shutdown.
+//! - Upgrades (WebSocket) pass through: a `101` from the backend turns both connections
+//!   into a tunnel that counts in flight until it closes (see [`Backend`]); [`Server`]'s
+//!   shutdown waits for tunnels too, up to its shutdown timeout.
 //!
 //! [`backends`] and [`balancer`] are the steps of [`Builder::build`] without health checks;
 //! [`HealthCheck::attach`](crate::health::HealthCheck::attach) adds them.
@@ -54,6 +57,8 @@ mod idle;
 mod replay;
 mod respond;
 mod server;
+mod shutdown;
+mod upgrade;
 mod upstream;
 
 /// The futures the services of this module return.

@@ -14,16 +14,17 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tower::ServiceExt;
 use tower_service::Service;
 
 use super::access::{self, LoggedBody};
 use super::framing::FramingGuard;
 use super::idle::{CountReads, IdleTimer, Reads};
+use super::shutdown::{Shutdown, Watch};
 use super::ClientAddr;
 use crate::BoxError;
 
@@ -45,7 +46,11 @@ use crate::BoxError;
 ///   is closed after `header_read_timeout`;
 /// - with [`max_connections`](Self::max_connections), at most that many client connections
 ///   at once: at the limit the server stops accepting, and new clients wait in the listen
-///   backlog until a connection closes (no busy loop, no error for lack of descriptors).
+///   backlog until a connection closes (no busy loop, no error for lack of descriptors);
+///   a connection upgraded to a tunnel keeps its place until the tunnel closes;
+/// - upgrades (WebSocket) pass through: see [`Backend`](super::Backend);
+/// - at shutdown, requests and tunnels in flight get `shutdown_timeout` (30 s) to finish;
+///   then their connections are closed.
 ///
 /// Give it a listener from [`bind`], whose accept queue takes a burst of clients.
 #[derive(Debug, Clone)]
@@ -55,6 +60,7 @@ pub struct Server {
     observed: bool,
     max_connections: Option<usize>,
     client_idle_timeout: Duration,
+    shutdown_timeout: Duration,
 }
 
 impl Default for Server {
@@ -65,6 +71,7 @@ impl Default for Server {
             observed: true,
             max_connections: None,
             client_idle_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -103,6 +110,13 @@ impl Server {
         self
     }
 
+    /// Time that requests in flight and tunnels get to finish once the shutdown begins
+    /// (default 30 s); then their connections are closed.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
     /// Whether this server's connections and answers count in [`crate::stats`] (client
     /// connections, local `400`s) and its requests go to the access log (default: yes).
     /// A server that is not the proxy, such as a demo backend, turns it off.
@@ -113,7 +127,9 @@ impl Server {
 
     /// Accepts connections on `listener` and serves each with a clone of `service` until
     /// `shutdown` completes; then stops accepting (the listener is closed, so new
-    /// connections are refused), lets requests in flight finish, and returns.
+    /// connections are refused), lets requests in flight and tunnels finish within the
+    /// [shutdown timeout](Self::shutdown_timeout), closes what is still open, and returns.
+    /// Idle keep-alive connections are closed at once.
     pub async fn serve<S, B>(
         &self,
         listener: TcpListener,
@@ -129,7 +145,7 @@ impl Server {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let graceful = GracefulShutdown::new();
+        let stopping = Shutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
         // One buffer for head and body instead of a queue of buffers for writev: most
         // proxied responses are small, and the queue cost about 360 instructions per
@@ -140,8 +156,6 @@ impl Server {
             .max_header_size(self.max_header_bytes);
         let observed = self.observed;
         let (idle, head) = (self.client_idle_timeout, self.header_read_timeout);
-        // Connections waiting for their first byte are not hyper's yet: they go at shutdown.
-        let (closing, closed) = watch::channel(false);
         let limit = self.max_connections.map(|n| Arc::new(Semaphore::new(n)));
         tokio::pin!(shutdown);
         loop {
@@ -170,15 +184,11 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let open = observed.then(crate::stats::ClientConnection::open);
-            let (service, http, watcher, mut closed) = (
-                service.clone(),
-                http.clone(),
-                graceful.watcher(),
-                closed.clone(),
-            );
+            // The connection's place (its permit) is held by its watch: by the connection,
+            // then by the tunnel it may become.
+            let mut watch = stopping.watch().holding(permit);
+            let (service, http) = (service.clone(), http.clone());
             tokio::spawn(async move {
-                // Held as long as this connection's task, upgrades included.
-                let _permit = permit;
                 // hyper allocates its buffers as soon as it has the connection: hand it over
                 // once the client has sent something. A client that sends nothing is closed
                 // by the header timeout.
@@ -188,7 +198,7 @@ impl Server {
                     peeked = tokio::time::timeout(head, stream.peek(&mut byte)) => {
                         matches!(peeked, Ok(Ok(1)))
                     }
-                    _ = closed.wait_for(|closing| *closing) => false,
+                    () = watch.draining() => false,
                 };
                 if !readable {
                     tracing::debug!(%peer, "client sent nothing; closing");
@@ -199,25 +209,24 @@ impl Server {
                 let mut http = http;
                 http.timer(IdleTimer::new(reads, idle, head));
                 Box::pin(serve_connection(
-                    stream, peer, service, &http, watcher, observed, open,
+                    stream, peer, service, &http, watch, observed, open,
                 ))
                 .await;
             });
         }
-        let _ = closing.send(true);
         drop(listener);
-        graceful.shutdown().await;
+        stopping.run(self.shutdown_timeout).await;
         Ok(())
     }
 }
 
-/// Serves one client connection with hyper, `watcher` signalling graceful shutdown.
+/// Serves one client connection with hyper, following the server's shutdown with `watch`.
 async fn serve_connection<S, B>(
     stream: CountReads<TcpStream>,
     peer: SocketAddr,
     service: S,
     http: &hyper::server::conn::http1::Builder,
-    watcher: Watcher,
+    watch: Watch,
     observed: bool,
     open: Option<crate::stats::ClientConnection>,
 ) where
@@ -231,8 +240,13 @@ async fn serve_connection<S, B>(
 {
     let (stream, verdict) = FramingGuard::new(stream);
     let requests = AtomicU64::new(0);
+    let tunnels = watch.clone();
     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         let index = requests.fetch_add(1, Ordering::Relaxed);
+        // A tunnel it may become follows the shutdown too, and holds the connection's place.
+        if request.extensions().get::<OnUpgrade>().is_some() {
+            request.extensions_mut().insert(tunnels.clone());
+        }
         // Off by default: then one check of a cached interest, nothing more.
         let entry = (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
         request.extensions_mut().insert(ClientAddr(peer));
@@ -257,8 +271,13 @@ async fn serve_connection<S, B>(
             })
         }
     });
-    let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
-    if let Err(error) = watcher.watch(conn).await {
+    let conn = http
+        .serve_connection(TokioIo::new(stream), hyper_service)
+        .with_upgrades();
+    if let Err(error) = watch
+        .connection(conn, |conn| conn.graceful_shutdown())
+        .await
+    {
         // hyper answered a malformed request itself.
         if open.is_some() && error.is_parse_too_large() {
             crate::stats::local_response(431);

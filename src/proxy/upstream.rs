@@ -30,7 +30,9 @@ use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::headers::{forwarded_for_value, is_hop_by_hop, HopByHop, X_FORWARDED_FOR};
+use super::headers::{
+    forwarded_for_value, is_hop_by_hop_in, HopByHop, CONNECTION_UPGRADE, X_FORWARDED_FOR,
+};
 use crate::BoxError;
 
 /// Largest response head accepted.
@@ -162,6 +164,9 @@ pub(crate) struct Head {
     head_request: bool,
     /// Safe to send twice (RFC 9110 §9.2.2).
     idempotent: bool,
+    /// Asks for an upgrade (WebSocket): sent with `Upgrade` and `Connection: upgrade`; a
+    /// `101` answer hands the connection over (see `super::upgrade`).
+    pub(crate) upgrade: bool,
 }
 
 /// Encodes `request`'s head for the backend, rewritten as a reverse proxy forwards it:
@@ -184,7 +189,12 @@ pub(crate) fn encode_head<B: Body>(
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let headers = request.headers();
-    let hop = HopByHop::of(headers);
+    let mut hop = HopByHop::of(headers);
+    if hop.upgrade() && !request.body().is_end_stream() {
+        // An upgrade with a body is not one (the connection would switch mid-body).
+        hop.refuse_upgrade();
+    }
+    let upgrade = hop.upgrade();
     let (mut has_host, mut has_length, mut forwarded) = (false, false, false);
     for (name, value) in headers {
         if hop.drops(name) {
@@ -201,6 +211,9 @@ pub(crate) fn encode_head<B: Body>(
     }
     if !has_host {
         field(&mut out, b"host", host.as_bytes());
+    }
+    if upgrade {
+        field(&mut out, b"connection", CONNECTION_UPGRADE.as_bytes());
     }
     if let Some(client) = client {
         out.extend_from_slice(b"x-forwarded-for: ");
@@ -243,6 +256,7 @@ pub(crate) fn encode_head<B: Body>(
                 | Method::PUT
                 | Method::DELETE
         ),
+        upgrade,
     }
 }
 
@@ -392,6 +406,10 @@ where
     })
     .await;
     let parsed = match parsed {
+        Ok(parsed) if parsed.status == StatusCode::SWITCHING_PROTOCOLS && !head.upgrade => {
+            let error = "101 to a request that asked for no upgrade".into();
+            return Err((ExchangeError { error, reused }, None));
+        }
         Ok(parsed) => parsed,
         Err(error) => return Err(fail(error, &mut sender, &conn)),
     };
@@ -502,9 +520,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             continue;
         }
 
+        // `101 Switching Protocols`: the connection is handed over; its `Upgrade` goes on.
+        let switching = code == 101;
         let mut length: Option<u64> = None;
         let mut chunked: Option<bool> = None;
-        let mut close = version != Version::HTTP_11;
+        let mut close = version != Version::HTTP_11 || switching;
         // Fields that `Connection` names; left out once all of them are known.
         let mut hop = HopByHop::default();
         // Header values are slices of the head, shared rather than copied.
@@ -526,7 +546,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
             } else if name == header::CONNECTION {
                 close |= hop.add_connection(h.value);
                 continue;
-            } else if is_hop_by_hop(&name) {
+            } else if is_hop_by_hop_in(&name, switching) {
                 continue;
             }
             let start = h.value.as_ptr() as usize - base;
@@ -540,7 +560,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         if !hop.names_none() {
             spans.retain(|(name, ..)| !hop.names(name));
         }
-        let framing = if head_request
+        let framing = if switching {
+            // Not a body: what follows belongs to the upgraded protocol.
+            Framing::Close
+        } else if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
         {
@@ -561,6 +584,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
                 name,
                 HeaderValue::from_maybe_shared(head.slice(start..end))?,
             );
+        }
+        if switching {
+            headers.insert(header::CONNECTION, CONNECTION_UPGRADE);
         }
         return Ok(Some(Parsed {
             status,
@@ -631,6 +657,17 @@ where
 
     fn ended(&self) -> bool {
         matches!(self.framing, Framing::Empty | Framing::Chunked(Chunk::Done))
+    }
+
+    /// The connection of a `101` answer, with the bytes read past its head, taken out of
+    /// HTTP (and never pooled again); the body is then empty. `None` for any other answer.
+    pub(crate) fn take_upgraded(&mut self) -> Option<(TcpStream, BytesMut)> {
+        if self.framing != Framing::Close || self.keep_alive || !self.sender.done() {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        self.framing = Framing::Empty;
+        Some((conn.io, conn.rbuf))
     }
 }
 
@@ -884,6 +921,60 @@ mod tests {
             encoded(&request, Some("::1")),
             "PUT /p HTTP/1.1\r\nhost: h\r\nx-forwarded-for: ::1\r\ncontent-length: 2\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn upgrades_keep_upgrade_and_connection_upgrade() {
+        use http_body_util::{Empty, Full};
+        let request = Request::get("/chat")
+            .header("host", "h")
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-key", "k")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            encoded(&request, None),
+            "GET /chat HTTP/1.1\r\nhost: h\r\nupgrade: websocket\r\nsec-websocket-key: k\r\n\
+             connection: upgrade\r\n\r\n"
+        );
+        // With a body, it is no upgrade: `Upgrade` is dropped as hop-by-hop.
+        let request = Request::post("/p")
+            .header("host", "h")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::from_static(b"ok")))
+            .unwrap();
+        let host = HeaderValue::from_static("backend:9001");
+        let head = encode_head(&request, &host, None);
+        assert!(!head.upgrade);
+        assert_eq!(
+            String::from_utf8(head.bytes.to_vec()).unwrap(),
+            "POST /p HTTP/1.1\r\nhost: h\r\ncontent-length: 2\r\n\r\n"
+        );
+
+        // A `101` keeps its `Upgrade`, says `Connection: upgrade`, and has no body: what
+        // follows its head is the new protocol's.
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-A\r\nX-A: 1\r\nContent-Length: 0\r\nSec-WebSocket-Accept: a\r\n\r\n\x81\x00"[..],
+        );
+        let p = parse_head(&mut buf, false).unwrap().unwrap();
+        assert_eq!(p.status, 101);
+        let mut names: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "connection",
+                "content-length",
+                "sec-websocket-accept",
+                "upgrade"
+            ]
+        );
+        assert_eq!(p.headers["connection"], "upgrade");
+        assert_eq!(p.framing, Framing::Close);
+        assert!(!p.keep_alive);
+        assert_eq!(&buf[..], b"\x81\x00");
     }
 
     fn decode_all(input: &[u8], split: usize) -> Result<Vec<u8>, BoxError> {

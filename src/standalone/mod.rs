@@ -61,6 +61,7 @@ fn client(config: &Config) -> Client {
     Client::new()
         .connect_timeout(config.connect_timeout)
         .response_timeout(config.response_timeout)
+        .tunnel_idle_timeout(config.tunnel_idle_timeout)
 }
 
 impl Proxy {
@@ -108,13 +109,13 @@ impl Proxy {
         let (stop, stopped) = oneshot::channel::<()>();
         let server = proxy::Server::new()
             .max_connections(max_connections(&config))
-            .client_idle_timeout(config.client_idle_timeout);
+            .client_idle_timeout(config.client_idle_timeout)
+            .shutdown_timeout(config.shutdown_timeout);
         let server = tokio::spawn(async move {
-            server
-                .serve(listener, service, async {
-                    let _ = stopped.await;
-                })
-                .await
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            server.serve(listener, service, stopped).await
         });
         let admin = match config.admin_listen {
             Some(addr) => Some(start_admin(addr, &backends)?),
@@ -161,7 +162,8 @@ impl Proxy {
     }
 
     /// Moves to `next`, applying only what changed, and returns what that was.
-    /// Keys that need a restart (`listen`, `trusted_proxies`) are logged and kept as running.
+    /// Keys that need a restart (`listen`, `trusted_proxies`, `admin_listen`, the tunnel idle
+    /// and shutdown timeouts) are logged and kept as running.
     pub async fn apply(&mut self, mut next: Config) -> Diff {
         let diff = self.config.diff(&next);
         for key in &diff.needs_restart {
@@ -175,6 +177,8 @@ impl Proxy {
         next.admin_listen = self.config.admin_listen;
         next.max_connections = self.config.max_connections;
         next.client_idle_timeout = self.config.client_idle_timeout;
+        next.tunnel_idle_timeout = self.config.tunnel_idle_timeout;
+        next.shutdown_timeout = self.config.shutdown_timeout;
         if diff.is_empty() {
             return diff;
         }
@@ -291,8 +295,9 @@ impl Proxy {
         diff
     }
 
-    /// Stops accepting (new connections are refused), lets requests in flight finish, then
-    /// stops health checks and demo backends.
+    /// Stops accepting (new connections are refused), lets requests and tunnels in flight
+    /// finish within `shutdown_timeout` and closes those still open then, then stops health
+    /// checks and demo backends.
     pub async fn shutdown(mut self) -> io::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

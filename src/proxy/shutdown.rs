@@ -1,0 +1,165 @@
+//! Shutting a server down within a time limit: connections and tunnels are asked to finish,
+//! and whatever is still open when the time is up is closed.
+//!
+//! hyper-util's `GracefulShutdown` watches connections only until they upgrade: a WebSocket
+//! tunnel has left hyper by then. Here one [`Shutdown`] is watched by every connection and
+//! every tunnel ([`Watch`]), and it waits for all of them.
+
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, OwnedSemaphorePermit};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// Finish what is in flight, take nothing new.
+    Draining,
+    /// Stop now: the time is up.
+    Cut,
+}
+
+/// The shutdown of one server: see the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Shutdown {
+    phase: watch::Sender<Phase>,
+}
+
+/// What a connection or tunnel follows: whether to finish or to stop now. While a `Watch`
+/// exists, [`Shutdown::run`] waits for it.
+#[derive(Debug, Clone)]
+pub(crate) struct Watch {
+    phase: watch::Receiver<Phase>,
+    /// The connection's place under `max_connections`, held by every clone: by the
+    /// connection, then by the tunnel it may become.
+    place: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+impl Shutdown {
+    pub(crate) fn new() -> Self {
+        Shutdown {
+            phase: watch::Sender::new(Phase::Serving),
+        }
+    }
+
+    /// A watch for one more connection or tunnel.
+    pub(crate) fn watch(&self) -> Watch {
+        Watch {
+            phase: self.phase.subscribe(),
+            place: None,
+        }
+    }
+
+    /// Asks every connection and tunnel to finish, waits up to `timeout` for them to end,
+    /// then closes those still open and waits for them to be gone.
+    pub(crate) async fn run(self, timeout: Duration) {
+        self.phase.send_replace(Phase::Draining);
+        if tokio::time::timeout(timeout, self.phase.closed())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tracing::info!(
+            open = self.phase.receiver_count(),
+            "shutdown timeout reached: closing the connections and tunnels still open"
+        );
+        self.phase.send_replace(Phase::Cut);
+        self.phase.closed().await;
+    }
+}
+
+impl Watch {
+    /// Completes once the shutdown has reached `phase`; never if the server went away
+    /// without one (as before: its connections then run on by themselves).
+    async fn reached(&mut self, phase: Phase) {
+        if self.phase.wait_for(|p| *p >= phase).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// This watch and its clones hold `permit` (a connection's place) until the last drops.
+    pub(crate) fn holding(mut self, permit: Option<OwnedSemaphorePermit>) -> Self {
+        self.place = permit.map(Arc::new);
+        self
+    }
+
+    /// Completes when the shutdown begins: a connection that has not sent a request yet
+    /// closes then.
+    pub(crate) async fn draining(&mut self) {
+        self.reached(Phase::Draining).await;
+    }
+
+    /// Completes when the time to finish is up: a tunnel closes then.
+    pub(crate) async fn cut(&mut self) {
+        self.reached(Phase::Cut).await;
+    }
+
+    /// Serves a client connection: `graceful` is called on it when the shutdown begins (no
+    /// new requests; those in flight finish), and it is dropped, closing it, at the cut.
+    pub(crate) async fn connection<C, E>(
+        mut self,
+        conn: C,
+        graceful: impl FnOnce(Pin<&mut C>),
+    ) -> Result<(), E>
+    where
+        C: Future<Output = Result<(), E>>,
+    {
+        let mut conn = pin!(conn);
+        tokio::select! {
+            biased;
+            ended = conn.as_mut() => return ended,
+            () = self.reached(Phase::Draining) => {}
+        }
+        graceful(conn.as_mut());
+        tokio::select! {
+            biased;
+            ended = conn.as_mut() => ended,
+            () = self.reached(Phase::Cut) => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_what_is_open_then_cuts_it() {
+        // Nothing open: done at once.
+        let started = tokio::time::Instant::now();
+        Shutdown::new().run(Duration::from_secs(30)).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+
+        // A tunnel that ends by itself within the time.
+        let shutdown = Shutdown::new();
+        let watch = shutdown.watch();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(watch);
+        });
+        shutdown.run(Duration::from_secs(30)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+
+        // A connection that finishes when asked, and a tunnel that only ends at the cut.
+        let shutdown = Shutdown::new();
+        let (asked, mut graceful) = tokio::sync::oneshot::channel::<()>();
+        let conn = shutdown.watch().connection(
+            async move {
+                let _ = (&mut graceful).await;
+                Ok::<(), ()>(())
+            },
+            move |_| drop(asked),
+        );
+        let conn = tokio::spawn(conn);
+        let mut tunnel = shutdown.watch();
+        let tunnel = tokio::spawn(async move { tunnel.cut().await });
+        let started = tokio::time::Instant::now();
+        shutdown.run(Duration::from_secs(5)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert!(conn.await.unwrap().is_ok());
+        tunnel.await.unwrap();
+    }
+}
