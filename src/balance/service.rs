@@ -142,9 +142,9 @@ where
                     ResponseFuture::sent(service.call(request), guard, retry, completion)
                 }
                 Poll::Ready(Err(error)) => {
-                    guard.fail();
-                    drop(guard);
                     let error: BoxError = error.into();
+                    guard.fail(&*error);
+                    drop(guard);
                     let other = snapshot.policy().pick_excluding(
                         &snapshot.table,
                         &snapshot.endpoints,

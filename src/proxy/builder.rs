@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery};
 
 use super::{balancer, Client, ClientIpKey, HttpBackends, HttpBalance};
-use crate::balance::MakeBackend;
+use crate::balance::{MakeBackend, PassiveHealth};
 use crate::health::{self, HealthCheck, HttpProbe};
 use crate::policy::{Policy, RoundRobin};
 use crate::Backends;
@@ -23,6 +23,7 @@ use crate::Backends;
 /// | [`health_interval`](Self::health_interval), [`health_timeout`](Self::health_timeout) | 10 s, 2 s |
 /// | [`healthy_threshold`](Self::healthy_threshold), [`unhealthy_threshold`](Self::unhealthy_threshold) | 1, 1 |
 /// | [`connect_timeout`](Self::connect_timeout), [`response_timeout`](Self::response_timeout) | 2 s, 30 s |
+/// | [`passive_health`](Self::passive_health) (outlier ejection) | off |
 ///
 /// [`build`](Self::build) (or [`build_backends`](Self::build_backends)) must be called
 /// within a tokio runtime: it spawns the health checks on it
@@ -92,6 +93,7 @@ pub struct Builder<P = RoundRobin, E = ClientIpKey> {
     client: Client,
     /// `None`: no health checks.
     health: Option<(String, health::Settings)>,
+    passive: PassiveHealth,
 }
 
 impl Builder {
@@ -102,6 +104,7 @@ impl Builder {
             key: ClientIpKey::new(),
             client: Client::new(),
             health: Some(("/health".to_owned(), health::Settings::default())),
+            passive: PassiveHealth::off(),
         }
     }
 }
@@ -120,6 +123,7 @@ impl<P, E> Builder<P, E> {
             key: self.key,
             client: self.client,
             health: self.health,
+            passive: self.passive,
         }
     }
 
@@ -132,6 +136,7 @@ impl<P, E> Builder<P, E> {
             key,
             client: self.client,
             health: self.health,
+            passive: self.passive,
         }
     }
 
@@ -158,6 +163,15 @@ impl<P, E> Builder<P, E> {
     pub fn health_check(mut self, path: impl Into<String>) -> Self {
         let settings = self.health_settings_or_default();
         self.health = Some((path.into(), settings));
+        self
+    }
+
+    /// Ejects backends that fail requests in a row, for a while (see
+    /// [`balance::outlier`](crate::balance::outlier)): for instance
+    /// `PassiveHealth::default()`, the standalone proxy's 5 failures, 10 s, 50 %. Off by
+    /// default.
+    pub fn passive_health(mut self, settings: PassiveHealth) -> Self {
+        self.passive = settings;
         self
     }
 
@@ -217,6 +231,7 @@ impl<P: Policy, E> Builder<P, E> {
         addresses: impl IntoIterator<Item = Authority>,
     ) -> Result<HttpBalance<P, E>, BuildError> {
         let backends = checked(self.policy, &self.client, self.health, addresses)?;
+        backends.passive_health(self.passive);
         Ok(balancer(backends, self.key))
     }
 
@@ -226,7 +241,9 @@ impl<P: Policy, E> Builder<P, E> {
         self,
         addresses: impl IntoIterator<Item = Authority>,
     ) -> Result<HttpBackends<P>, BuildError> {
-        checked(self.policy, &self.client, self.health, addresses)
+        let backends = checked(self.policy, &self.client, self.health, addresses)?;
+        backends.passive_health(self.passive);
+        Ok(backends)
     }
 }
 
@@ -270,6 +287,7 @@ impl<P: fmt::Debug, E: fmt::Debug> fmt::Debug for Builder<P, E> {
             .field("key", &self.key)
             .field("client", &self.client)
             .field("health", &self.health)
+            .field("passive_health", &self.passive)
             .finish()
     }
 }
