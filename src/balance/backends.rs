@@ -520,7 +520,9 @@ where
     /// next ejection.
     ///
     /// An ejection ends on a timer: a task on the tokio runtime of the request that caused
-    /// it, or a thread outside a runtime.
+    /// it, or a thread outside a runtime. That timer holds the set weakly, hence the
+    /// `Send + Sync` keys and services (`tower::util::BoxCloneSyncService` rather than
+    /// `BoxCloneService`).
     pub fn passive_health(&self, settings: PassiveHealth) -> &Self {
         let mut writer = self.lock();
         let on = settings.is_on();
