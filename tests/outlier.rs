@@ -353,10 +353,15 @@ where
     panic!("a was not ejected");
 }
 
-/// How long "a" stays ejected, to the millisecond, from now.
+/// How long "a" stays ejected, to the millisecond, from now (on the paused clock; at most
+/// 200 s).
 async fn ejection_lasts<S: Clone>(lb: &Balance<&'static str, S, RoundRobin>) -> Duration {
     let start = tokio::time::Instant::now();
     while lb.get_ref().is_ejected(&"a") == Some(true) {
+        assert!(
+            start.elapsed() < Duration::from_secs(200),
+            "a never came back"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     start.elapsed()
