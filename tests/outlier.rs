@@ -309,6 +309,36 @@ async fn zero_consecutive_failures_turns_it_off_and_a_reload_ends_ejections() {
     proxy.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_client_whose_upload_fails_does_not_eject_the_backend() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(
+        &[b.addr],
+        r#""passive_health": {"consecutive_failures": 1, "ejection_time": 30}"#,
+    ))
+    .await;
+    // A chunked upload whose second chunk-size line is not hex: the request fails as the
+    // proxy reads it, after its head went to the backend.
+    let upload = b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n\r\n";
+    for _ in 0..3 {
+        exchange(proxy.local_addr(), upload, false, Duration::from_secs(2)).await;
+    }
+    let errors = proxy
+        .backends()
+        .snapshot()
+        .endpoint(0)
+        .unwrap()
+        .stats()
+        .errors;
+    assert!(
+        errors > 0,
+        "the uploads did not fail at the backend service"
+    );
+    assert!(!is_ejected(&proxy, b.addr));
+    assert_eq!(get(proxy.local_addr(), "/").await.0, StatusCode::OK);
+    proxy.shutdown().await.unwrap();
+}
+
 /// Backends "a" (failing while `failing` is set) and "b", round robin, passive health after
 /// 2 failures for 10 s.
 fn library_set(

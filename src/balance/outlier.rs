@@ -245,7 +245,15 @@ where
     }
 }
 
-/// The default [`Classify`]: every error and every `5xx` response is a failure.
+/// The default [`Classify`]: every `5xx` response and every error is a failure, but for
+/// an error of the request itself.
+///
+/// A request whose own body fails (a client that sends a truncated or malformed chunked
+/// upload, or goes away in the middle of it) fails at the backend service too, but through
+/// no fault of the backend: with the `http` feature, an error whose chain holds hyper's
+/// "error reading a body from connection" (the client's body, read by the server) or a
+/// hyper *user* error (the request's body stream, or the request itself) is not a failure.
+/// Otherwise any client could eject backends.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ServerErrorsAsFailures;
 
@@ -254,9 +262,31 @@ impl Classify for ServerErrorsAsFailures {
     fn is_failure(&self, outcome: Outcome<'_>) -> bool {
         match outcome {
             Outcome::Status(status) => status >= 500,
-            Outcome::Error(_) => true,
+            Outcome::Error(error) => !caused_by_request(error),
         }
     }
+}
+
+/// Whether `error` comes from the request rather than the backend (see
+/// [`ServerErrorsAsFailures`]).
+#[cfg(feature = "http")]
+fn caused_by_request(error: &(dyn Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(error) = error.downcast_ref::<hyper::Error>() {
+            // hyper has no predicate for its `Kind::Body`; its message is stable.
+            if error.is_user() || error.to_string() == "error reading a body from connection" {
+                return true;
+            }
+        }
+        next = error.source();
+    }
+    false
+}
+
+#[cfg(not(feature = "http"))]
+fn caused_by_request(_: &(dyn Error + 'static)) -> bool {
+    false
 }
 
 /// Removes a backend from the set for a while: called with its `Load` when its failures
