@@ -32,6 +32,7 @@
 //! | `tower_lb_backend_in_flight` | gauge | `backend` |
 //! | `tower_lb_backend_up` | gauge | `backend` |
 //! | `tower_lb_backend_failures_total` | counter | `backend` |
+//! | `tower_lb_ejections_total` | counter | `backend` |
 //! | `tower_lb_local_responses_total` | counter | `status` |
 //! | `tower_lb_retries_total` | counter | |
 //! | `tower_lb_health_checks_total` | counter | `backend`, `result` (`pass`, `fail`) |
@@ -95,6 +96,7 @@ pub(crate) struct BackendStats {
     errors: AtomicU64,
     buckets: [AtomicU64; 14],
     latency_micros: AtomicU64,
+    ejections: AtomicU64,
     facade: OnceLock<Facade>,
 }
 
@@ -105,6 +107,7 @@ struct Facade {
     duration: Histogram,
     in_flight: Gauge,
     up: Gauge,
+    ejections: Counter,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -121,6 +124,7 @@ impl BackendStats {
                 failures: metrics::counter!("tower_lb_backend_failures_total", "backend" => backend.clone()),
                 duration: metrics::histogram!("tower_lb_request_duration_seconds", "backend" => backend.clone()),
                 in_flight: metrics::gauge!("tower_lb_backend_in_flight", "backend" => backend.clone()),
+                ejections: metrics::counter!("tower_lb_ejections_total", "backend" => backend.clone()),
                 up: metrics::gauge!("tower_lb_backend_up", "backend" => backend),
             }
         });
@@ -130,6 +134,14 @@ impl BackendStats {
     pub(crate) fn set_up(&self, up: bool) {
         if let Some(f) = self.facade.get() {
             f.up.set(if up { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// Passive health ejected the backend (off the request path).
+    pub(crate) fn ejected(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = self.facade.get() {
+            f.ejections.increment(1);
         }
     }
 
@@ -183,6 +195,7 @@ impl BackendStats {
             errors: load(&self.errors),
             buckets: self.buckets.each_ref().map(load),
             latency_sum: Duration::from_micros(load(&self.latency_micros)),
+            ejections: load(&self.ejections),
         }
     }
 }
@@ -206,6 +219,8 @@ pub struct BackendCounters {
     pub buckets: [u64; 14],
     /// The sum of those latencies.
     pub latency_sum: Duration,
+    /// Times passive health ejected the backend.
+    pub ejections: u64,
 }
 
 impl BackendCounters {

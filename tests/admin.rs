@@ -327,9 +327,20 @@ async fn admin_is_never_served_on_listen() {
 async fn the_page_shows_every_backend_in_a_browser() {
     let _turn = serial().await;
     let (a, b) = (Backend::start().await, Backend::start().await);
-    let proxy = proxy(admin_config(&[a.addr, b.addr], "")).await;
+    // Answers 500: ejected by passive health at its first failure.
+    let c = raw_backend(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n").await;
+    let proxy = proxy(admin_config(
+        &[a.addr, b.addr, c.addr],
+        r#""passive_health": {"consecutive_failures": 1, "ejection_time": 60, "max_ejection_percent": 100}"#,
+    ))
+    .await;
     b.set_healthy(false);
     wait_health(&proxy, &b, false).await;
+    let c_key: http::uri::Authority = c.addr.to_string().parse().unwrap();
+    for _ in 0..2 {
+        get(proxy.local_addr(), "/").await;
+    }
+    assert_eq!(proxy.backends().is_ejected(&c_key), Some(true));
     let admin = proxy.admin_addr().unwrap();
 
     let (code, page) = get(admin, "/").await;
@@ -366,10 +377,14 @@ async fn the_page_shows_every_backend_in_a_browser() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The rows are built by the page's script from /status: each backend with its state.
-    for (backend, state) in [(&a, "healthy"), (&b, "unhealthy")] {
+    for (addr, state) in [
+        (a.addr, "healthy"),
+        (b.addr, "unhealthy"),
+        (c.addr, "ejected"),
+    ] {
         let row_start = dom
-            .find(&format!(r#"<tr data-backend="{}">"#, backend.addr))
-            .unwrap_or_else(|| panic!("no row for {}: {dom}", backend.addr));
+            .find(&format!(r#"<tr data-backend="{addr}">"#))
+            .unwrap_or_else(|| panic!("no row for {addr}: {dom}"));
         let row = &dom[row_start..];
         let row = &row[..row.find("</tr>").unwrap()];
         assert!(
@@ -377,7 +392,7 @@ async fn the_page_shows_every_backend_in_a_browser() {
             "{row}"
         );
     }
-    assert!(dom.contains("1 of 2 backends taking traffic"), "{dom}");
+    assert!(dom.contains("1 of 3 backends taking traffic"), "{dom}");
     proxy.shutdown().await.unwrap();
 }
 

@@ -4,8 +4,9 @@
 //! The Prometheus text is rendered here from the counters the request path already keeps
 //! (see [`crate::stats`]) when a scrape comes, instead of through a recorder: a proxied
 //! request then costs the same whether or not anyone scrapes. The names are those of the
-//! contract, plus `tower_lb_backend_failures_total`. `tower_lb_ejections_total` is exported
-//! at 0 for every backend: passive health (outlier ejection) does not exist yet.
+//! contract, plus `tower_lb_backend_failures_total`. `tower_lb_backend_up` is 1 for a
+//! backend that takes traffic: healthy by its checks and not ejected by passive health;
+//! `/status` gives the two apart (`healthy`, `ejected`).
 //!
 //! # Examples
 //!
@@ -125,8 +126,8 @@ pub fn status(backends: &HttpBackends<Algorithm>) -> serde_json::Value {
                 "address": address.as_str(),
                 "weight": endpoint.weight(),
                 "protocol": "http1",
-                "healthy": endpoint.is_healthy(),
-                "ejected": false,
+                "healthy": endpoint.passes_health_checks(),
+                "ejected": endpoint.is_ejected(),
                 "in_flight": endpoint.in_flight(),
                 "requests": counters.requests(),
                 "failures": counters.failures(),
@@ -229,10 +230,10 @@ pub fn metrics(backends: &HttpBackends<Algorithm>) -> String {
         &mut text,
         "tower_lb_ejections_total",
         "counter",
-        "Outlier ejections of the backend (always 0: passive health is not implemented yet).",
+        "Times passive health ejected the backend.",
     );
-    for (b, _, _) in &rows {
-        let _ = writeln!(text, "{name}{{backend=\"{b}\"}} 0");
+    for (b, _, c) in &rows {
+        let _ = writeln!(text, "{name}{{backend=\"{b}\"}} {}", c.ejections);
     }
     let name = family(
         &mut text,

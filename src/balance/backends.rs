@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use arc_swap::ArcSwap;
 use tower::discover::{Change, Discover};
 
+use super::outlier::{self, Ejection, Hub, PassiveHealth};
 use crate::policy::{stable_hash, Endpoint, Load, Policy};
 use crate::stats::Outcome;
 
@@ -59,13 +60,17 @@ struct Writer<K, S, P> {
     healthy_on_insert: bool,
     /// Names backends in the `metrics` facade (see `label_metrics`).
     metrics_label: Option<fn(&K) -> String>,
+    /// Passive health, shared with every backend's `Load`.
+    hub: Arc<Hub>,
 }
 
 #[derive(Clone)]
 struct Member<K, S> {
     key: K,
     service: S,
+    /// As the policy sees it, but for ejection, which publishing adds from `ejection`.
     endpoint: Endpoint,
+    ejection: Ejection,
 }
 
 /// An immutable view of the backend set, as one request sees it.
@@ -161,11 +166,14 @@ impl<K: Hash + Eq, S, P> Update<'_, K, S, P> {
                     Endpoint::new(m.endpoint.id(), weight, healthy, m.endpoint.load().clone());
             }
             None => {
-                let endpoint = Endpoint::new(stable_hash(&key), weight, healthy, Arc::default());
+                let load = Arc::new(Load::default());
+                load.outlier.attach(&self.writer.hub);
+                let endpoint = Endpoint::new(stable_hash(&key), weight, healthy, load);
                 self.writer.members.push(Member {
                     key,
                     service,
                     endpoint,
+                    ejection: Ejection::default(),
                 });
             }
         }
@@ -182,7 +190,8 @@ impl<K: Hash + Eq, S, P> Update<'_, K, S, P> {
         }
     }
 
-    /// Sets whether a backend may take new requests; returns whether it was present.
+    /// Sets whether a backend is healthy (its active health state; an ejected backend stays
+    /// ejected); returns whether it was present.
     pub fn set_healthy(&mut self, key: &K, healthy: bool) -> bool {
         self.modify(key, |e| {
             Endpoint::new(e.id(), e.weight(), healthy, e.load().clone())
@@ -192,7 +201,7 @@ impl<K: Hash + Eq, S, P> Update<'_, K, S, P> {
     /// Sets a backend's weight (at least 1); returns whether it was present.
     pub fn set_weight(&mut self, key: &K, weight: u32) -> bool {
         self.modify(key, |e| {
-            Endpoint::new(e.id(), weight, e.is_healthy(), e.load().clone())
+            Endpoint::new(e.id(), weight, e.passes_health_checks(), e.load().clone())
         })
     }
 
@@ -237,6 +246,7 @@ where
             policy: policy.clone(),
             healthy_on_insert: true,
             metrics_label: None,
+            hub: Arc::new(Hub::new()),
         };
         let snapshot = Snapshot {
             members: Box::default(),
@@ -295,16 +305,23 @@ where
     }
 
     fn publish(&self, writer: &Writer<K, S, P>) {
+        let endpoints: Box<[Endpoint]> = writer
+            .members
+            .iter()
+            .map(|m| {
+                let mut endpoint = m.endpoint.clone();
+                endpoint.set_ejected(m.ejection.ejected);
+                endpoint
+            })
+            .collect();
         if let Some(label) = writer.metrics_label {
-            for m in &writer.members {
-                let stats = &m.endpoint.load().stats;
+            for (m, endpoint) in writer.members.iter().zip(endpoints.iter()) {
+                let stats = &endpoint.load().stats;
                 stats.register(|| label(&m.key));
-                stats.set_up(m.endpoint.is_healthy());
+                stats.set_up(endpoint.is_healthy());
             }
         }
         let previous = self.shared.snapshot.load();
-        let endpoints: Box<[Endpoint]> =
-            writer.members.iter().map(|m| m.endpoint.clone()).collect();
         let same_policy = Arc::ptr_eq(&previous.policy, &writer.policy);
         let table = writer
             .policy
@@ -380,8 +397,8 @@ where
         self.update(|u| u.remove(key))
     }
 
-    /// Sets whether a backend may take new requests; returns whether it was present.
-    /// Nothing is published when the state does not change.
+    /// Sets whether a backend is healthy (its active health state, apart from ejection);
+    /// returns whether it was present. Nothing is published when the state does not change.
     pub fn set_healthy(&self, key: &K, healthy: bool) -> bool {
         if self.is_healthy(key) == Some(healthy) {
             return true;
@@ -416,9 +433,15 @@ where
         self.with_snapshot(|s| s.pick(key).map(|i| s.members[i].0.clone()))
     }
 
-    /// Whether a backend is healthy, or `None` if it is not in the set.
+    /// Whether a backend is healthy (its active health state, ejected or not), or `None` if
+    /// it is not in the set.
     pub fn is_healthy(&self, key: &K) -> Option<bool> {
-        self.find(key, Endpoint::is_healthy)
+        self.find(key, Endpoint::passes_health_checks)
+    }
+
+    /// Whether passive health has ejected a backend, or `None` if it is not in the set.
+    pub fn is_ejected(&self, key: &K) -> Option<bool> {
+        self.find(key, Endpoint::is_ejected)
     }
 
     /// Requests in flight on a backend in the set, or `None` if it is not in the set.
@@ -463,6 +486,112 @@ where
             }
         }
         Ok(())
+    }
+}
+
+impl<K, S, P> Backends<K, S, P>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    S: Clone + Send + Sync + 'static,
+    P: Policy,
+{
+    /// Puts passive health (outlier ejection, see [`outlier`](super::outlier)) in force
+    /// with `settings`, for the requests that end from now on; off in a new set. Every
+    /// backend's failure count starts again at zero. Turning it off
+    /// ([`PassiveHealth::off`]) ends every ejection at once; other changes apply from the
+    /// next ejection.
+    ///
+    /// An ejection ends on a timer: a task on the tokio runtime of the request that caused
+    /// it, or a thread outside a runtime. That timer holds the set weakly, hence the
+    /// `Send + Sync` keys and services (`tower::util::BoxCloneSyncService` rather than
+    /// `BoxCloneService`).
+    pub fn passive_health(&self, settings: PassiveHealth) -> &Self {
+        let mut writer = self.lock();
+        let on = settings.is_on();
+        let set = self.downgrade();
+        writer.hub.configure(settings, || {
+            Box::new(move |load: &Arc<Load>| {
+                if let Some(set) = set.upgrade() {
+                    set.eject(load);
+                }
+            })
+        });
+        let now = tokio::time::Instant::now();
+        let mut returned = false;
+        for m in &mut writer.members {
+            m.endpoint.load().outlier.reset();
+            if !on && m.ejection.ejected {
+                m.ejection.end(now);
+                returned = true;
+            }
+        }
+        if returned {
+            self.publish(&writer);
+        }
+        self
+    }
+
+    /// Ejects the backend of `load`, whose failures in a row reached the threshold, unless
+    /// it is ejected already or as many backends as allowed are.
+    fn eject(&self, load: &Arc<Load>) {
+        let mut writer = self.lock();
+        // Counted again from zero, ejected or not: no lock per failure while refused.
+        load.outlier.reset();
+        let settings = writer.hub.settings().clone();
+        if !settings.is_on() {
+            return;
+        }
+        let cap = settings.cap(writer.members.len());
+        let ejected = writer.members.iter().filter(|m| m.ejection.ejected).count();
+        let label = writer.metrics_label;
+        let Some(m) = writer
+            .members
+            .iter_mut()
+            .find(|m| Arc::ptr_eq(m.endpoint.load(), load))
+        else {
+            return;
+        };
+        if m.ejection.ejected {
+            return;
+        }
+        let name = label.map(|l| l(&m.key)).unwrap_or_default();
+        if ejected >= cap {
+            tracing::debug!(backend = %name, ejected, "not ejected: as many backends as allowed are");
+            return;
+        }
+        let duration = m.ejection.start(&settings, tokio::time::Instant::now());
+        let (generation, in_a_row) = (m.ejection.generation, m.ejection.in_a_row);
+        tracing::warn!(backend = %name, ?duration, in_a_row, "backend ejected: failed requests in a row");
+        load.stats.ejected();
+        self.publish(&writer);
+        drop(writer);
+        let (set, load) = (self.downgrade(), Arc::downgrade(load));
+        outlier::after(duration, move || {
+            if let (Some(set), Some(load)) = (set.upgrade(), load.upgrade()) {
+                set.end_ejection(&load, generation);
+            }
+        });
+    }
+
+    /// Ends the ejection `generation` of the backend of `load`, if it still lasts.
+    fn end_ejection(&self, load: &Arc<Load>, generation: u64) {
+        let mut writer = self.lock();
+        let label = writer.metrics_label;
+        let Some(m) = writer
+            .members
+            .iter_mut()
+            .find(|m| Arc::ptr_eq(m.endpoint.load(), load))
+        else {
+            return;
+        };
+        if !m.ejection.ejected || m.ejection.generation != generation {
+            return;
+        }
+        m.ejection.end(tokio::time::Instant::now());
+        load.outlier.reset();
+        let name = label.map(|l| l(&m.key)).unwrap_or_default();
+        tracing::info!(backend = %name, "backend back from ejection");
+        self.publish(&writer);
     }
 }
 
@@ -513,6 +642,8 @@ pub struct InFlight {
     // The backend's counters (crate::stats): when the request started and how it ended.
     start: std::time::Instant,
     outcome: Outcome,
+    // For passive health, without a status: `Some(true)` failed, `Some(false)` answered.
+    verdict: Option<bool>,
 }
 
 impl InFlight {
@@ -523,6 +654,7 @@ impl InFlight {
             load: load.clone(),
             start: std::time::Instant::now(),
             outcome: Outcome::Pending,
+            verdict: None,
         }
     }
 
@@ -533,10 +665,19 @@ impl InFlight {
         self.outcome = Outcome::Status(status);
     }
 
-    /// Records that the backend failed the request (no connection, no response).
+    /// Records that the backend failed the request with `error` (no connection, no
+    /// response); passive health classifies the error now.
     #[inline]
-    pub(crate) fn fail(&mut self) {
+    pub(crate) fn fail(&mut self, error: &(dyn std::error::Error + Send + Sync + 'static)) {
         self.outcome = Outcome::Failed;
+        self.verdict = self.load.outlier.classify_error(error);
+    }
+
+    /// Records that the backend answered (a success for passive health, unless
+    /// [`respond`](Self::respond) gives a status to classify).
+    #[inline]
+    pub(crate) fn answered(&mut self) {
+        self.verdict = Some(false);
     }
 }
 
@@ -544,6 +685,11 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.load.decr();
         self.load.stats.ended(self.outcome, self.start.elapsed());
+        let status = match self.outcome {
+            Outcome::Status(status) => Some(status),
+            _ => None,
+        };
+        outlier::record(&self.load, status, self.verdict);
     }
 }
 

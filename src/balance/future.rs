@@ -199,10 +199,10 @@ where
                         }
                     }
                     Err(error) => {
+                        let error: BoxError = error.into();
                         if let Some(mut guard) = this.guard.take() {
-                            guard.fail();
+                            guard.fail(&*error);
                         }
-                        let error = error.into();
                         let request = request.take().expect("polled after completion");
                         match this.retry.as_mut().and_then(Retry::next) {
                             Some((service, guard)) => {
@@ -221,23 +221,30 @@ where
                     let result = ready!(call.poll(cx));
                     // The request ends here unless the response carries the guard on.
                     let mut guard = this.guard.take().expect("polled after completion");
-                    let error = match result {
+                    let error: BoxError = match result {
                         Ok(response) => {
+                            guard.answered();
                             return Poll::Ready(Ok(this
                                 .completion
-                                .track_completion(guard, response)))
+                                .track_completion(guard, response)));
                         }
                         Err(error) => error.into(),
                     };
-                    guard.fail();
-                    drop(guard);
                     // A backend that gives the request back never acted on it: on to
-                    // another backend, from the set as it is now.
-                    let unsent = match error.downcast::<Unsent<Req>>() {
-                        Ok(unsent) => unsent,
-                        Err(error) => return Poll::Ready(Err(error)),
+                    // another backend, from the set as it is now. It failed it all the
+                    // same, for passive health (with the error inside).
+                    let (request, error) = match error.downcast::<Unsent<Req>>() {
+                        Ok(unsent) => {
+                            let (request, error) = unsent.into_parts();
+                            (Some(request), error)
+                        }
+                        Err(error) => (None, error),
                     };
-                    let (request, error) = unsent.into_parts();
+                    guard.fail(&*error);
+                    drop(guard);
+                    let Some(request) = request else {
+                        return Poll::Ready(Err(error));
+                    };
                     match this.retry.as_mut().and_then(Retry::next) {
                         Some((service, guard)) => {
                             tracing::debug!(%error, "backend gave the request back; trying another");

@@ -16,7 +16,9 @@
 //! The set follows a [`tower::discover::Discover`] stream ([`Backends::discover`]), a static
 //! list ([`Backends::from_services`], [`BalanceLayer`]) or explicit calls
 //! ([`Backends::update`]). Health is a per-backend flag that health checks set
-//! ([`Backends::set_healthy`]); only healthy backends are picked.
+//! ([`Backends::set_healthy`]); only healthy backends are picked. Passive health
+//! ([`outlier`], [`Backends::passive_health`]) ejects backends that fail requests in a row
+//! for a while, apart from that flag.
 //!
 //! # Examples
 //!
@@ -52,6 +54,7 @@ pub mod error;
 pub mod future;
 mod key;
 mod layer;
+pub mod outlier;
 mod retry;
 mod service;
 
@@ -59,5 +62,6 @@ pub(crate) use self::backends::WeakBackends;
 pub use self::backends::{Backends, Drain, InFlight, Snapshot, Update};
 pub use self::key::{NoKey, RequestKey};
 pub use self::layer::{BalanceLayer, MakeBackend};
+pub use self::outlier::PassiveHealth;
 pub use self::retry::Retries;
 pub use self::service::Balance;

@@ -161,9 +161,9 @@ where
                     ResponseFuture::sent(service.call(request), guard, retry, completion)
                 }
                 Poll::Ready(Err(error)) => {
-                    guard.fail();
-                    drop(guard);
                     let error: BoxError = error.into();
+                    guard.fail(&*error);
+                    drop(guard);
                     let mut retry = Retry::new(&self.backends, &self.retries, left, key, id);
                     match retry.as_mut().and_then(|r| r.next_in(snapshot)) {
                         Some((service, guard)) => {

@@ -608,7 +608,7 @@ where
                 }
             }
             let healthy = self.check.is_healthy(key).unwrap_or(false);
-            if endpoint.is_healthy() != healthy {
+            if endpoint.passes_health_checks() != healthy {
                 fixes.push((key.clone(), healthy));
             }
         }

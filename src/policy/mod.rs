@@ -122,6 +122,8 @@ pub struct Endpoint {
     id: u64,
     weight: u32,
     healthy: bool,
+    /// Ejected by passive health (see [`crate::balance::outlier`]).
+    ejected: bool,
     load: Arc<Load>,
 }
 
@@ -131,6 +133,7 @@ impl Endpoint {
             id,
             weight: weight.max(1),
             healthy,
+            ejected: false,
             load,
         }
     }
@@ -146,9 +149,27 @@ impl Endpoint {
         self.weight
     }
 
-    /// Whether the backend may take new requests.
+    /// Whether the backend may take new requests: healthy by its health checks and not
+    /// ejected by passive health. Policies pick only such backends.
+    #[inline]
     pub fn is_healthy(&self) -> bool {
+        self.healthy && !self.ejected
+    }
+
+    /// The active health state alone, as health checks (or
+    /// [`Backends::set_healthy`](crate::Backends::set_healthy)) set it, ejected or not.
+    pub fn passes_health_checks(&self) -> bool {
         self.healthy
+    }
+
+    /// Whether passive health has ejected the backend for a while
+    /// (see [`crate::balance::outlier`]).
+    pub fn is_ejected(&self) -> bool {
+        self.ejected
+    }
+
+    pub(crate) fn set_ejected(&mut self, ejected: bool) {
+        self.ejected = ejected;
     }
 
     /// Requests picked for this backend that have not finished yet.
@@ -173,6 +194,7 @@ impl fmt::Debug for Endpoint {
             .field("id", &format_args!("{:#018x}", self.id))
             .field("weight", &self.weight)
             .field("healthy", &self.healthy)
+            .field("ejected", &self.ejected)
             .field("in_flight", &self.in_flight())
             .finish()
     }
@@ -183,6 +205,7 @@ impl fmt::Debug for Endpoint {
 pub(crate) struct Load {
     in_flight: AtomicUsize,
     pub(crate) stats: BackendStats,
+    pub(crate) outlier: crate::balance::outlier::Tracker,
 }
 
 impl Load {
@@ -204,7 +227,7 @@ pub(crate) fn healthy_indices(endpoints: &[Endpoint]) -> Vec<u32> {
     endpoints
         .iter()
         .enumerate()
-        .filter(|(_, e)| e.healthy)
+        .filter(|(_, e)| e.is_healthy())
         .map(|(i, _)| i as u32)
         .collect()
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery};
 
 use super::{balancer, Client, ClientIpKey, ErrorResponses, HttpBackends, HttpBalance};
-use crate::balance::{MakeBackend, Retries};
+use crate::balance::{MakeBackend, PassiveHealth, Retries};
 use crate::health::{self, HealthCheck, HttpProbe};
 use crate::policy::{Policy, RoundRobin};
 use crate::Backends;
@@ -24,6 +24,7 @@ use crate::Backends;
 /// | [`healthy_threshold`](Self::healthy_threshold), [`unhealthy_threshold`](Self::unhealthy_threshold) | 1, 1 |
 /// | [`connect_timeout`](Self::connect_timeout), [`response_timeout`](Self::response_timeout) | 2 s, 30 s |
 /// | [`retries`](Self::retries), [`retry_budget`](Self::retry_budget) | 1, 20 percent (see [`Retries`]) |
+/// | [`passive_health`](Self::passive_health) (outlier ejection) | off |
 ///
 /// [`build`](Self::build) (or [`build_backends`](Self::build_backends)) must be called
 /// within a tokio runtime: it spawns the health checks on it
@@ -95,6 +96,7 @@ pub struct Builder<P = RoundRobin, E = ClientIpKey> {
     health: Option<(String, health::Settings)>,
     /// Retries and the budget in percent.
     retries: (u32, f64),
+    passive: PassiveHealth,
 }
 
 impl Builder {
@@ -106,6 +108,7 @@ impl Builder {
             client: Client::new(),
             health: Some(("/health".to_owned(), health::Settings::default())),
             retries: (1, 20.0),
+            passive: PassiveHealth::off(),
         }
     }
 }
@@ -125,6 +128,7 @@ impl<P, E> Builder<P, E> {
             client: self.client,
             health: self.health,
             retries: self.retries,
+            passive: self.passive,
         }
     }
 
@@ -138,6 +142,7 @@ impl<P, E> Builder<P, E> {
             client: self.client,
             health: self.health,
             retries: self.retries,
+            passive: self.passive,
         }
     }
 
@@ -178,6 +183,15 @@ impl<P, E> Builder<P, E> {
     pub fn health_check(mut self, path: impl Into<String>) -> Self {
         let settings = self.health_settings_or_default();
         self.health = Some((path.into(), settings));
+        self
+    }
+
+    /// Ejects backends that fail requests in a row, for a while (see
+    /// [`balance::outlier`](crate::balance::outlier)): for instance
+    /// `PassiveHealth::default()`, the standalone proxy's 5 failures, 10 s, 50 %. Off by
+    /// default.
+    pub fn passive_health(mut self, settings: PassiveHealth) -> Self {
+        self.passive = settings;
         self
     }
 
@@ -237,6 +251,7 @@ impl<P: Policy, E> Builder<P, E> {
         addresses: impl IntoIterator<Item = Authority>,
     ) -> Result<HttpBalance<P, E>, BuildError> {
         let backends = checked(self.policy, &self.client, self.health, addresses)?;
+        backends.passive_health(self.passive);
         let (retries, percent) = self.retries;
         let retries = Retries::new(retries).budget(percent);
         let balance = balancer(backends, self.key).into_inner();
@@ -249,7 +264,9 @@ impl<P: Policy, E> Builder<P, E> {
         self,
         addresses: impl IntoIterator<Item = Authority>,
     ) -> Result<HttpBackends<P>, BuildError> {
-        checked(self.policy, &self.client, self.health, addresses)
+        let backends = checked(self.policy, &self.client, self.health, addresses)?;
+        backends.passive_health(self.passive);
+        Ok(backends)
     }
 }
 
@@ -294,6 +311,7 @@ impl<P: fmt::Debug, E: fmt::Debug> fmt::Debug for Builder<P, E> {
             .field("client", &self.client)
             .field("health", &self.health)
             .field("retries", &self.retries)
+            .field("passive_health", &self.passive)
             .finish()
     }
 }

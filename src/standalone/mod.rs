@@ -79,6 +79,7 @@ impl Proxy {
         let client = client(&config);
         let backends: HttpBackends<Algorithm> = Backends::new(config.algorithm.clone());
         backends.label_metrics(Authority::to_string);
+        backends.passive_health(config.passive_health.into());
         // The checks follow the set: every backend that joins it, configured or resolved, is
         // probed and takes traffic from its first pass; one that leaves is no longer probed.
         let probe = HttpProbe::new(config.health_check_url.clone());
@@ -264,6 +265,9 @@ impl Proxy {
         if diff.health {
             self.probe.set_path(next.health_check_url.clone());
             self.health.set_settings(next.health);
+        }
+        if diff.passive_health {
+            self.backends.passive_health(next.passive_health.into());
         }
 
         // Demo backends of removed servers (or all, with spawn_backends off) stop once the
