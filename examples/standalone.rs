@@ -142,6 +142,7 @@ async fn run(path: PathBuf, config: Config) -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
+    let stop = shutdown_signal();
     let listen = config.listen;
     let mut proxy = match Proxy::start(config).await {
         Ok(proxy) => proxy,
@@ -153,7 +154,6 @@ async fn run(path: PathBuf, config: Config) -> ExitCode {
     tracing::info!("listening on http://{}", proxy.local_addr());
 
     let mut edits = config::watch(&path, Duration::from_millis(500));
-    let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -180,24 +180,33 @@ async fn run(path: PathBuf, config: Config) -> ExitCode {
     }
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Ctrl-C or SIGTERM. The handlers are installed when this is called, not when the future
+/// is first polled: a signal that comes right after the "listening" line must not kill the
+/// process with the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let handlers = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        async move {
+            match handlers {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
