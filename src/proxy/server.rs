@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -15,12 +16,12 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tower::ServiceExt;
 use tower_service::Service;
 
 use super::access::{self, LoggedBody};
-use super::framing::FramingGuard;
+use super::framing::{FramingGuard, Verdict};
 use super::ClientAddr;
 use crate::BoxError;
 
@@ -99,14 +100,9 @@ impl Server {
         B::Error: Into<BoxError>,
     {
         let graceful = GracefulShutdown::new();
-        let mut http = hyper::server::conn::http1::Builder::new();
-        // One buffer for head and body instead of a queue of buffers for writev: most
-        // proxied responses are small, and the queue cost about 360 instructions per
-        // request (callgrind); an 8 MiB download costs the same CPU either way.
-        http.timer(TokioTimer::new())
-            .writev(false)
-            .header_read_timeout(self.header_read_timeout)
-            .max_header_size(self.max_header_bytes);
+        let builders = Arc::new(self.builders());
+        // Ends the wait for a new connection's first bytes when the server stops.
+        let (stopping, _) = tokio::sync::watch::channel(());
         let observed = self.observed;
         tokio::pin!(shutdown);
         loop {
@@ -124,44 +120,28 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let (stream, verdict) = FramingGuard::new(stream);
             let service = service.clone();
-            let requests = AtomicU64::new(0);
-            let hyper_service = hyper::service::service_fn(
-                move |mut request: Request<Incoming>| {
-                    let index = requests.fetch_add(1, Ordering::Relaxed);
-                    // Off by default: then one check of a cached interest, nothing more.
-                    let entry =
-                        (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
-                    request.extensions_mut().insert(ClientAddr(peer));
-                    let call =
-                        (!verdict.refuses(index)).then(|| call_now(service.clone(), request));
-                    async move {
-                        let response = match call {
-                            Some(call) => call.await.map(|r| r.map(Either::Left)),
-                            None => {
-                                tracing::debug!(%peer, "refused a request with both Content-Length and Transfer-Encoding");
-                                if observed {
-                                    crate::stats::local_response(400);
-                                }
-                                Ok(ambiguous_framing())
-                            }
-                        };
-                        response.map(|response| {
-                            let entry = entry.map(|mut entry| {
-                                entry.respond(&response);
-                                entry
-                            });
-                            response.map(|body| LoggedBody::new(body, entry))
-                        })
-                    }
-                },
-            );
-            let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
-            let conn = graceful.watch(conn);
+            let (builders, watcher) = (builders.clone(), graceful.watcher());
+            let mut stopping = stopping.subscribe();
+            let header_read_timeout = self.header_read_timeout;
             let open = observed.then(crate::stats::ClientConnection::open);
             tokio::spawn(async move {
-                if let Err(error) = conn.await {
+                // HTTP/2 with prior knowledge opens with its preface; anything else is
+                // HTTP/1. A client that sends nothing is dropped as HTTP/1 would drop it.
+                let sniffed = tokio::select! {
+                    sniffed = tokio::time::timeout(header_read_timeout, is_http2(&stream)) => sniffed,
+                    _ = stopping.changed() => return,
+                };
+                let Ok(http2) = sniffed else { return };
+                let result = if http2 {
+                    serve_http2(&builders, stream, service, peer, observed, watcher).await
+                } else {
+                    let (stream, verdict) = FramingGuard::new(stream);
+                    let hyper_service = connection_service(service, peer, observed, Some(verdict));
+                    let conn = builders.http1.serve_connection(TokioIo::new(stream), hyper_service);
+                    watcher.watch(conn).await
+                };
+                if let Err(error) = result {
                     // hyper answered a malformed request itself.
                     if open.is_some() && error.is_parse_too_large() {
                         crate::stats::local_response(431);
@@ -174,9 +154,164 @@ impl Server {
             });
         }
         drop(listener);
+        drop(stopping);
         graceful.shutdown().await;
         Ok(())
     }
+}
+
+/// The connection builders of a [`Server`], shared by its connections.
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    #[cfg(feature = "http2")]
+    http2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+}
+
+impl Server {
+    fn builders(&self) -> Builders {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        // One buffer for head and body instead of a queue of buffers for writev: most
+        // proxied responses are small, and the queue cost about 360 instructions per
+        // request (callgrind); an 8 MiB download costs the same CPU either way.
+        http1
+            .timer(TokioTimer::new())
+            .writev(false)
+            .header_read_timeout(self.header_read_timeout)
+            .max_header_size(self.max_header_bytes);
+        #[cfg(feature = "http2")]
+        let http2 = {
+            let mut http2 =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+            // A head over the limit is answered `431` by h2 itself.
+            http2
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
+            http2
+        };
+        Builders {
+            http1,
+            #[cfg(feature = "http2")]
+            http2,
+        }
+    }
+}
+
+/// The connection preface of HTTP/2 with prior knowledge (RFC 9113 §3.4) begins so; no
+/// HTTP/1 request does (`PRI` is no method hyper takes).
+const PREFACE_START: &[u8] = b"PRI ";
+
+/// Whether the client opened with the HTTP/2 preface, looked at without reading it.
+async fn is_http2(stream: &TcpStream) -> bool {
+    if !cfg!(feature = "http2") {
+        return false;
+    }
+    let mut start = [0u8; PREFACE_START.len()];
+    loop {
+        let n = match stream.peek(&mut start).await {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if n == 0 || start[..n] != PREFACE_START[..n] {
+            return false;
+        }
+        if n == start.len() {
+            return true;
+        }
+        // A few bytes of what may be the preface: a peek returns them again at once, so
+        // wait a little for the rest (clients send the preface in one write; this is rare).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(feature = "http2")]
+async fn serve_http2<S, B>(
+    builders: &Builders,
+    stream: TcpStream,
+    service: S,
+    peer: SocketAddr,
+    observed: bool,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> hyper::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    // HTTP/2 frames its messages itself: no FramingGuard.
+    let hyper_service = connection_service(service, peer, observed, None);
+    let conn = builders
+        .http2
+        .serve_connection(TokioIo::new(stream), hyper_service);
+    watcher.watch(conn).await
+}
+
+#[cfg(not(feature = "http2"))]
+async fn serve_http2<S>(
+    _: &Builders,
+    _: TcpStream,
+    _: S,
+    _: SocketAddr,
+    _: bool,
+    _: hyper_util::server::graceful::Watcher,
+) -> hyper::Result<()> {
+    Ok(())
+}
+
+/// The hyper service of one client connection: every request carries the connection's
+/// [`ClientAddr`], goes to the access log, and (HTTP/1) is refused with `400` from the first
+/// one whose framing `verdict` found ambiguous.
+fn connection_service<S, B>(
+    service: S,
+    peer: SocketAddr,
+    observed: bool,
+    verdict: Option<Verdict>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<LoggedBody<Either<B, Full<Bytes>>>>,
+    Error = Infallible,
+    Future: Send + 'static,
+>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let requests = AtomicU64::new(0);
+    hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let index = requests.fetch_add(1, Ordering::Relaxed);
+        // Off by default: then one check of a cached interest, nothing more.
+        let entry = (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
+        request.extensions_mut().insert(ClientAddr(peer));
+        let refused = verdict.as_ref().is_some_and(|v| v.refuses(index));
+        let call = (!refused).then(|| call_now(service.clone(), request));
+        async move {
+            let response = match call {
+                Some(call) => call.await.map(|r| r.map(Either::Left)),
+                None => {
+                    tracing::debug!(%peer, "refused a request with both Content-Length and Transfer-Encoding");
+                    if observed {
+                        crate::stats::local_response(400);
+                    }
+                    Ok(ambiguous_framing())
+                }
+            };
+            response.map(|response| {
+                let entry = entry.map(|mut entry| {
+                    entry.respond(&response);
+                    entry
+                });
+                response.map(|body| LoggedBody::new(body, entry))
+            })
+        }
+    })
 }
 
 /// Calls `service` at once when it is ready (a balancer always is), else once it is.
