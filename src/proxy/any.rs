@@ -126,11 +126,15 @@ where
     #[inline]
     fn call(&mut self, request: Request<B>) -> Self::Future {
         match self {
-            AnyBackend::Http1(b) => AnyResponseFuture::Http1 {
-                future: b.call(request),
+            AnyBackend::Http1(b) => AnyResponseFuture {
+                inner: Inner::Http1 {
+                    future: b.call(request),
+                },
             },
-            AnyBackend::Http2(b) => AnyResponseFuture::Http2 {
-                future: b.call(request),
+            AnyBackend::Http2(b) => AnyResponseFuture {
+                inner: Inner::Http2 {
+                    future: b.call(request),
+                },
             },
         }
     }
@@ -138,21 +142,19 @@ where
 
 pin_project! {
     /// Response future of [`AnyBackend`].
-    #[project = AnyProj]
     #[derive(Debug)]
-    pub enum AnyResponseFuture<B> {
-        /// HTTP/1.1.
-        Http1 {
-            /// The backend's future.
-            #[pin]
-            future: ResponseFuture<B>,
-        },
-        /// HTTP/2.
-        Http2 {
-            /// The backend's future.
-            #[pin]
-            future: Http2ResponseFuture,
-        },
+    pub struct AnyResponseFuture<B> {
+        #[pin]
+        inner: Inner<B>,
+    }
+}
+
+pin_project! {
+    #[project = InnerProj]
+    #[derive(Debug)]
+    enum Inner<B> {
+        Http1 { #[pin] future: ResponseFuture<B> },
+        Http2 { #[pin] future: Http2ResponseFuture },
     }
 }
 
@@ -161,9 +163,9 @@ impl<B> Future for AnyResponseFuture<B> {
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            AnyProj::Http1 { future } => future.poll(cx).map_ok(|r| r.map(Either::Left)),
-            AnyProj::Http2 { future } => future.poll(cx).map_ok(|r| r.map(Either::Right)),
+        match self.project().inner.project() {
+            InnerProj::Http1 { future } => future.poll(cx).map_ok(|r| r.map(Either::Left)),
+            InnerProj::Http2 { future } => future.poll(cx).map_ok(|r| r.map(Either::Right)),
         }
     }
 }

@@ -374,8 +374,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let State::Ready(generation, conn) = std::mem::replace(&mut self.state, State::Idle)
-        else {
+        let State::Ready(generation, conn) = std::mem::replace(&mut self.state, State::Idle) else {
             return Http2ResponseFuture::new(async {
                 Err(BoxError::from("Http2Backend::call before poll_ready"))
             });
@@ -550,7 +549,12 @@ impl Again {
     fn idempotent(&self) -> bool {
         matches!(
             self.method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
         )
     }
 

@@ -87,7 +87,9 @@ pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy,
 pub use self::h2::{Http2Backend, Http2Client};
 pub use self::hash_key::{CookieKey, HashKey, HeaderKey, InvalidHashKey, PathKey};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
-pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
+pub use self::respond::{
+    error_response, grpc_error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody,
+};
 pub use self::server::{bind, serve, Server};
 pub use self::upstream::UpstreamBody;
 

@@ -138,7 +138,9 @@ impl Server {
                 } else {
                     let (stream, verdict) = FramingGuard::new(stream);
                     let hyper_service = connection_service(service, peer, observed, Some(verdict));
-                    let conn = builders.http1.serve_connection(TokioIo::new(stream), hyper_service);
+                    let conn = builders
+                        .http1
+                        .serve_connection(TokioIo::new(stream), hyper_service);
                     watcher.watch(conn).await
                 };
                 if let Err(error) = result {
