@@ -208,7 +208,11 @@ async fn is_http2(stream: &TcpStream) -> bool {
         return false;
     }
     let mut start = [0u8; PREFACE_START.len()];
-    loop {
+    // Clients send the preface in one write. A first segment of a byte or three that may
+    // begin it (`P`, `PR`, `PRI`) is rare: a peek returns it again at once, and cannot
+    // tell whether more is coming or the client has closed, so look again for up to
+    // 100 ms, then leave it to HTTP/1 (which answers or closes as for any short request).
+    for _ in 0..20 {
         let n = match stream.peek(&mut start).await {
             Ok(n) => n,
             Err(_) => return false,
@@ -219,10 +223,9 @@ async fn is_http2(stream: &TcpStream) -> bool {
         if n == start.len() {
             return true;
         }
-        // A few bytes of what may be the preface: a peek returns them again at once, so
-        // wait a little for the rest (clients send the preface in one write; this is rare).
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    false
 }
 
 #[cfg(feature = "http2")]
@@ -390,8 +393,39 @@ where
 #[cfg(test)]
 mod tests {
     use futures::FutureExt;
+    use tokio::io::AsyncWriteExt;
 
-    use super::call_now;
+    use super::{call_now, is_http2};
+
+    /// What `is_http2` says of a connection whose client sent `bytes` (then closed, with
+    /// `close`).
+    async fn sniff(bytes: &[u8], close: bool) -> bool {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.write_all(bytes).await.unwrap();
+        if close {
+            client.shutdown().await.unwrap();
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(2), is_http2(&server))
+            .await
+            .expect("decided within 2 s")
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_is_told_from_http1() {
+        assert_eq!(
+            sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", false).await,
+            cfg!(feature = "http2")
+        );
+        assert!(!sniff(b"GET / HTTP/1.1\r\n", false).await);
+        assert!(!sniff(b"PUT / HTTP/1.1\r\n", false).await);
+        // A byte that may begin the preface, then the end: HTTP/1 answers or closes.
+        assert!(!sniff(b"P", true).await);
+        assert!(!sniff(b"", true).await);
+    }
 
     #[tokio::test]
     async fn a_ready_service_is_called_before_the_future_is_polled() {
