@@ -183,6 +183,11 @@ taskset -pc 1 $$ >/dev/null
 for p in 9101 9102 9103 8090; do
   listening "$p" && { echo "port $p already in use; stop whatever listens there" >&2; exit 1; }
 done
+# results mean something only on an otherwise idle machine: warn if it is not
+read -r t0 i0 < <(cpu0); sleep 1; read -r t1 i1 < <(cpu0)
+if [ $((t1 - t0)) -gt 0 ] && [ $(( 100 * (t1 - t0 - (i1 - i0)) / (t1 - t0) )) -gt 5 ]; then
+  echo "WARNING: CPU 0 is $(( 100 * (t1 - t0 - (i1 - i0)) / (t1 - t0) ))% busy before the start: results are suspect" >&2
+fi
 { echo "date: $(date -Is)"; uname -r; nginx -v 2>&1; h2load --version | head -1
   echo "duration=$DURATION rounds=$ROUNDS warmup=$WARMUP loads=${LOADS[*]}"
   echo "proxy_cmd=$PROXY_CMD"; } >"$RES/env.txt"
