@@ -373,3 +373,33 @@ async fn a_refused_stream_is_sent_to_another_backend() {
     task.abort();
     proxy.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_request_head_over_the_limit_never_reaches_the_backend_over_http2() {
+    let backend = Backend::start().await;
+    let proxy = proxy(config(&[backend.addr], "")).await;
+    let client = H2Client::connect(proxy.local_addr()).await;
+    let big = "x".repeat(70 * 1024);
+    let request = Request::get("http://app.example/")
+        .header("x-big", big.as_str())
+        .body(empty())
+        .unwrap();
+    match within(client.send(request)).await {
+        // h2 answers a head over SETTINGS_MAX_HEADER_LIST_SIZE with 431 itself...
+        Ok(response) => assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        ),
+        // ...or the client, told the limit in the server's SETTINGS, does not send it.
+        Err(error) => eprintln!("the client refused to send it: {error:?}"),
+    }
+    assert_eq!(backend.hits(), 0);
+    // The connection serves on (`get` fails the test if it was closed). The status is the
+    // backend's, unless a 0.1 s health probe timed out on a loaded machine meanwhile.
+    let (status, _) = within(client.get("http://app.example/")).await;
+    assert!(
+        matches!(status, StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE),
+        "{status}"
+    );
+    proxy.shutdown().await.unwrap();
+}

@@ -665,7 +665,8 @@ pub fn tempdir() -> std::path::PathBuf {
     dir
 }
 
-/// Like [`config`], with every server speaking `protocol` (`"http1"` or `"http2"`).
+/// Like [`config`], with every server speaking `protocol` (`"http1"` or `"http2"`), and
+/// probes given 0.25 s (HTTP/2 probes open a connection and a handshake each).
 pub fn config_with_protocol(backends: &[SocketAddr], protocol: &str, extra: &str) -> Config {
     let servers: Vec<String> = backends
         .iter()
@@ -678,7 +679,7 @@ pub fn config_with_protocol(backends: &[SocketAddr], protocol: &str, extra: &str
         .collect();
     let json = format!(
         r#"{{"listen": "127.0.0.1:0", "servers": [{}], "spawn_backends": false,
-            "health_check_interval": 0.2, "health_check_timeout": 0.1{}{}}}"#,
+            "health_check_interval": 0.3, "health_check_timeout": 0.25{}{}}}"#,
         servers.join(", "),
         if extra.is_empty() { "" } else { ", " },
         extra
