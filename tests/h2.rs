@@ -231,6 +231,9 @@ async fn an_http1_client_reaches_an_http2_backend_and_back() {
     assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert!(!seen.headers.contains_key("x-secret"));
     assert!(!seen.headers.contains_key("host"));
+    // `/status` names the protocol.
+    let status = tower_lb::admin::status(proxy.backends());
+    assert_eq!(status["backends"][0]["protocol"], "http2");
     proxy.shutdown().await.unwrap();
 }
 
