@@ -380,15 +380,23 @@ where
             });
         };
         let shared = self.shared.clone();
-        if let Err(error) = rewrite(&mut request, &shared.authority) {
-            return Http2ResponseFuture::new(async move { Err(error) });
-        }
+        let aimed = match rewrite(&mut request, &shared.authority) {
+            Ok(aimed) => aimed,
+            Err(error) => return Http2ResponseFuture::new(async move { Err(error) }),
+        };
         // What it takes to send the request again elsewhere: its head (the body stays in
-        // `body` until the connection first asks for it).
+        // `body` until the connection first asks for it), not aimed at this backend.
         let (parts, body) = request.into_parts();
         let again = Again {
             method: parts.method.clone(),
-            uri: parts.uri.clone(),
+            uri: if aimed {
+                parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()))
+            } else {
+                parts.uri.clone()
+            },
             headers: parts.headers.clone(),
         };
         let body = Arc::new(Mutex::new(Some(body)));
@@ -563,15 +571,20 @@ impl Again {
     fn into_request<B>(self, body: B) -> Request<B> {
         let mut request = Request::new(body);
         *request.method_mut() = self.method;
+        // With an authority, HTTP/2 as sent (an HTTP/1.1 backend makes `Host` of it);
+        // without one, the next backend's address serves.
+        if self.uri.authority().is_some() {
+            *request.version_mut() = Version::HTTP_2;
+        }
         *request.uri_mut() = self.uri;
-        *request.version_mut() = Version::HTTP_2;
         *request.headers_mut() = self.headers;
         request
     }
 }
 
-/// Rewrites `request` for an HTTP/2 backend at `backend`: see [`Http2Backend`].
-fn rewrite<B>(request: &mut Request<B>, backend: &Authority) -> Result<(), BoxError> {
+/// Rewrites `request` for an HTTP/2 backend at `backend`: see [`Http2Backend`]. Returns
+/// whether its authority is the backend's address, for want of one of its own.
+fn rewrite<B>(request: &mut Request<B>, backend: &Authority) -> Result<bool, BoxError> {
     let client = peer_ip(request);
     let headers = request.headers_mut();
     // `TE` is hop-by-hop, but HTTP/2 allows `trailers` in it, and gRPC servers want it.
@@ -591,8 +604,10 @@ fn rewrite<B>(request: &mut Request<B>, backend: &Authority) -> Result<(), BoxEr
     let host = headers.remove(header::HOST);
     let mut parts = std::mem::take(request.uri_mut()).into_parts();
     parts.scheme = Some(Scheme::HTTP);
+    let mut aimed = false;
     if parts.authority.is_none() {
         let from_host = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
+        aimed = from_host.is_none();
         parts.authority = Some(from_host.unwrap_or_else(|| backend.clone()));
     }
     if parts.path_and_query.is_none() {
@@ -600,7 +615,7 @@ fn rewrite<B>(request: &mut Request<B>, backend: &Authority) -> Result<(), BoxEr
     }
     *request.uri_mut() = Uri::from_parts(parts)?;
     *request.version_mut() = Version::HTTP_2;
-    Ok(())
+    Ok(aimed)
 }
 
 fn lock<T>(slot: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -713,7 +728,7 @@ mod tests {
         request
             .extensions_mut()
             .insert(super::super::ClientAddr("127.0.0.2:5000".parse().unwrap()));
-        rewrite(&mut request, &"127.0.0.1:9001".parse().unwrap()).unwrap();
+        assert!(!rewrite(&mut request, &"127.0.0.1:9001".parse().unwrap()).unwrap());
         assert_eq!(request.uri(), "http://api.example:8080/x?y=1");
         assert_eq!(request.version(), Version::HTTP_2);
         let h = request.headers();
@@ -724,7 +739,7 @@ mod tests {
 
         // No Host, no authority: the backend's address.
         let mut request = Request::post("/p").body(()).unwrap();
-        rewrite(&mut request, &"127.0.0.1:9001".parse().unwrap()).unwrap();
+        assert!(rewrite(&mut request, &"127.0.0.1:9001".parse().unwrap()).unwrap());
         assert_eq!(request.uri(), "http://127.0.0.1:9001/p");
         assert!(!request.headers().contains_key("te"));
     }
