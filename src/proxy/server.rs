@@ -137,7 +137,7 @@ impl Server {
                     serve_http2(&builders, stream, service, peer, observed, watcher).await
                 } else {
                     let (stream, verdict) = FramingGuard::new(stream);
-                    let hyper_service = connection_service(service, peer, observed, Some(verdict));
+                    let hyper_service = connection_service(service, peer, observed, verdict);
                     let conn = builders
                         .http1
                         .serve_connection(TokioIo::new(stream), hyper_service);
@@ -247,7 +247,7 @@ where
     B::Error: Into<BoxError>,
 {
     // HTTP/2 frames its messages itself: no FramingGuard.
-    let hyper_service = connection_service(service, peer, observed, None);
+    let hyper_service = connection_service(service, peer, observed, Unframed);
     let conn = builders
         .http2
         .serve_connection(TokioIo::new(stream), hyper_service);
@@ -266,14 +266,45 @@ async fn serve_http2<S>(
     Ok(())
 }
 
+/// Which requests of a connection are refused for ambiguous framing.
+trait Refuses: Send + Sync + 'static {
+    /// Whether the request with this index (0-based, in arrival order) is.
+    fn refuses(&self, index: u64) -> bool;
+}
+
+impl Refuses for Verdict {
+    #[inline]
+    fn refuses(&self, index: u64) -> bool {
+        Verdict::refuses(self, index)
+    }
+}
+
+/// HTTP/2: none (it frames its messages itself).
+#[cfg(feature = "http2")]
+struct Unframed;
+
+#[cfg(feature = "http2")]
+impl Refuses for Unframed {
+    #[inline]
+    fn refuses(&self, _: u64) -> bool {
+        false
+    }
+}
+
 /// The hyper service of one client connection: every request carries the connection's
 /// [`ClientAddr`], goes to the access log, and (HTTP/1) is refused with `400` from the first
 /// one whose framing `verdict` found ambiguous.
-fn connection_service<S, B>(
+///
+/// Generic over the verdict, so that HTTP/1 and HTTP/2 each get a copy of their own: with a
+/// single caller, hyper's HTTP/1 dispatcher inlines it as it did before HTTP/2. Shared by
+/// both, it was not inlined, and the moves of each request through the calls cost about
+/// 780 instructions per proxied HTTP/1.1 request (callgrind on the release standalone:
+/// 20,218 before HTTP/2, 21,000 shared, 20,432 with a copy each).
+fn connection_service<S, B, V: Refuses>(
     service: S,
     peer: SocketAddr,
     observed: bool,
-    verdict: Option<Verdict>,
+    verdict: V,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<LoggedBody<Either<B, Full<Bytes>>>>,
@@ -295,8 +326,7 @@ where
         // Off by default: then one check of a cached interest, nothing more.
         let entry = (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
         request.extensions_mut().insert(ClientAddr(peer));
-        let refused = verdict.as_ref().is_some_and(|v| v.refuses(index));
-        let call = (!refused).then(|| call_now(service.clone(), request));
+        let call = (!verdict.refuses(index)).then(|| call_now(service.clone(), request));
         async move {
             let response = match call {
                 Some(call) => call.await.map(|r| r.map(Either::Left)),
