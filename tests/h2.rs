@@ -406,3 +406,44 @@ async fn a_request_head_over_the_limit_never_reaches_the_backend_over_http2() {
     );
     proxy.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn new_timeouts_keep_each_backends_protocol_and_removed_servers_out() {
+    let h2 = H2Backend::start().await;
+    let h1 = Backend::start().await;
+    let json = |timeout: f64, with_h1: bool| {
+        let mut servers = vec![format!(
+            r#"{{"host": "127.0.0.1", "port": {}, "protocol": "http2"}}"#,
+            h2.addr.port()
+        )];
+        if with_h1 {
+            servers.push(format!(
+                r#"{{"host": "127.0.0.1", "port": {}}}"#,
+                h1.addr.port()
+            ));
+        }
+        format!(
+            r#"{{"listen": "127.0.0.1:0", "servers": [{}], "spawn_backends": false,
+                "health_check_interval": 0.3, "health_check_timeout": 0.25,
+                "response_timeout": {timeout}}}"#,
+            servers.join(", ")
+        )
+    };
+    let config =
+        |timeout, with_h1| tower_lb::config::Config::from_json(&json(timeout, with_h1)).unwrap();
+    let mut proxy = proxy(config(30.0, true)).await;
+    let mut next = config(20.0, false);
+    next.listen = proxy.local_addr();
+    let diff = proxy.apply(next).await;
+    assert!(diff.timeouts && diff.removed.len() == 1);
+
+    let status = tower_lb::admin::status(proxy.backends());
+    let backends = status["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 1, "{status}");
+    assert_eq!(backends[0]["protocol"], "http2");
+    let client = H2Client::connect(proxy.local_addr()).await;
+    let (status, body) = within(client.get("http://app.example/")).await;
+    assert_eq!((status, body), (StatusCode::OK, h2.addr.to_string()));
+    assert_eq!(h2.seen().last().unwrap().version, Version::HTTP_2);
+    proxy.shutdown().await.unwrap();
+}

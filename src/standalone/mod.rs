@@ -237,14 +237,15 @@ impl Proxy {
             servers.iter().filter(|s| !s.resolve()).cloned().collect()
         };
         let (removed, added) = (fixed(&diff.removed), fixed(&diff.added));
-        let protocols: Vec<(Authority, Protocol)> = if diff.timeouts {
+        // The protocol each backend speaks now, for new services with new timeouts.
+        let protocols: HashMap<Authority, Protocol> = if diff.timeouts {
             let snapshot = self.backends.snapshot();
             (0..snapshot.len())
                 .filter_map(|i| snapshot.get(i))
                 .map(|(key, service)| (key.clone(), protocol_of(service)))
                 .collect()
         } else {
-            Vec::new()
+            HashMap::new()
         };
         let mut drains: HashMap<Authority, Drain> = self.backends.update(|set| {
             let drains = removed
@@ -262,8 +263,16 @@ impl Proxy {
             }
             if diff.timeouts {
                 // New services with the new timeouts; state and requests in flight stay.
-                for (key, protocol) in &protocols {
-                    set.insert(key.clone(), client.make_backend(key, *protocol));
+                // (Servers added just now have them already.)
+                let staying: Vec<Authority> = set
+                    .keys()
+                    .filter(|key| !added.iter().any(|s| s.authority() == **key))
+                    .cloned()
+                    .collect();
+                for key in staying {
+                    if let Some(protocol) = protocols.get(&key) {
+                        set.insert(key.clone(), client.make_backend(&key, *protocol));
+                    }
                 }
             }
             drains
