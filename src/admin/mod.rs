@@ -35,17 +35,19 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::policy::Algorithm;
-use crate::proxy::HttpBackends;
+use crate::proxy::uri::Authority;
+use crate::proxy::BackendProtocol;
 use crate::stats::{self, LATENCY_BUCKETS, LOCAL_STATUSES};
+use crate::Backends;
 
 /// The status page: plain HTML, CSS and script in one file, no external assets.
 const PAGE: &str = include_str!("page.html");
 
 /// Serves the admin endpoints for `backends` on `listener` until `shutdown` completes;
 /// then stops accepting and closes its connections.
-pub async fn serve(
+pub async fn serve<S: BackendProtocol + Clone + Send + Sync + 'static>(
     listener: TcpListener,
-    backends: HttpBackends<Algorithm>,
+    backends: Backends<Authority, S, Algorithm>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
@@ -79,7 +81,10 @@ pub async fn serve(
     Ok(())
 }
 
-fn respond<B>(backends: &HttpBackends<Algorithm>, request: &Request<B>) -> Response<Full<Bytes>> {
+fn respond<B, S: BackendProtocol + Clone>(
+    backends: &Backends<Authority, S, Algorithm>,
+    request: &Request<B>,
+) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
@@ -116,16 +121,20 @@ fn respond<B>(backends: &HttpBackends<Algorithm>, request: &Request<B>) -> Respo
 }
 
 /// `GET /status`: the policy and every backend's state and counters.
-pub fn status(backends: &HttpBackends<Algorithm>) -> serde_json::Value {
+pub fn status<S: BackendProtocol + Clone>(
+    backends: &Backends<Authority, S, Algorithm>,
+) -> serde_json::Value {
     let snapshot = backends.snapshot();
     let list: Vec<serde_json::Value> = snapshot
         .iter()
-        .map(|(address, endpoint)| {
+        .enumerate()
+        .map(|(index, (address, endpoint))| {
             let counters = endpoint.stats();
+            let protocol = snapshot.get(index).map_or("http1", |(_, s)| s.protocol());
             serde_json::json!({
                 "address": address.as_str(),
                 "weight": endpoint.weight(),
-                "protocol": "http1",
+                "protocol": protocol,
                 "healthy": endpoint.passes_health_checks(),
                 "ejected": endpoint.is_ejected(),
                 "in_flight": endpoint.in_flight(),
@@ -141,7 +150,7 @@ pub fn status(backends: &HttpBackends<Algorithm>) -> serde_json::Value {
 }
 
 /// `GET /metrics`: Prometheus text exposition format 0.0.4.
-pub fn metrics(backends: &HttpBackends<Algorithm>) -> String {
+pub fn metrics<S: Clone>(backends: &Backends<Authority, S, Algorithm>) -> String {
     let snapshot = backends.snapshot();
     let rows: Vec<_> = snapshot
         .iter()

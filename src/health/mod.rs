@@ -69,12 +69,17 @@ use crate::{Backends, BoxError};
 mod grpc;
 #[cfg(feature = "http")]
 mod http;
+#[cfg(feature = "http2")]
+mod http2;
 #[cfg(feature = "grpc")]
 #[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
 pub use self::grpc::GrpcHealthProbe;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub use self::http::HttpProbe;
+#[cfg(feature = "http2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
+pub use self::http2::Http2Probe;
 
 /// Checks one target once. Closures `Fn(&K) -> impl Future<Output = Result<(), BoxError>>`
 /// are probes.

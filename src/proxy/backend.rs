@@ -265,8 +265,17 @@ where
         // Encoded now, so that the request's head (slices of the server's read buffer) is
         // released before the server reads on: hyper then reuses its buffer instead of
         // allocating a new one for every request.
+        // An HTTP/2 request names its authority in the target (`:authority`), not in `Host`.
+        let authority;
+        let host = match request.uri().authority() {
+            Some(a) if request.version() == http::Version::HTTP_2 => {
+                authority = HeaderValue::from_str(a.as_str()).ok();
+                authority.as_ref().unwrap_or(&self.shared.host)
+            }
+            _ => &self.shared.host,
+        };
         let request = replay::prepare(request);
-        let head = encode_head(&request, &self.shared.host, peer_ip(&request));
+        let head = encode_head(&request, host, peer_ip(&request));
         if head.upgrade {
             let mut request = request;
             let upgrade = Upgrade::take(&mut request, self.shared.settings.tunnel_idle_timeout);

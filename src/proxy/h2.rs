@@ -10,17 +10,20 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::{FutureExt, Shared};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, Scheme, Uri};
-use http::{Request, Response, Version};
-use http_body::Body;
+use http::{Method, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use super::error::{BackendError, ConnectError};
-use super::socket_target;
+use super::error::{BackendError, ConnectError, ResponseTimeout};
+use super::headers::{append_forwarded_for, remove_hop_by_hop};
+use super::{peer_ip, socket_target};
+use crate::balance::error::Unsent;
 use crate::balance::MakeBackend;
 use crate::BoxError;
 
@@ -56,7 +59,8 @@ use crate::BoxError;
 /// let _grpc = tonic::client::Grpc::new(Balance::new(backends));
 /// ```
 ///
-/// `B` is the type of request bodies sent: `tonic::body::Body` for tonic.
+/// `B` is the type of request bodies sent: `tonic::body::Body` for tonic, hyper's
+/// `Incoming` for a proxy.
 pub struct Http2Client<B> {
     settings: Settings,
     _body: PhantomData<fn(B)>,
@@ -65,6 +69,7 @@ pub struct Http2Client<B> {
 #[derive(Debug, Clone, Copy)]
 struct Settings {
     connect_timeout: Duration,
+    response_timeout: Option<Duration>,
     keep_alive: Option<(Duration, Duration)>,
 }
 
@@ -73,6 +78,7 @@ impl<B> Default for Http2Client<B> {
         Http2Client {
             settings: Settings {
                 connect_timeout: Duration::from_secs(2),
+                response_timeout: None,
                 keep_alive: None,
             },
             _body: PhantomData,
@@ -98,7 +104,8 @@ impl<B> fmt::Debug for Http2Client<B> {
 }
 
 impl<B> Http2Client<B> {
-    /// A client that allows 2 s to connect (TCP and HTTP/2 preface) and sends no pings.
+    /// A client that allows 2 s to connect (TCP and HTTP/2 preface), waits for response
+    /// headers as long as it takes (gRPC clients set their own deadlines) and sends no pings.
     pub fn new() -> Self {
         Self::default()
     }
@@ -106,6 +113,13 @@ impl<B> Http2Client<B> {
     /// Time allowed to open a connection to a backend (TCP connect and HTTP/2 handshake).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.settings.connect_timeout = timeout;
+        self
+    }
+
+    /// Time allowed from sending a request until its response headers arrive; then the
+    /// request fails with [`ResponseTimeout`] (`504` from a proxy). None by default.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.response_timeout = Some(timeout);
         self
     }
 
@@ -130,6 +144,7 @@ impl<B> MakeBackend<Authority> for Http2Client<B> {
                 slot: Mutex::new(Slot {
                     conn: None,
                     connecting: None,
+                    generation: 0,
                 }),
             }),
             state: State::Idle,
@@ -143,15 +158,23 @@ impl<B> MakeBackend<Authority> for Http2Client<B> {
 ///   opens it (TCP_NODELAY, `connect_timeout`): the first clone to need it connects, the
 ///   others wait for that attempt and share its outcome. A failure there is a
 ///   [`ConnectError`] *before* the request was handed over, so the balancer retries it on
-///   another backend. A connection that has closed (the backend went away, or sent
-///   `GOAWAY`) is replaced by a new one on the next `poll_ready`.
-/// - [`call`](Service::call) sends the request as `http://{authority}{path}`: the request's
-///   own authority if it has one (tonic's `Grpc::with_origin`), else the backend's address.
-///   A request that the connection closed before taking it is sent once more on a new
-///   connection. Failures after that are [`BackendError`]s (for gRPC, tonic reports them
-///   as `UNKNOWN`). A request already sent when its backend died fails, as it would with
-///   any client, and so does one sent in the instant between the backend's death and this
-///   client reading the end of the connection.
+///   another backend. A connection that has closed, or on which the backend sent `GOAWAY`,
+///   is replaced by a new one on the next `poll_ready`.
+/// - [`call`](Service::call) rewrites the request as a reverse proxy forwards it: the target
+///   becomes `http://{authority}{path}`, the authority being the request's own (an HTTP/2
+///   client's `:authority`, tonic's `Grpc::with_origin`), else its `Host` (an HTTP/1.1
+///   client's), else the backend's address; hop-by-hop fields are removed (but
+///   `te: trailers`, which gRPC servers expect, is kept) and the client (its
+///   [`ClientAddr`](super::ClientAddr)) is appended to `X-Forwarded-For`. Bodies and
+///   trailers stream both ways.
+/// - A request that the backend did not process is given back to the balancer
+///   ([`Unsent`]) for another backend, when its body has not been sent yet: one the
+///   backend refused (`REFUSED_STREAM`) or left unprocessed by a graceful `GOAWAY` (any
+///   method), and an idempotent one whose connection closed or was reset before its
+///   response began. A request that the connection closed before taking it is sent once
+///   more on a new connection. Other failures are [`BackendError`]s (for gRPC, tonic
+///   reports them as `UNKNOWN`); a response that does not begin within
+///   `response_timeout` is a [`ResponseTimeout`].
 /// - The connection is driven by a task of its own, as HTTP/2 multiplexes the requests of
 ///   all clones over it; it ends when the backend closes it or when the last clone is
 ///   dropped.
@@ -166,19 +189,24 @@ struct Inner<B> {
     slot: Mutex<Slot<B>>,
 }
 
+/// The connection's request sender, over request bodies that can be taken back.
+type Sender<B> = SendRequest<Outgoing<B>>;
+
 /// A connection attempt that every clone waiting for the connection polls.
 type Connecting<B> = Shared<Pin<Box<dyn Future<Output = Connected<B>> + Send>>>;
-type Connected<B> = Result<SendRequest<B>, Arc<io::Error>>;
+/// A connection and its generation (which connection of the backend it is).
+type Connected<B> = Result<(u64, Sender<B>), Arc<io::Error>>;
 
 struct Slot<B> {
-    conn: Option<SendRequest<B>>,
+    conn: Option<(u64, Sender<B>)>,
     connecting: Option<Connecting<B>>,
+    generation: u64,
 }
 
 enum State<B> {
     Idle,
     Connecting(Connecting<B>),
-    Ready(SendRequest<B>),
+    Ready(u64, Sender<B>),
 }
 
 impl<B> Http2Backend<B> {
@@ -193,7 +221,7 @@ impl<B> Http2Backend<B> {
             .lock()
             .conn
             .as_ref()
-            .is_some_and(|c| !c.is_closed())
+            .is_some_and(|(_, c)| !c.is_closed())
     }
 }
 
@@ -201,6 +229,15 @@ impl<B> Inner<B> {
     fn lock(&self) -> std::sync::MutexGuard<'_, Slot<B>> {
         // The slot is consistent at every await point; a panic elsewhere leaves it usable.
         self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops handing out connection `generation` (the backend is going away from it): the
+    /// next request opens a new one. Requests already on it go on.
+    fn forget(&self, generation: u64) {
+        let mut slot = self.lock();
+        if slot.conn.as_ref().is_some_and(|(g, _)| *g == generation) {
+            slot.conn = None;
+        }
     }
 }
 
@@ -211,9 +248,9 @@ where
     B::Error: Into<BoxError>,
 {
     /// The open connection, or the attempt that will give one (started if none is).
-    fn connection(self: &Arc<Self>) -> Result<SendRequest<B>, Connecting<B>> {
+    fn connection(self: &Arc<Self>) -> Result<(u64, Sender<B>), Connecting<B>> {
         let mut slot = self.lock();
-        if let Some(conn) = slot.conn.as_ref().filter(|c| !c.is_closed()) {
+        if let Some(conn) = slot.conn.as_ref().filter(|(_, c)| !c.is_closed()) {
             return Ok(conn.clone());
         }
         slot.conn = None;
@@ -241,10 +278,15 @@ where
         }
         match result {
             Ok(conn) => {
-                if let Some(slot) = &mut slot {
-                    slot.conn = Some(conn.clone());
-                }
-                Ok(conn)
+                let generation = match &mut slot {
+                    Some(slot) => {
+                        slot.generation += 1;
+                        slot.conn = Some((slot.generation, conn.clone()));
+                        slot.generation
+                    }
+                    None => 0,
+                };
+                Ok((generation, conn))
             }
             Err(error) => Err(Arc::new(error)),
         }
@@ -258,7 +300,7 @@ where
     }
 }
 
-async fn handshake<B>(authority: &Authority, settings: Settings) -> io::Result<SendRequest<B>>
+async fn handshake<B>(authority: &Authority, settings: Settings) -> io::Result<Sender<B>>
 where
     B: Body + Unpin + Send + 'static,
     B::Data: Send,
@@ -310,10 +352,10 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
             match &mut self.state {
-                State::Ready(conn) if !conn.is_closed() => return Poll::Ready(Ok(())),
-                State::Ready(_) | State::Idle => {
+                State::Ready(_, conn) if !conn.is_closed() => return Poll::Ready(Ok(())),
+                State::Ready(..) | State::Idle => {
                     self.state = match self.shared.connection() {
-                        Ok(conn) => State::Ready(conn),
+                        Ok((generation, conn)) => State::Ready(generation, conn),
                         Err(connecting) => State::Connecting(connecting),
                     };
                 }
@@ -321,7 +363,7 @@ where
                     let result = ready!(connecting.poll_unpin(cx));
                     self.state = State::Idle;
                     match result {
-                        Ok(conn) => self.state = State::Ready(conn),
+                        Ok((generation, conn)) => self.state = State::Ready(generation, conn),
                         Err(error) => {
                             return Poll::Ready(Err(self.shared.connect_error(&error).into()))
                         }
@@ -332,58 +374,302 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let State::Ready(mut conn) = std::mem::replace(&mut self.state, State::Idle) else {
+        let State::Ready(generation, conn) = std::mem::replace(&mut self.state, State::Idle) else {
             return Http2ResponseFuture::new(async {
                 Err(BoxError::from("Http2Backend::call before poll_ready"))
             });
         };
         let shared = self.shared.clone();
-        if let Err(error) = set_target(&mut request, &shared.authority) {
-            return Http2ResponseFuture::new(async move { Err(error) });
-        }
+        let aimed = match rewrite(&mut request, &shared.authority) {
+            Ok(aimed) => aimed,
+            Err(error) => return Http2ResponseFuture::new(async move { Err(error) }),
+        };
+        // What it takes to send the request again elsewhere: its head (the body stays in
+        // `body` until the connection first asks for it), not aimed at this backend.
+        let (parts, body) = request.into_parts();
+        let again = Again {
+            method: parts.method.clone(),
+            uri: if aimed {
+                parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()))
+            } else {
+                parts.uri.clone()
+            },
+            headers: parts.headers.clone(),
+        };
+        let body = Arc::new(Mutex::new(Some(body)));
+        let request = Request::from_parts(parts, Outgoing::new(body.clone()));
         Http2ResponseFuture::new(async move {
-            let failed = |source: hyper::Error| -> BoxError {
-                BackendError {
-                    backend: shared.authority.clone(),
-                    source: source.into(),
-                }
-                .into()
-            };
-            match conn.try_send_request(request).await {
-                Ok(response) => Ok(response),
-                Err(mut error) => match error.take_message() {
-                    // The connection closed before it took the request: once more on a
-                    // new connection.
-                    Some(request) => {
-                        tracing::debug!(backend = %shared.authority, error = %error.error(), "HTTP/2 connection closed; sending again");
-                        let mut conn = match shared.connection() {
-                            Ok(conn) => conn,
-                            Err(connecting) => {
-                                connecting.await.map_err(|e| shared.connect_error(&e))?
-                            }
-                        };
-                        conn.send_request(request).await.map_err(failed)
+            let timeout = shared.settings.response_timeout;
+            let sent = send(&shared, conn, request);
+            let result = match timeout {
+                Some(after) => match tokio::time::timeout(after, sent).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        return Err(ResponseTimeout {
+                            backend: shared.authority.clone(),
+                            after,
+                        }
+                        .into())
                     }
-                    None => Err(failed(error.into_error())),
                 },
+                None => sent.await,
+            };
+            let error = match result {
+                Ok(mut response) => {
+                    remove_hop_by_hop(response.headers_mut());
+                    if super::access::enabled() {
+                        let served_by = super::access::ServedBy(shared.authority.clone());
+                        response.extensions_mut().insert(served_by);
+                    }
+                    return Ok(response);
+                }
+                Err(error) => error,
+            };
+            let fate = Fate::of(&error);
+            if fate != Fate::Failed {
+                // The connection is going away (or gone): new requests take a new one.
+                shared.forget(generation);
+            }
+            let failed: BoxError = match error {
+                SendError::Connect(error) => error.into(),
+                SendError::Http(error) => BackendError {
+                    backend: shared.authority.clone(),
+                    source: error.into(),
+                }
+                .into(),
+            };
+            let retry = match fate {
+                Fate::Unprocessed => true,
+                Fate::Closed => again.idempotent(),
+                Fate::Failed => false,
+            };
+            // Only a body that was never sent can be sent again.
+            let unsent = retry.then(|| lock(&body).take()).flatten();
+            match unsent {
+                Some(body) => {
+                    tracing::debug!(backend = %shared.authority, error = %failed, "HTTP/2 request not processed; giving it back");
+                    let unsent: BoxError = Box::new(Unsent::new(again.into_request(body), failed));
+                    Err(unsent)
+                }
+                None => Err(failed),
             }
         })
     }
 }
 
-/// Aims `request` at `http://{authority}{path}`, keeping its own authority if it has one.
-fn set_target<B>(request: &mut Request<B>, backend: &Authority) -> Result<(), BoxError> {
+/// Why sending failed.
+enum SendError {
+    /// No new connection for a request that the old one closed before taking.
+    Connect(ConnectError),
+    Http(hyper::Error),
+}
+
+impl From<ConnectError> for SendError {
+    fn from(error: ConnectError) -> Self {
+        SendError::Connect(error)
+    }
+}
+
+/// Sends `request` on `conn`; once more on a new connection if `conn` closed before it
+/// took the request.
+async fn send<B>(
+    shared: &Arc<Inner<B>>,
+    mut conn: Sender<B>,
+    request: Request<Outgoing<B>>,
+) -> Result<Response<Incoming>, SendError>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    match conn.try_send_request(request).await {
+        Ok(response) => Ok(response),
+        Err(mut error) => match error.take_message() {
+            Some(request) => {
+                tracing::debug!(backend = %shared.authority, error = %error.error(), "HTTP/2 connection closed; sending again");
+                let (_, mut conn) = match shared.connection() {
+                    Ok(conn) => conn,
+                    Err(connecting) => connecting.await.map_err(|e| shared.connect_error(&e))?,
+                };
+                conn.send_request(request).await.map_err(SendError::Http)
+            }
+            None => Err(SendError::Http(error.into_error())),
+        },
+    }
+}
+
+/// What a failed exchange says about whether the backend acted on the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Certainly not processed (RFC 9113 §8.7): refused with `REFUSED_STREAM`, or above the
+    /// last stream a graceful `GOAWAY` promised to process (or sent after it).
+    Unprocessed,
+    /// The connection closed or was reset before any response: maybe processed.
+    Closed,
+    /// Anything else.
+    Failed,
+}
+
+impl Fate {
+    fn of(error: &SendError) -> Fate {
+        let SendError::Http(error) = error else {
+            return Fate::Unprocessed;
+        };
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(e) = source {
+            if let Some(h2) = e.downcast_ref::<::h2::Error>() {
+                let reason = h2.reason();
+                return if h2.is_remote() && reason == Some(::h2::Reason::REFUSED_STREAM)
+                    || h2.is_go_away() && h2.is_remote() && reason == Some(::h2::Reason::NO_ERROR)
+                {
+                    Fate::Unprocessed
+                } else if h2.is_io() || h2.is_go_away() {
+                    Fate::Closed
+                } else {
+                    Fate::Failed
+                };
+            }
+            if e.is::<io::Error>() {
+                return Fate::Closed;
+            }
+            source = e.source();
+        }
+        if error.is_closed() || error.is_canceled() {
+            Fate::Closed
+        } else {
+            Fate::Failed
+        }
+    }
+}
+
+/// The head of a request as sent, to send it again to another backend.
+struct Again {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Again {
+    /// Safe to send twice (RFC 9110 §9.2.2).
+    fn idempotent(&self) -> bool {
+        matches!(
+            self.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        )
+    }
+
+    /// The request again, as it was rewritten for this backend, without the connection's
+    /// client address: its `X-Forwarded-For` already names the client.
+    fn into_request<B>(self, body: B) -> Request<B> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method;
+        // With an authority, HTTP/2 as sent (an HTTP/1.1 backend makes `Host` of it);
+        // without one, the next backend's address serves.
+        if self.uri.authority().is_some() {
+            *request.version_mut() = Version::HTTP_2;
+        }
+        *request.uri_mut() = self.uri;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}
+
+/// Rewrites `request` for an HTTP/2 backend at `backend`: see [`Http2Backend`]. Returns
+/// whether its authority is the backend's address, for want of one of its own.
+fn rewrite<B>(request: &mut Request<B>, backend: &Authority) -> Result<bool, BoxError> {
+    let client = peer_ip(request);
+    let headers = request.headers_mut();
+    // `TE` is hop-by-hop, but HTTP/2 allows `trailers` in it, and gRPC servers want it.
+    let trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    });
+    remove_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(client) = client {
+        append_forwarded_for(headers, client);
+    }
+    // HTTP/2 carries the authority in the target (RFC 9113 §8.3.1).
+    let host = headers.remove(header::HOST);
     let mut parts = std::mem::take(request.uri_mut()).into_parts();
     parts.scheme = Some(Scheme::HTTP);
+    let mut aimed = false;
     if parts.authority.is_none() {
-        parts.authority = Some(backend.clone());
+        let from_host = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
+        aimed = from_host.is_none();
+        parts.authority = Some(from_host.unwrap_or_else(|| backend.clone()));
     }
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }
     *request.uri_mut() = Uri::from_parts(parts)?;
     *request.version_mut() = Version::HTTP_2;
-    Ok(())
+    Ok(aimed)
+}
+
+fn lock<T>(slot: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A request body that stays in a slot shared with the request's future until the
+/// connection first polls it, so that a request the backend never read can be sent
+/// again to another backend.
+struct Outgoing<B> {
+    slot: Arc<Mutex<Option<B>>>,
+    /// Taken from the slot at the first poll.
+    body: Option<B>,
+}
+
+impl<B> Outgoing<B> {
+    fn new(slot: Arc<Mutex<Option<B>>>) -> Self {
+        Outgoing { slot, body: None }
+    }
+}
+
+impl<B: Body + Unpin> Body for Outgoing<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = &mut *self;
+        if this.body.is_none() {
+            this.body = lock(&this.slot).take();
+        }
+        match this.body.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.body {
+            Some(body) => body.is_end_stream(),
+            None => lock(&self.slot).as_ref().is_none_or(Body::is_end_stream),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.body {
+            Some(body) => body.size_hint(),
+            None => lock(&self.slot)
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
+        }
+    }
 }
 
 impl<B> fmt::Debug for Http2Backend<B> {
@@ -422,5 +708,39 @@ impl fmt::Debug for Http2ResponseFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Http2ResponseFuture")
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrite_moves_host_to_the_target_and_keeps_te_trailers() {
+        let mut request = Request::get("/x?y=1")
+            .header("host", "api.example:8080")
+            .header("te", "trailers, deflate")
+            .header("connection", "x-drop")
+            .header("x-drop", "1")
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(super::super::ClientAddr("127.0.0.2:5000".parse().unwrap()));
+        assert!(!rewrite(&mut request, &"127.0.0.1:9001".parse().unwrap()).unwrap());
+        assert_eq!(request.uri(), "http://api.example:8080/x?y=1");
+        assert_eq!(request.version(), Version::HTTP_2);
+        let h = request.headers();
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.2");
+        assert!(!h.contains_key("host"));
+        assert!(!h.contains_key("x-drop") && !h.contains_key("connection"));
+
+        // No Host, no authority: the backend's address.
+        let mut request = Request::post("/p").body(()).unwrap();
+        assert!(rewrite(&mut request, &"127.0.0.1:9001".parse().unwrap()).unwrap());
+        assert_eq!(request.uri(), "http://127.0.0.1:9001/p");
+        assert!(!request.headers().contains_key("te"));
     }
 }

@@ -16,8 +16,13 @@
 //!   configured proxies; [`HeaderKey`], [`CookieKey`] and [`PathKey`] key it by a header,
 //!   a cookie or the path (the first two falling back to the client IP), and [`HashKey`]
 //!   chooses one at run time.
-//! - [`ErrorResponses`] answers failures with `502`, `503` and `504`.
-//! - [`Server`] / [`serve`] serve HTTP/1.1 with safe defaults and graceful shutdown.
+//! - [`ErrorResponses`] answers failures with `502`, `503` and `504` (gRPC requests the
+//!   gRPC way: `grpc-status` 14 or 4).
+//! - [`Server`] / [`serve`] serve HTTP/1.1 and, with the `http2` feature, HTTP/2 over
+//!   cleartext (prior knowledge) on the same port, with safe defaults and graceful shutdown.
+//! - With the `http2` feature, [`Http2Client`] is the transport to HTTP/2 backends (h2c, as
+//!   gRPC servers expect), and [`AnyBackend`] holds a backend of either protocol, for a set
+//!   that mixes them.
 //! - Upgrades (WebSocket) pass through: a `101` from the backend turns both connections
 //!   into a tunnel that counts in flight until it closes (see [`Backend`]); [`Server`]'s
 //!   shutdown waits for tunnels too, up to its shutdown timeout.
@@ -43,6 +48,8 @@
 //! ```
 
 mod access;
+#[cfg(feature = "http2")]
+mod any;
 mod backend;
 mod body;
 mod builder;
@@ -63,6 +70,9 @@ mod upstream;
 
 /// The futures the services of this module return.
 pub mod future {
+    #[cfg(feature = "http2")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
+    pub use super::any::AnyResponseFuture as AnyBackendFuture;
     pub use super::backend::ResponseFuture as BackendFuture;
     #[cfg(feature = "http2")]
     #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
@@ -72,6 +82,9 @@ pub mod future {
 
 use http::uri::Authority;
 
+#[cfg(feature = "http2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
+pub use self::any::{AnyBackend, AnyBody, BackendProtocol};
 pub use self::backend::{Backend, Client};
 pub use self::body::{TrackBody, TrackedBody};
 pub use self::builder::{BuildError, Builder};
@@ -82,7 +95,9 @@ pub use self::h2::{Http2Backend, Http2Client};
 pub use self::hash_key::{CookieKey, HashKey, HeaderKey, InvalidHashKey, PathKey};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::replay::ReplayBody;
-pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
+pub use self::respond::{
+    error_response, grpc_error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody,
+};
 pub use self::server::{bind, serve, Server};
 pub use self::upstream::UpstreamBody;
 

@@ -29,6 +29,11 @@ pub type ProxyBody<B> = Either<B, Full<Bytes>>;
 /// | [`ResponseTimeout`] | `504 Gateway Timeout` |
 ///
 /// The body is one line of plain text saying which; the full error goes to the log.
+///
+/// A gRPC request (HTTP/2 with `content-type: application/grpc…`) is answered the way gRPC
+/// clients expect instead: `200` with `grpc-status` `14` (UNAVAILABLE) for a `502` or `503`,
+/// `4` (DEADLINE_EXCEEDED) for a `504`, and a `grpc-message`, in the head of a response
+/// without a body (a trailers-only response).
 #[derive(Debug)]
 pub struct ErrorResponses<S> {
     inner: S,
@@ -99,14 +104,17 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let grpc = is_grpc(&request);
         match self.unready.take() {
             Some(error) => ResponseFuture {
                 inner: None,
                 error: Some(error),
+                grpc,
             },
             None => ResponseFuture {
                 inner: Some(self.inner.call(request)),
                 error: None,
+                grpc,
             },
         }
     }
@@ -118,7 +126,21 @@ pin_project! {
         #[pin]
         inner: Option<F>,
         error: Option<BoxError>,
+        grpc: bool,
     }
+}
+
+/// Whether `request` is a gRPC call: HTTP/2 (so that HTTP/1 requests pay one comparison)
+/// with a `content-type` of `application/grpc` or `application/grpc+…`.
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request.version() == http::Version::HTTP_2
+        && request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| {
+                let v = v.as_bytes();
+                v.starts_with(b"application/grpc") && matches!(v.get(16), None | Some(b'+' | b';'))
+            })
 }
 
 impl<F, RB, E> Future for ResponseFuture<F>
@@ -139,6 +161,7 @@ where
         };
         Poll::Ready(Ok(match result {
             Ok(response) => response.map(Either::Left),
+            Err(error) if *this.grpc => grpc_error_response(&error).map(Either::Right),
             Err(error) => error_response(&error).map(Either::Right),
         }))
     }
@@ -165,6 +188,36 @@ pub fn error_response(error: &BoxError) -> Response<Full<Bytes>> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    response
+}
+
+/// The gRPC answer for a proxying error (see [`ErrorResponses`]): `200`, `grpc-status` 14
+/// (UNAVAILABLE) where HTTP gets `502` or `503`, 4 (DEADLINE_EXCEEDED) where it gets `504`,
+/// and a `grpc-message`, with no body (trailers-only).
+pub fn grpc_error_response(error: &BoxError) -> Response<Full<Bytes>> {
+    let (status, text) = classify(error);
+    crate::stats::local_response(status.as_u16());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        tracing::debug!(%error, "no healthy backend");
+    } else {
+        tracing::warn!(%error, "{} (gRPC)", status);
+    }
+    let code = if status == StatusCode::GATEWAY_TIMEOUT {
+        "4"
+    } else {
+        "14"
+    };
+    // "503 Service Unavailable: no healthy backend\n" → "no healthy backend": printable
+    // ASCII without `%`, so it needs no percent-encoding.
+    let message = text.split_once(": ").map_or(text, |(_, m)| m).trim_end();
+    let mut response = Response::new(Full::new(Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from_static(code));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
     response
 }
 
@@ -221,5 +274,47 @@ mod tests {
         for (error, status) in cases {
             assert_eq!(error_response(&error).status(), status);
         }
+    }
+
+    #[test]
+    fn grpc_statuses() {
+        let cases: [(BoxError, &str, &str); 3] = [
+            (NoHealthyBackend::new().into(), "14", "no healthy backend"),
+            (
+                ResponseTimeout {
+                    backend: "a:1".parse().unwrap(),
+                    after: std::time::Duration::from_secs(1),
+                }
+                .into(),
+                "4",
+                "the backend did not answer in time",
+            ),
+            ("anything else".into(), "14", "502 Bad Gateway"),
+        ];
+        for (error, code, message) in cases {
+            let response = grpc_error_response(&error);
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()["grpc-status"], code);
+            assert_eq!(response.headers()["grpc-message"], message);
+            assert_eq!(response.headers()["content-type"], "application/grpc");
+        }
+    }
+
+    #[test]
+    fn grpc_requests_are_http2_with_a_grpc_content_type() {
+        let request = |version, content_type: &str| {
+            let mut r = Request::post("/x")
+                .header("content-type", content_type)
+                .body(())
+                .unwrap();
+            *r.version_mut() = version;
+            r
+        };
+        use http::Version;
+        assert!(is_grpc(&request(Version::HTTP_2, "application/grpc")));
+        assert!(is_grpc(&request(Version::HTTP_2, "application/grpc+proto")));
+        assert!(!is_grpc(&request(Version::HTTP_2, "application/grpc-web")));
+        assert!(!is_grpc(&request(Version::HTTP_2, "application/json")));
+        assert!(!is_grpc(&request(Version::HTTP_11, "application/grpc")));
     }
 }

@@ -19,29 +19,37 @@ use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use http::uri::Authority;
 use http::Request;
+use hyper::body::Incoming;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tower::discover::Change;
 
 use crate::balance::{Drain, MakeBackend, RequestKey, Retries, Update};
-use crate::config::{Config, Diff, ServerConfig};
+use crate::config::{Config, Diff, Protocol, ServerConfig};
 use crate::discover::{Dns, FromSocketAddr, GaiResolver, Resolve};
-use crate::health::{self, HealthCheck, HttpProbe};
+use crate::health::{self, HealthCheck};
 use crate::policy::Algorithm;
-use crate::proxy::{self, Backend, Client, ErrorResponses, HashKey, HttpBackends, TrackBody};
+use crate::proxy::{
+    self, AnyBackend, BackendProtocol, Client, ErrorResponses, HashKey, Http2Client, TrackBody,
+};
 use crate::{Backends, Balance};
 
 mod demo;
+mod probe;
 pub use self::demo::DemoBackend;
+use self::probe::ServerProbe;
+
+/// The standalone proxy's backend set: HTTP/1.1 and HTTP/2 backends (`servers[].protocol`).
+pub type Set = Backends<Authority, AnyBackend<Incoming>, Algorithm>;
 
 /// A running proxy. See the [module docs](self).
 #[derive(Debug)]
 pub struct Proxy {
     config: Config,
     local_addr: SocketAddr,
-    backends: HttpBackends<Algorithm>,
-    client: Client,
-    probe: HttpProbe,
+    backends: Set,
+    client: Clients,
+    probe: ServerProbe,
     health: health::Handle<Authority>,
     key: Arc<ArcSwap<HashKey>>,
     /// `retries` and `retry_budget`, shared with the balancer: changed live.
@@ -57,11 +65,32 @@ pub struct Proxy {
     admin: Option<(SocketAddr, JoinHandle<io::Result<()>>)>,
 }
 
-fn client(config: &Config) -> Client {
-    Client::new()
-        .connect_timeout(config.connect_timeout)
-        .response_timeout(config.response_timeout)
-        .tunnel_idle_timeout(config.tunnel_idle_timeout)
+fn client(config: &Config) -> Clients {
+    Clients {
+        http1: Client::new()
+            .connect_timeout(config.connect_timeout)
+            .response_timeout(config.response_timeout)
+            .tunnel_idle_timeout(config.tunnel_idle_timeout),
+        http2: Http2Client::new()
+            .connect_timeout(config.connect_timeout)
+            .response_timeout(config.response_timeout),
+    }
+}
+
+/// The transports to backends of either protocol, with the configured timeouts.
+#[derive(Debug, Clone)]
+struct Clients {
+    http1: Client,
+    http2: Http2Client<Incoming>,
+}
+
+impl Clients {
+    fn make_backend(&self, key: &Authority, protocol: Protocol) -> AnyBackend<Incoming> {
+        match protocol {
+            Protocol::Http1 => AnyBackend::Http1(self.http1.make_backend(key)),
+            Protocol::Http2 => AnyBackend::Http2(self.http2.make_backend(key)),
+        }
+    }
 }
 
 impl Proxy {
@@ -77,12 +106,12 @@ impl Proxy {
         let local_addr = listener.local_addr()?;
 
         let client = client(&config);
-        let backends: HttpBackends<Algorithm> = Backends::new(config.algorithm.clone());
+        let backends: Set = Backends::new(config.algorithm.clone());
         backends.label_metrics(Authority::to_string);
         backends.passive_health(config.passive_health.into());
         // The checks follow the set: every backend that joins it, configured or resolved, is
         // probed and takes traffic from its first pass; one that leaves is no longer probed.
-        let probe = HttpProbe::new(config.health_check_url.clone());
+        let probe = ServerProbe::new(&config, &backends);
         let (checks, health) = HealthCheck::new(probe.clone(), config.health);
         let checks = tokio::spawn(checks.attach(&backends).drive());
         let fixed = || config.servers.iter().filter(|s| !s.resolve());
@@ -153,7 +182,7 @@ impl Proxy {
     }
 
     /// The backend set, with its health states and in-flight counts.
-    pub fn backends(&self) -> &HttpBackends<Algorithm> {
+    pub fn backends(&self) -> &Set {
         &self.backends
     }
 
@@ -224,6 +253,16 @@ impl Proxy {
             servers.iter().filter(|s| !s.resolve()).cloned().collect()
         };
         let (removed, added) = (fixed(&diff.removed), fixed(&diff.added));
+        // The protocol each backend speaks now, for new services with new timeouts.
+        let protocols: HashMap<Authority, Protocol> = if diff.timeouts {
+            let snapshot = self.backends.snapshot();
+            (0..snapshot.len())
+                .filter_map(|i| snapshot.get(i))
+                .map(|(key, service)| (key.clone(), protocol_of(service)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let mut drains: HashMap<Authority, Drain> = self.backends.update(|set| {
             let drains = removed
                 .iter()
@@ -240,9 +279,16 @@ impl Proxy {
             }
             if diff.timeouts {
                 // New services with the new timeouts; state and requests in flight stay.
-                let staying: Vec<Authority> = set.keys().cloned().collect();
+                // (Servers added just now have them already.)
+                let staying: Vec<Authority> = set
+                    .keys()
+                    .filter(|key| !added.iter().any(|s| s.authority() == **key))
+                    .cloned()
+                    .collect();
                 for key in staying {
-                    set.insert(key.clone(), client.make_backend(&key));
+                    if let Some(protocol) = protocols.get(&key) {
+                        set.insert(key.clone(), client.make_backend(&key, *protocol));
+                    }
                 }
             }
             drains
@@ -263,7 +309,7 @@ impl Proxy {
             self.retries.set_budget(next.retry_budget);
         }
         if diff.health {
-            self.probe.set_path(next.health_check_url.clone());
+            self.probe.configure(&next);
             self.health.set_settings(next.health);
         }
         if diff.passive_health {
@@ -343,23 +389,30 @@ fn max_connections(config: &Config) -> usize {
 
 /// A configured server joins the set unhealthy: it takes traffic from its first passed probe.
 fn add_server(
-    set: &mut Update<'_, Authority, Backend, Algorithm>,
-    client: &Client,
+    set: &mut Update<'_, Authority, AnyBackend<Incoming>, Algorithm>,
+    client: &Clients,
     server: &ServerConfig,
 ) {
     let key = server.authority();
     set.insert_with(
         key.clone(),
-        client.make_backend(&key),
+        client.make_backend(&key, server.protocol()),
         server.weight(),
         false,
     );
 }
 
+fn protocol_of(service: &AnyBackend<Incoming>) -> Protocol {
+    match service.protocol() {
+        "http2" => Protocol::Http2,
+        _ => Protocol::Http1,
+    }
+}
+
 /// Binds the admin listener and serves `/metrics`, `/status` and `/` on it.
 fn start_admin(
     addr: SocketAddr,
-    backends: &HttpBackends<Algorithm>,
+    backends: &Set,
 ) -> io::Result<(SocketAddr, JoinHandle<io::Result<()>>)> {
     let listener = proxy::bind(addr)?;
     let local = listener.local_addr()?;
@@ -423,20 +476,17 @@ struct Resolved {
 
 #[derive(Debug, Clone)]
 struct ResolveSettings {
-    client: Client,
+    client: Clients,
+    protocol: Protocol,
     weight: u32,
     refresh: Duration,
 }
 
 impl Resolved {
-    fn start(
-        server: &ServerConfig,
-        config: &Config,
-        client: &Client,
-        backends: &HttpBackends<Algorithm>,
-    ) -> Resolved {
+    fn start(server: &ServerConfig, config: &Config, client: &Clients, backends: &Set) -> Resolved {
         let settings = ResolveSettings {
             client: client.clone(),
+            protocol: server.protocol(),
             weight: server.weight(),
             refresh: config.dns_refresh,
         };
@@ -457,7 +507,7 @@ impl Resolved {
 /// one leaves (and drains). An address already in the set (listed by another server) is left to it.
 async fn follow<M: MakeBackend<Authority, Service = ()>>(
     mut dns: Dns<GaiResolver, M, Authority>,
-    backends: HttpBackends<Algorithm>,
+    backends: Set,
     mut settings: watch::Receiver<ResolveSettings>,
 ) {
     let mut mine: HashSet<Authority> = HashSet::new();
@@ -470,7 +520,7 @@ async fn follow<M: MakeBackend<Authority, Service = ()>>(
                             return false;
                         }
                         let s = settings.borrow();
-                        set.insert_with(key.clone(), s.client.make_backend(&key), s.weight, false);
+                        set.insert_with(key.clone(), s.client.make_backend(&key, s.protocol), s.weight, false);
                         true
                     });
                     if inserted {

@@ -664,3 +664,63 @@ pub fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Like [`config`], with every server speaking `protocol` (`"http1"` or `"http2"`), and
+/// probes given 0.25 s (HTTP/2 probes open a connection and a handshake each).
+pub fn config_with_protocol(backends: &[SocketAddr], protocol: &str, extra: &str) -> Config {
+    let servers: Vec<String> = backends
+        .iter()
+        .map(|b| {
+            format!(
+                r#"{{"host": "127.0.0.1", "port": {}, "protocol": "{protocol}"}}"#,
+                b.port()
+            )
+        })
+        .collect();
+    let json = format!(
+        r#"{{"listen": "127.0.0.1:0", "servers": [{}], "spawn_backends": false,
+            "health_check_interval": 0.3, "health_check_timeout": 0.25{}{}}}"#,
+        servers.join(", "),
+        if extra.is_empty() { "" } else { ", " },
+        extra
+    );
+    Config::from_json(&json).unwrap()
+}
+
+/// An HTTP/2 connection (h2c, prior knowledge) to `target`; clones share it, each request
+/// on a stream of its own.
+#[derive(Clone)]
+pub struct H2Client {
+    sender: hyper::client::conn::http2::SendRequest<Body>,
+}
+
+impl H2Client {
+    pub async fn connect(target: SocketAddr) -> H2Client {
+        let stream = TcpStream::connect(target).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        H2Client { sender }
+    }
+
+    /// Sends `req` (its URI absolute: `http://host/path`).
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, hyper::Error> {
+        let mut sender = self.sender.clone();
+        sender.ready().await?;
+        sender.send_request(req).await
+    }
+
+    pub async fn get(&self, uri: &str) -> (StatusCode, String) {
+        let res = self
+            .send(Request::get(uri).body(full("")).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}

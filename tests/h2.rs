@@ -1,0 +1,449 @@
+//! HTTP/2 through the standalone proxy: h2c clients on the listener's port, `http2`
+//! backends, and either protocol on either side.
+
+mod support;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use support::{config, config_with_protocol, proxy, wait_health, within, Backend, H2Client};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tower_lb::proxy::Server;
+
+/// What an HTTP/2 backend saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    version: Version,
+    uri: String,
+    headers: HeaderMap,
+    trailers: Option<HeaderMap>,
+}
+
+/// A backend that speaks HTTP/2 (and HTTP/1.1): tower-lb's own server, which stops
+/// gracefully (`GOAWAY`, requests in flight finish). `/health`: 200; `/slow/N`: its address
+/// after N ms; anything else: its address, after reading the whole request body.
+struct H2Backend {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    count: tokio::sync::watch::Receiver<usize>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl H2Backend {
+    async fn start() -> H2Backend {
+        let listener = tower_lb::proxy::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let (counter, count) = tokio::sync::watch::channel(0);
+        let counter = Arc::new(counter);
+        let service = tower::service_fn(move |request: Request<Incoming>| {
+            let log = log.clone();
+            let counter = counter.clone();
+            async move {
+                let (head, body) = request.into_parts();
+                let path = head.uri.path().to_owned();
+                if path == "/health" {
+                    return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))));
+                }
+                let collected = body.collect().await.ok();
+                let trailers = collected.as_ref().and_then(|c| c.trailers().cloned());
+                log.lock().unwrap().push(Seen {
+                    version: head.version,
+                    uri: head.uri.to_string(),
+                    headers: head.headers,
+                    trailers,
+                });
+                counter.send_modify(|n| *n += 1);
+                if let Some(ms) = path.strip_prefix("/slow/") {
+                    let ms = ms.parse().unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Ok(Response::new(Full::new(Bytes::from(addr.to_string()))))
+            }
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            Server::new()
+                .observed(false)
+                .serve(listener, service, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        H2Backend {
+            addr,
+            seen,
+            count,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` requests (other than health checks) have arrived.
+    async fn wait_seen(&self, n: usize) {
+        let mut count = self.count.clone();
+        within(count.wait_for(|&c| c >= n)).await.unwrap();
+    }
+
+    /// Stops gracefully: no new connections, `GOAWAY` on open ones, requests in flight
+    /// answered. Returns once they are.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        within(&mut self.task).await.unwrap().unwrap();
+    }
+}
+
+impl Drop for H2Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn empty() -> support::Body {
+    support::empty()
+}
+
+#[tokio::test]
+async fn streams_of_one_connection_are_balanced_per_request_with_forwarded_for() {
+    let backends = [
+        Backend::start().await,
+        Backend::start().await,
+        Backend::start().await,
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let proxy = proxy(config(&addrs, "")).await;
+    let client = H2Client::connect(proxy.local_addr()).await;
+
+    // 30 concurrent streams on one connection.
+    let answers = within(futures::future::join_all((0..30).map(|i| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .send(
+                    Request::get(format!("http://app.example:8443/x/{i}?q=1"))
+                        .body(empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(response.version(), Version::HTTP_2);
+            assert_eq!(response.status(), StatusCode::OK);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8(body.to_vec()).unwrap()
+        }
+    })))
+    .await;
+    let mut per_backend: HashMap<String, usize> = HashMap::new();
+    for answer in answers {
+        *per_backend.entry(answer).or_default() += 1;
+    }
+    for backend in &backends {
+        // Round robin per request, not per connection.
+        assert_eq!(
+            per_backend.get(&backend.authority()),
+            Some(&10),
+            "{per_backend:?}"
+        );
+        for (headers, path) in backend.seen().iter().zip(backend.paths()) {
+            // An HTTP/1.1 backend gets origin form and a Host made from `:authority`.
+            assert!(path.starts_with("/x/") && path.ends_with("?q=1"), "{path}");
+            assert_eq!(headers["host"], "app.example:8443");
+            assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+        }
+    }
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_healthy_backend_is_503_at_once_over_http2() {
+    let backend = Backend::start().await;
+    let proxy = proxy(config(&[backend.addr], "")).await;
+    backend.set_healthy(false);
+    wait_health(&proxy, &backend, false).await;
+
+    let client = H2Client::connect(proxy.local_addr()).await;
+    let started = Instant::now();
+    let (status, _) = within(client.get("http://app.example/")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.hits(), 0);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn response_timeout_is_504_over_http2() {
+    let backend = Backend::start().await;
+    let proxy = proxy(config(&[backend.addr], r#""response_timeout": 0.3"#)).await;
+    let client = H2Client::connect(proxy.local_addr()).await;
+    let (status, _) = within(client.get("http://app.example/stall")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_http1_client_reaches_an_http2_backend_and_back() {
+    let backend = H2Backend::start().await;
+    let proxy = proxy(config_with_protocol(&[backend.addr], "http2", "")).await;
+
+    let mut client = support::Client::connect(proxy.local_addr()).await;
+    let response = within(
+        client.send(
+            Request::get("/a?b=c")
+                .header("host", "app.example")
+                .header("connection", "x-secret")
+                .header("x-secret", "1")
+                .body(empty())
+                .unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), Version::HTTP_11);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, backend.addr.to_string());
+
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1);
+    let seen = &seen[0];
+    assert_eq!(seen.version, Version::HTTP_2);
+    // The client's Host became the target's authority.
+    assert_eq!(seen.uri, "http://app.example/a?b=c");
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert!(!seen.headers.contains_key("x-secret"));
+    assert!(!seen.headers.contains_key("host"));
+    // `/status` names the protocol.
+    let status = tower_lb::admin::status(proxy.backends());
+    assert_eq!(status["backends"][0]["protocol"], "http2");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn request_trailers_over_http2_reach_an_http2_backend() {
+    let backend = H2Backend::start().await;
+    let proxy = proxy(config_with_protocol(&[backend.addr], "http2", "")).await;
+    let client = H2Client::connect(proxy.local_addr()).await;
+
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", "abc123".parse().unwrap());
+    let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+        Ok(Frame::data(Bytes::from_static(b"part one, "))),
+        Ok(Frame::data(Bytes::from_static(b"part two"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let body = StreamBody::new(futures::stream::iter(frames)).boxed();
+    let request = Request::post("http://app.example/upload")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let response = within(client.send(request)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1);
+    let trailers = seen[0]
+        .trailers
+        .as_ref()
+        .expect("trailers reached the backend");
+    assert_eq!(trailers["x-checksum"], "abc123");
+    // HTTP/2 allows `te: trailers`, and gRPC servers want it.
+    assert_eq!(seen[0].headers["te"], "trailers");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_backend_going_away_gracefully_fails_no_request() {
+    let mut backends = vec![
+        H2Backend::start().await,
+        H2Backend::start().await,
+        H2Backend::start().await,
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let proxy = proxy(config_with_protocol(&addrs, "http2", "")).await;
+    let client = H2Client::connect(proxy.local_addr()).await;
+
+    // Eight streams at a time, each worker sending requests one after another.
+    let (done_tx, done) = tokio::sync::watch::channel(false);
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !*done.borrow() {
+                    let (status, body) = client.get("http://app.example/slow/5").await;
+                    if status == StatusCode::OK {
+                        ok += 1;
+                    } else {
+                        failed.push((status, body));
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+
+    // Every backend serves, then one stops in the middle of the traffic.
+    let first = backends.remove(0);
+    first.wait_seen(20).await;
+    for backend in &backends {
+        backend.wait_seen(20).await;
+    }
+    first.stop().await;
+    // The others take the traffic on.
+    for backend in &backends {
+        let n = backend.seen().len();
+        backend.wait_seen(n + 50).await;
+    }
+    done_tx.send(true).unwrap();
+
+    let mut total = 0;
+    for worker in workers {
+        let (ok, failed) = within(worker).await.unwrap();
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 100, "{total}");
+    proxy.shutdown().await.unwrap();
+}
+
+/// An HTTP/2 backend that answers its health checks and refuses every other request with
+/// `REFUSED_STREAM` (RFC 9113 §8.7: not processed, safe to send elsewhere). Counts them.
+async fn refusing_backend() -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counter = refused.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = conn.accept().await {
+                    if request.uri().path() == "/health" {
+                        let _ = respond.send_response(Response::new(()), true);
+                    } else {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
+                }
+            });
+        }
+    });
+    (addr, refused, task)
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_sent_to_another_backend() {
+    let (refuser, refused, task) = refusing_backend().await;
+    let good = H2Backend::start().await;
+    let proxy = proxy(config_with_protocol(&[refuser, good.addr], "http2", "")).await;
+    let client = H2Client::connect(proxy.local_addr()).await;
+
+    for _ in 0..10 {
+        let (status, body) = within(client.get("http://app.example/x")).await;
+        assert_eq!((status, body), (StatusCode::OK, good.addr.to_string()));
+    }
+    // Round robin sent about half of them to the refusing backend first.
+    assert!(refused.load(std::sync::atomic::Ordering::SeqCst) >= 4);
+    assert_eq!(good.seen().len(), 10);
+    task.abort();
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_head_over_the_limit_never_reaches_the_backend_over_http2() {
+    let backend = Backend::start().await;
+    let proxy = proxy(config(&[backend.addr], "")).await;
+    let client = H2Client::connect(proxy.local_addr()).await;
+    let big = "x".repeat(70 * 1024);
+    let request = Request::get("http://app.example/")
+        .header("x-big", big.as_str())
+        .body(empty())
+        .unwrap();
+    match within(client.send(request)).await {
+        // h2 answers a head over SETTINGS_MAX_HEADER_LIST_SIZE with 431 itself...
+        Ok(response) => assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        ),
+        // ...or the client, told the limit in the server's SETTINGS, does not send it.
+        Err(error) => eprintln!("the client refused to send it: {error:?}"),
+    }
+    assert_eq!(backend.hits(), 0);
+    // The connection serves on (`get` fails the test if it was closed). The status is the
+    // backend's, unless a 0.1 s health probe timed out on a loaded machine meanwhile.
+    let (status, _) = within(client.get("http://app.example/")).await;
+    assert!(
+        matches!(status, StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE),
+        "{status}"
+    );
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn new_timeouts_keep_each_backends_protocol_and_removed_servers_out() {
+    let h2 = H2Backend::start().await;
+    let h1 = Backend::start().await;
+    let json = |timeout: f64, with_h1: bool| {
+        let mut servers = vec![format!(
+            r#"{{"host": "127.0.0.1", "port": {}, "protocol": "http2"}}"#,
+            h2.addr.port()
+        )];
+        if with_h1 {
+            servers.push(format!(
+                r#"{{"host": "127.0.0.1", "port": {}}}"#,
+                h1.addr.port()
+            ));
+        }
+        format!(
+            r#"{{"listen": "127.0.0.1:0", "servers": [{}], "spawn_backends": false,
+                "health_check_interval": 0.3, "health_check_timeout": 0.25,
+                "response_timeout": {timeout}}}"#,
+            servers.join(", ")
+        )
+    };
+    let config =
+        |timeout, with_h1| tower_lb::config::Config::from_json(&json(timeout, with_h1)).unwrap();
+    let mut proxy = proxy(config(30.0, true)).await;
+    let mut next = config(20.0, false);
+    next.listen = proxy.local_addr();
+    let diff = proxy.apply(next).await;
+    assert!(diff.timeouts && diff.removed.len() == 1);
+
+    let status = tower_lb::admin::status(proxy.backends());
+    let backends = status["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 1, "{status}");
+    assert_eq!(backends[0]["protocol"], "http2");
+    let client = H2Client::connect(proxy.local_addr()).await;
+    let (status, body) = within(client.get("http://app.example/")).await;
+    assert_eq!((status, body), (StatusCode::OK, h2.addr.to_string()));
+    assert_eq!(h2.seen().last().unwrap().version, Version::HTTP_2);
+    proxy.shutdown().await.unwrap();
+}
