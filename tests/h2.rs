@@ -447,3 +447,36 @@ async fn new_timeouts_keep_each_backends_protocol_and_removed_servers_out() {
     assert_eq!(h2.seen().last().unwrap().version, Version::HTTP_2);
     proxy.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_one_with_a_request_open_stays() {
+    let backend = Backend::start().await;
+    let proxy = proxy(config(&[backend.addr], r#""client_idle_timeout": 0.3"#)).await;
+    let stream = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+
+    // A request open for twice the idle timeout keeps the connection.
+    let started = Instant::now();
+    let response = sender
+        .send_request(Request::get("http://app.example/slow/600").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert!(!conn.is_finished(), "closed with a request open");
+
+    // Then nothing: the proxy says GOAWAY and the connection ends.
+    let ended = within(conn).await;
+    assert!(ended.is_ok(), "{ended:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    proxy.shutdown().await.unwrap();
+}

@@ -25,6 +25,8 @@ use tower_service::Service;
 use super::access::{self, LoggedBody};
 use super::framing::{FramingGuard, Verdict};
 use super::idle::{CountReads, IdleTimer, Reads};
+#[cfg(feature = "http2")]
+use super::idle::{GuardedBody, Streams};
 use super::shutdown::{Shutdown, Watch};
 use super::ClientAddr;
 use crate::BoxError;
@@ -193,7 +195,7 @@ impl Server {
                 };
                 let result = match sniffed {
                     Ok(Some(true)) => {
-                        serve_http2(&builders, stream, service, peer, observed, watch).await
+                        serve_http2(&builders, stream, service, peer, observed, watch, idle).await
                     }
                     Ok(Some(false)) => {
                         let reads = Arc::new(Reads::default());
@@ -325,6 +327,7 @@ async fn serve_http2<S, B>(
     peer: SocketAddr,
     observed: bool,
     watch: Watch,
+    idle: Duration,
 ) -> hyper::Result<()>
 where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -336,13 +339,31 @@ where
     B::Error: Into<BoxError>,
 {
     // HTTP/2 frames its messages itself: no FramingGuard.
-    let hyper_service = connection_service(service, peer, observed, Http2);
+    let service = connection_service(service, peer, observed, Http2);
+    // Each request counts as open until its response body is done, for the idle timeout.
+    let streams = Streams::new();
+    let counted = streams.clone();
+    let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let guard = counted.open();
+        let response = hyper::service::Service::call(&service, request);
+        async move {
+            let response = response.await?;
+            Ok::<_, Infallible>(response.map(|body| GuardedBody::new(body, guard)))
+        }
+    });
     let conn = builders
         .http2
         .serve_connection(TokioIo::new(stream), hyper_service);
-    watch
-        .connection(conn, |conn| conn.graceful_shutdown())
-        .await
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        ended = watch.clone().connection(conn.as_mut(), |conn| {
+            conn.get_mut().as_mut().graceful_shutdown()
+        }) => return ended,
+        () = streams.idle_for(idle) => {}
+    }
+    // Idle: a GOAWAY, and the connection ends.
+    conn.as_mut().graceful_shutdown();
+    watch.connection(conn, |_| {}).await
 }
 
 #[cfg(not(feature = "http2"))]
@@ -353,6 +374,7 @@ async fn serve_http2<S>(
     _: SocketAddr,
     _: bool,
     _: Watch,
+    _: Duration,
 ) -> hyper::Result<()> {
     Ok(())
 }
