@@ -560,8 +560,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.load.decr();
-        self.load.stats.ended(self.outcome, self.start.elapsed());
+        let elapsed = self.start.elapsed();
+        self.load.decr(elapsed);
+        self.load.stats.ended(self.outcome, elapsed);
     }
 }
 
