@@ -23,6 +23,7 @@ use crate::Backends;
 /// | [`health_interval`](Self::health_interval), [`health_timeout`](Self::health_timeout) | 10 s, 2 s |
 /// | [`healthy_threshold`](Self::healthy_threshold), [`unhealthy_threshold`](Self::unhealthy_threshold) | 1, 1 |
 /// | [`connect_timeout`](Self::connect_timeout), [`response_timeout`](Self::response_timeout) | 2 s, 30 s |
+/// | [`slow_start`](Self::slow_start) | off |
 ///
 /// [`build`](Self::build) (or [`build_backends`](Self::build_backends)) must be called
 /// within a tokio runtime: it spawns the health checks on it
@@ -92,6 +93,7 @@ pub struct Builder<P = RoundRobin, E = ClientIpKey> {
     client: Client,
     /// `None`: no health checks.
     health: Option<(String, health::Settings)>,
+    slow_start: Duration,
 }
 
 impl Builder {
@@ -102,6 +104,7 @@ impl Builder {
             key: ClientIpKey::new(),
             client: Client::new(),
             health: Some(("/health".to_owned(), health::Settings::default())),
+            slow_start: Duration::ZERO,
         }
     }
 }
@@ -120,6 +123,7 @@ impl<P, E> Builder<P, E> {
             key: self.key,
             client: self.client,
             health: self.health,
+            slow_start: self.slow_start,
         }
     }
 
@@ -132,6 +136,7 @@ impl<P, E> Builder<P, E> {
             key,
             client: self.client,
             health: self.health,
+            slow_start: self.slow_start,
         }
     }
 
@@ -158,6 +163,14 @@ impl<P, E> Builder<P, E> {
     pub fn health_check(mut self, path: impl Into<String>) -> Self {
         let settings = self.health_settings_or_default();
         self.health = Some((path.into(), settings));
+        self
+    }
+
+    /// A backend that joins the set later, or turns healthy again, ramps from a tenth of
+    /// its weight to all of it over `duration` (see [`Backends::slow_start`]); the
+    /// backends given to [`build`](Self::build) take their full weight at once. Zero: off.
+    pub fn slow_start(mut self, duration: Duration) -> Self {
+        self.slow_start = duration;
         self
     }
 
@@ -217,6 +230,9 @@ impl<P: Policy, E> Builder<P, E> {
         addresses: impl IntoIterator<Item = Authority>,
     ) -> Result<HttpBalance<P, E>, BuildError> {
         let backends = checked(self.policy, &self.client, self.health, addresses)?;
+        if !self.slow_start.is_zero() {
+            backends.slow_start(self.slow_start);
+        }
         Ok(balancer(backends, self.key))
     }
 
@@ -226,7 +242,11 @@ impl<P: Policy, E> Builder<P, E> {
         self,
         addresses: impl IntoIterator<Item = Authority>,
     ) -> Result<HttpBackends<P>, BuildError> {
-        checked(self.policy, &self.client, self.health, addresses)
+        let backends = checked(self.policy, &self.client, self.health, addresses)?;
+        if !self.slow_start.is_zero() {
+            backends.slow_start(self.slow_start);
+        }
+        Ok(backends)
     }
 }
 
@@ -270,6 +290,7 @@ impl<P: fmt::Debug, E: fmt::Debug> fmt::Debug for Builder<P, E> {
             .field("key", &self.key)
             .field("client", &self.client)
             .field("health", &self.health)
+            .field("slow_start", &self.slow_start)
             .finish()
     }
 }
