@@ -120,8 +120,8 @@ pub trait Policy: Send + Sync + 'static {
 
 /// What a policy sees of one backend.
 ///
-/// `weight`, health and identity are fixed for the life of one snapshot; the in-flight count
-/// is live, shared by every snapshot the backend appears in.
+/// `weight`, slow start's part of it, health and identity are fixed for the life of one
+/// snapshot; the in-flight count is live, shared by every snapshot the backend appears in.
 #[derive(Clone)]
 pub struct Endpoint {
     id: u64,
@@ -160,8 +160,8 @@ impl Endpoint {
         self.ramp < RAMP_STEPS
     }
 
-    /// While slow-starting, the part of its weight in force: from 0.1 up to 1, in steps of
-    /// 0.05; `None` once at full weight.
+    /// While slow-starting, the part of its weight in force: from 0.1 up to 0.95, in steps
+    /// of 0.05; `None` at full weight.
     pub fn warmup(&self) -> Option<f64> {
         self.is_warming()
             .then(|| f64::from(self.ramp) / f64::from(RAMP_STEPS))
@@ -179,7 +179,8 @@ impl Endpoint {
         self.id
     }
 
-    /// The backend's weight, at least 1.
+    /// The backend's configured weight, at least 1. While it slow-starts, the built-in
+    /// policies use [`warmup`](Self::warmup) of it.
     pub fn weight(&self) -> u32 {
         self.weight
     }

@@ -21,7 +21,7 @@ use super::{Endpoint, Load, Policy, Watch};
 ///
 /// A sample is the time from the pick to the end of the request (for HTTP, the end of the
 /// response body), taken when the request's [`InFlight`](crate::balance::InFlight) guard
-/// drops. Estimates live in the table, one pair of atomics per backend, and carry over when
+/// drops. Estimates live in the table, two atomics per backend, and carry over when
 /// the table is rebuilt. A pick draws two backends and compares them without reading the
 /// clock: O(1).
 ///
@@ -72,17 +72,12 @@ impl PeakEwma {
 /// The healthy endpoints of a [`PeakEwma`] policy, with their latency estimates.
 #[derive(Debug)]
 pub struct PeakEwmaTable {
-    candidates: Box<[Candidate]>,
     estimates: Arc<Estimates>,
 }
 
-#[derive(Debug)]
-struct Candidate {
-    load: Arc<Load>,
-    weight: f64,
-    index: usize,
-}
-
+/// The candidates, each with its estimate next to what a pick reads of it (one cache line
+/// per candidate, but for the in-flight count). Watched by the candidates' `Load`s, which
+/// it holds: the table's drop unregisters it, which ends that cycle.
 #[derive(Debug)]
 struct Estimates {
     decay_ns: f64,
@@ -96,19 +91,19 @@ struct Estimates {
 /// clock; and one atomic holds the whole estimate, so a pick never reads half an update.
 #[derive(Debug)]
 struct Estimate {
-    id: u64,
     key: AtomicU64,
     /// When the last sample came (for the moving average's weight), in nanoseconds.
     at: AtomicU64,
+    load: Arc<Load>,
+    weight: f64,
+    index: usize,
+    id: u64,
 }
 
 impl Estimate {
-    fn new(id: u64, key: f64, at: u64) -> Self {
-        Estimate {
-            id,
-            key: AtomicU64::new(key.to_bits()),
-            at: AtomicU64::new(at),
-        }
+    #[inline]
+    fn load(&self) -> f64 {
+        (self.load.get() + 1) as f64 / self.weight
     }
 
     #[inline]
@@ -157,38 +152,34 @@ impl Policy for PeakEwma {
             .map(|t| t.estimates.slots.iter().map(|e| (e.id, e)).collect())
             .unwrap_or_default();
         let now = now_ns();
-        let (candidates, slots): (Vec<Candidate>, Vec<Estimate>) = endpoints
+        let slots: Box<[Estimate]> = endpoints
             .iter()
             .enumerate()
             .filter(|(_, e)| e.is_healthy())
             .map(|(index, e)| {
-                let candidate = Candidate {
+                let (key, at) = match kept.get(&e.id()) {
+                    Some(k) => (k.key(), k.at.load(Ordering::Relaxed)),
+                    None => (key(self.default_rtt_ns, now, self.decay_ns), now),
+                };
+                Estimate {
+                    key: AtomicU64::new(key.to_bits()),
+                    at: AtomicU64::new(at),
                     load: e.load().clone(),
                     weight: e.ramped_weight() as f64,
                     index,
-                };
-                let estimate = match kept.get(&e.id()) {
-                    Some(k) => Estimate::new(e.id(), k.key(), k.at.load(Ordering::Relaxed)),
-                    None => {
-                        let key = key(self.default_rtt_ns, now, self.decay_ns);
-                        Estimate::new(e.id(), key, now)
-                    }
-                };
-                (candidate, estimate)
+                    id: e.id(),
+                }
             })
-            .unzip();
+            .collect();
         let estimates = Arc::new(Estimates {
             decay_ns: self.decay_ns,
-            slots: slots.into_boxed_slice(),
+            slots,
         });
         let watch: Arc<dyn Watch> = estimates.clone();
-        for (slot, c) in candidates.iter().enumerate() {
-            c.load.watch(watch.clone(), slot);
+        for (slot, e) in estimates.slots.iter().enumerate() {
+            e.load.watch(watch.clone(), slot);
         }
-        PeakEwmaTable {
-            candidates: candidates.into_boxed_slice(),
-            estimates,
-        }
+        PeakEwmaTable { estimates }
     }
 
     fn needs_key(&self) -> bool {
@@ -197,29 +188,27 @@ impl Policy for PeakEwma {
 
     #[inline]
     fn pick(&self, table: &PeakEwmaTable, _: &[Endpoint], _key: Option<u64>) -> Option<usize> {
-        let candidates = &table.candidates[..];
-        let n = candidates.len();
+        let slots = &table.estimates.slots[..];
+        let n = slots.len();
         if n <= 1 {
-            return candidates.first().map(|c| c.index);
+            return slots.first().map(|e| e.index);
         }
         let a = fastrand::usize(..n);
         let b = fastrand::usize(..n - 1);
         let b = if b >= a { b + 1 } else { b };
         // cost = rtt × (in flight + 1) / weight, with rtt = e^(key - now / decay), so
         // cost_a <= cost_b  <=>  e^(key_a - key_b) × load_a <= load_b: no clock needed.
-        let (ca, cb) = (&candidates[a], &candidates[b]);
-        let slots = &table.estimates.slots;
-        let load = |c: &Candidate| (c.load.get() + 1) as f64 / c.weight;
-        let a_cheaper = (slots[a].key() - slots[b].key()).exp() * load(ca) <= load(cb);
-        Some(if a_cheaper { ca.index } else { cb.index })
+        let (a, b) = (&slots[a], &slots[b]);
+        let a_cheaper = (a.key() - b.key()).exp() * a.load() <= b.load();
+        Some(if a_cheaper { a.index } else { b.index })
     }
 }
 
 impl Drop for PeakEwmaTable {
     fn drop(&mut self) {
         let watch: Arc<dyn Watch> = self.estimates.clone();
-        for c in self.candidates.iter() {
-            c.load.unwatch(&watch);
+        for e in self.estimates.slots.iter() {
+            e.load.unwatch(&watch);
         }
     }
 }
@@ -315,6 +304,22 @@ mod tests {
         set_health(&mut eps, 1, false);
         let table = policy.build(&eps, None);
         assert_eq!(policy.pick(&table, &eps, None), None);
+    }
+
+    #[test]
+    fn a_dropped_table_is_freed_and_unwatched() {
+        let eps = endpoints(&[1, 1]);
+        let policy = PeakEwma::new();
+        let table = policy.build(&eps, None);
+        // The loads hold the estimates through their hooks, and the estimates the loads.
+        let estimates = Arc::downgrade(&table.estimates);
+        drop(table);
+        assert!(
+            estimates.upgrade().is_none(),
+            "a cycle kept the estimates alive"
+        );
+        eps[0].load().incr();
+        eps[0].load().decr(Duration::from_millis(1));
     }
 
     #[test]
