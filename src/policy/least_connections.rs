@@ -1,5 +1,6 @@
 //! Fewest requests in flight, relative to weight.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -12,14 +13,23 @@ use super::{Endpoint, Load, Policy, Watch};
 /// equal load, the one whose count changed least recently is picked, so that an idle pool
 /// is used in turn rather than always from its first backend.
 ///
-/// The table keeps its backends in a tournament tree ordered by load, as HAProxy keeps
-/// its least-connections tree: a request's start and end update the backend's leaf and
-/// its path to the root, O(log n) under the table's lock, and a pick reads the root, O(1)
-/// without a lock. Only this policy pays for the updates: its table registers for them
-/// when it is built and unregisters when it is dropped.
-#[derive(Debug, Default, Clone)]
+/// Above [`scan_up_to`](Self::scan_up_to) healthy backends (64 by default), the table
+/// keeps them in a tournament tree ordered by load, as HAProxy keeps its least-connections
+/// tree: a request's start and end update the backend's leaf and its path to the root,
+/// O(log n) under the table's lock, and a pick reads the root, O(1) without a lock. Only
+/// this policy pays for the updates: its table registers for them when it is built and
+/// unregisters when it is dropped. Smaller sets are scanned at each pick, O(n) but without
+/// a write shared between threads, which is cheaper there; equal loads then take turns
+/// from a per-thread rotating start.
+#[derive(Debug, Clone)]
 pub struct LeastConnections {
-    _priv: (),
+    scan_up_to: usize,
+}
+
+impl Default for LeastConnections {
+    fn default() -> Self {
+        LeastConnections { scan_up_to: 64 }
+    }
 }
 
 impl LeastConnections {
@@ -27,6 +37,17 @@ impl LeastConnections {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Sets of up to `n` healthy backends are scanned at each pick rather than kept in a
+    /// tree (see above); 0 always keeps the tree.
+    pub fn scan_up_to(mut self, n: usize) -> Self {
+        self.scan_up_to = n;
+        self
+    }
+}
+
+thread_local! {
+    static ROTOR: Cell<usize> = const { Cell::new(0) };
 }
 
 /// The healthy endpoints of a [`LeastConnections`] policy, ordered by load.
@@ -35,7 +56,9 @@ pub struct LeastConnectionsTable {
     /// Endpoint index of each candidate, by slot.
     indices: Box<[usize]>,
     loads: Box<[Arc<Load>]>,
-    tree: Arc<Tree>,
+    weights: Box<[u64]>,
+    /// `None`: the candidates are scanned.
+    tree: Option<Arc<Tree>>,
 }
 
 /// No candidate: the empty tree's root.
@@ -176,26 +199,29 @@ impl Policy for LeastConnections {
                     (i, l, w)
                 },
             );
-        let tree = Arc::new(Tree {
-            best: AtomicU32::new(NONE),
-            heap: Mutex::new(Heap::new(&weights)),
-        });
-        let watch: Arc<dyn Watch> = tree.clone();
-        // Register first, then read the counts: a change in between is applied twice,
-        // never missed.
-        for (slot, load) in loads.iter().enumerate() {
-            load.watch(watch.clone(), slot);
-        }
-        {
+        let tree = (loads.len() > self.scan_up_to).then(|| {
+            let tree = Arc::new(Tree {
+                best: AtomicU32::new(NONE),
+                heap: Mutex::new(Heap::new(&weights)),
+            });
+            let watch: Arc<dyn Watch> = tree.clone();
+            // Register first, then read the counts: a change in between is applied twice,
+            // never missed.
+            for (slot, load) in loads.iter().enumerate() {
+                load.watch(watch.clone(), slot);
+            }
             let mut heap = tree.lock();
             for (slot, load) in loads.iter().enumerate() {
                 heap.set(slot, load.get() as u64);
             }
             tree.best.store(heap.root(), Ordering::Release);
-        }
+            drop(heap);
+            tree
+        });
         LeastConnectionsTable {
             indices: indices.into_boxed_slice(),
             loads: loads.into_boxed_slice(),
+            weights: weights.into_boxed_slice(),
             tree,
         }
     }
@@ -206,16 +232,48 @@ impl Policy for LeastConnections {
 
     #[inline]
     fn pick(&self, table: &Self::Table, _: &[Endpoint], _key: Option<u64>) -> Option<usize> {
-        let best = table.tree.best.load(Ordering::Acquire);
-        table.indices.get(best as usize).copied()
+        let slot = match &table.tree {
+            Some(tree) => tree.best.load(Ordering::Acquire) as usize,
+            None => table.scan()?,
+        };
+        table.indices.get(slot).copied()
+    }
+}
+
+impl LeastConnectionsTable {
+    /// The least loaded slot by a scan from a rotating start.
+    #[inline]
+    fn scan(&self) -> Option<usize> {
+        let n = self.loads.len();
+        if n == 0 {
+            return None;
+        }
+        let start = ROTOR.with(|r| {
+            let n = r.get();
+            r.set(n.wrapping_add(1));
+            n
+        }) % n;
+        let (mut best, mut best_load) = (start, self.loads[start].get() as u64);
+        for slot in (start + 1..n).chain(0..start) {
+            let load = self.loads[slot].get() as u64;
+            // a / wa < b / wb  <=>  a * wb < b * wa, in integers.
+            if u128::from(load) * u128::from(self.weights[best])
+                < u128::from(best_load) * u128::from(self.weights[slot])
+            {
+                (best, best_load) = (slot, load);
+            }
+        }
+        Some(best)
     }
 }
 
 impl Drop for LeastConnectionsTable {
     fn drop(&mut self) {
-        let watch: Arc<dyn Watch> = self.tree.clone();
-        for load in self.loads.iter() {
-            load.unwatch(&watch);
+        if let Some(tree) = &self.tree {
+            let watch: Arc<dyn Watch> = tree.clone();
+            for load in self.loads.iter() {
+                load.unwatch(&watch);
+            }
         }
     }
 }
@@ -226,6 +284,11 @@ mod tests {
 
     use super::*;
     use crate::policy::tests::{endpoints, set_health};
+
+    /// The policy with a tree whatever the size.
+    fn tree() -> LeastConnections {
+        LeastConnections::new().scan_up_to(0)
+    }
 
     /// A request on `i` that starts (and, with `end`, ends), as `InFlight` does.
     fn start(eps: &[Endpoint], i: usize) {
@@ -238,7 +301,7 @@ mod tests {
 
     /// The least loaded slot by a full scan, for comparison.
     fn scan(table: &LeastConnectionsTable) -> u64 {
-        let heap = table.tree.lock();
+        let heap = table.tree.as_ref().unwrap().lock();
         heap.leaves
             .iter()
             .map(|l| (u128::from(l.load) << 64) / u128::from(l.weight))
@@ -249,7 +312,7 @@ mod tests {
 
     /// Every inner node holds the winner of its children, and every leaf the live count.
     fn assert_consistent(table: &LeastConnectionsTable) {
-        let heap = table.tree.lock();
+        let heap = table.tree.as_ref().unwrap().lock();
         for node in 1..heap.width {
             let expected = heap.winner(heap.nodes[2 * node], heap.nodes[2 * node + 1]);
             assert_eq!(heap.nodes[node], expected, "node {node}");
@@ -257,13 +320,16 @@ mod tests {
         for (slot, load) in table.loads.iter().enumerate() {
             assert_eq!(heap.leaves[slot].load, load.get() as u64, "slot {slot}");
         }
-        assert_eq!(table.tree.best.load(Ordering::Relaxed), heap.root());
+        assert_eq!(
+            table.tree.as_ref().unwrap().best.load(Ordering::Relaxed),
+            heap.root()
+        );
     }
 
     #[test]
     fn picks_the_least_loaded() {
         let eps = endpoints(&[1, 1, 1]);
-        let policy = LeastConnections::new();
+        let policy = tree();
         let table = policy.build(&eps, None);
         start(&eps, 0);
         start(&eps, 0);
@@ -283,7 +349,7 @@ mod tests {
     #[test]
     fn ties_rotate() {
         let eps = endpoints(&[1, 1, 1]);
-        let policy = LeastConnections::new();
+        let policy = tree();
         let table = policy.build(&eps, None);
         // Sequential requests on an idle pool: each ends before the next starts.
         let picks: Vec<_> = (0..6)
@@ -300,7 +366,7 @@ mod tests {
     #[test]
     fn load_is_relative_to_weight() {
         let eps = endpoints(&[3, 1]);
-        let policy = LeastConnections::new();
+        let policy = tree();
         let table = policy.build(&eps, None);
         // Simulate held requests: each pick stays in flight.
         let mut count = [0; 2];
@@ -316,7 +382,7 @@ mod tests {
     fn unhealthy_are_skipped() {
         let mut eps = endpoints(&[1, 1]);
         set_health(&mut eps, 0, false);
-        let policy = LeastConnections::new();
+        let policy = tree();
         let table = policy.build(&eps, None);
         for _ in 0..3 {
             let i = policy.pick(&table, &eps, None).unwrap();
@@ -329,16 +395,41 @@ mod tests {
     }
 
     #[test]
+    fn small_sets_are_scanned_exactly_with_ties_taking_turns() {
+        let eps = endpoints(&[3, 1, 1]);
+        let policy = LeastConnections::new();
+        let table = policy.build(&eps, None);
+        assert!(table.tree.is_none());
+        assert!(eps
+            .iter()
+            .all(|e| e.load().watched.load(Ordering::Relaxed) == 0));
+        // Idle: every backend in turn.
+        let mut seen: Vec<_> = (0..3)
+            .map(|_| policy.pick(&table, &eps, None).unwrap())
+            .collect();
+        seen.sort();
+        assert_eq!(seen, [0, 1, 2]);
+        // Held requests: weight 3 takes three for each one on the others.
+        let mut count = [0; 3];
+        for _ in 0..50 {
+            let i = policy.pick(&table, &eps, None).unwrap();
+            start(&eps, i);
+            count[i] += 1;
+        }
+        assert_eq!(count, [30, 10, 10]);
+    }
+
+    #[test]
     fn a_rebuilt_table_takes_over_and_a_dropped_one_lets_go() {
         let eps = endpoints(&[1, 1, 1]);
-        let policy = LeastConnections::new();
+        let policy = tree();
         let old = policy.build(&eps, None);
         start(&eps, 0);
         let new = policy.build(&eps, Some(&old));
         start(&eps, 1);
         // The new table follows both requests; the old one stopped at the rebuild.
         assert_eq!(policy.pick(&new, &eps, None), Some(2));
-        assert_eq!(old.tree.lock().leaves[1].load, 0);
+        assert_eq!(old.tree.as_ref().unwrap().lock().leaves[1].load, 0);
         drop(old);
         assert!(eps
             .iter()
@@ -363,7 +454,7 @@ mod tests {
         };
         let weights: Vec<u32> = (0..37).map(|i| 1 + i % 4).collect();
         let eps = endpoints(&weights);
-        let policy = LeastConnections::new();
+        let policy = tree();
         let table = policy.build(&eps, None);
         for _ in 0..20_000 {
             let i = (next() % 37) as usize;
@@ -383,7 +474,7 @@ mod tests {
     #[test]
     fn concurrent_changes_stay_consistent() {
         let eps = Arc::new(endpoints(&[1, 2, 3, 1, 2, 3, 1, 2, 3, 5, 1]));
-        let policy = LeastConnections::new();
+        let policy = tree();
         let table = policy.build(&eps, None);
         let threads: Vec<_> = (0..4u64)
             .map(|t| {
