@@ -226,7 +226,7 @@ impl fmt::Debug for Endpoint {
 /// cost one more relaxed load of `watched`, in the cache line they already write.
 #[derive(Default)]
 pub(crate) struct Load {
-    in_flight: AtomicUsize,
+    pub(crate) in_flight: AtomicUsize,
     /// 1 while `hook` is set (0 or 1; briefly 2 while one table replaces another).
     watched: AtomicUsize,
     hook: ArcSwapOption<Hook>,

@@ -1,7 +1,7 @@
 //! Power of two random choices, weighed by latency and load.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -73,11 +73,11 @@ impl PeakEwma {
 #[derive(Debug)]
 pub struct PeakEwmaTable {
     estimates: Arc<Estimates>,
+    /// The candidates' counters, watched by `estimates` until the table drops.
+    loads: Box<[Arc<Load>]>,
 }
 
-/// The candidates, each with its estimate next to what a pick reads of it (one cache line
-/// per candidate, but for the in-flight count). Watched by the candidates' `Load`s, which
-/// it holds: the table's drop unregisters it, which ends that cycle.
+/// The candidates, each with all that a pick reads of it in one slot.
 #[derive(Debug)]
 struct Estimates {
     decay_ns: f64,
@@ -94,7 +94,9 @@ struct Estimate {
     key: AtomicU64,
     /// When the last sample came (for the moving average's weight), in nanoseconds.
     at: AtomicU64,
-    load: Arc<Load>,
+    /// A copy of the backend's in-flight count, kept here so that a pick reads one place
+    /// per candidate (see `in_flight_changed`).
+    in_flight: AtomicUsize,
     weight: f64,
     index: usize,
     id: u64,
@@ -103,7 +105,7 @@ struct Estimate {
 impl Estimate {
     #[inline]
     fn load(&self) -> f64 {
-        (self.load.get() + 1) as f64 / self.weight
+        (self.in_flight.load(Ordering::Relaxed) + 1) as f64 / self.weight
     }
 
     #[inline]
@@ -123,6 +125,20 @@ fn key(rtt_ns: f64, now: u64, decay_ns: f64) -> f64 {
 }
 
 impl Watch for Estimates {
+    fn in_flight_changed(&self, slot: usize, in_flight: &AtomicUsize) {
+        // Copy the live count, then check it did not change meanwhile: whoever stores
+        // last has seen the count it stored still live afterwards, and any later change
+        // is followed by its own store, so the copy settles on the live count.
+        let copy = &self.slots[slot].in_flight;
+        loop {
+            let live = in_flight.load(Ordering::SeqCst);
+            copy.store(live, Ordering::SeqCst);
+            if in_flight.load(Ordering::SeqCst) == live {
+                break;
+            }
+        }
+    }
+
     fn request_ended(&self, slot: usize, elapsed: Duration) {
         let e = &self.slots[slot];
         let now = now_ns();
@@ -164,7 +180,7 @@ impl Policy for PeakEwma {
                 Estimate {
                     key: AtomicU64::new(key.to_bits()),
                     at: AtomicU64::new(at),
-                    load: e.load().clone(),
+                    in_flight: AtomicUsize::new(0),
                     weight: e.ramped_weight() as f64,
                     index,
                     id: e.id(),
@@ -175,11 +191,18 @@ impl Policy for PeakEwma {
             decay_ns: self.decay_ns,
             slots,
         });
+        let loads: Box<[Arc<Load>]> = endpoints
+            .iter()
+            .filter(|e| e.is_healthy())
+            .map(|e| e.load().clone())
+            .collect();
         let watch: Arc<dyn Watch> = estimates.clone();
-        for (slot, e) in estimates.slots.iter().enumerate() {
-            e.load.watch(watch.clone(), slot);
+        // Register, then copy the counts: a change in between is copied twice, not missed.
+        for (slot, load) in loads.iter().enumerate() {
+            load.watch(watch.clone(), slot);
+            watch.in_flight_changed(slot, &load.in_flight);
         }
-        PeakEwmaTable { estimates }
+        PeakEwmaTable { estimates, loads }
     }
 
     fn needs_key(&self) -> bool {
@@ -207,8 +230,8 @@ impl Policy for PeakEwma {
 impl Drop for PeakEwmaTable {
     fn drop(&mut self) {
         let watch: Arc<dyn Watch> = self.estimates.clone();
-        for e in self.estimates.slots.iter() {
-            e.load.unwatch(&watch);
+        for load in self.loads.iter() {
+            load.unwatch(&watch);
         }
     }
 }
@@ -311,7 +334,7 @@ mod tests {
         let eps = endpoints(&[1, 1]);
         let policy = PeakEwma::new();
         let table = policy.build(&eps, None);
-        // The loads hold the estimates through their hooks, and the estimates the loads.
+        // The loads hold the estimates through their hooks until the table drops.
         let estimates = Arc::downgrade(&table.estimates);
         drop(table);
         assert!(
@@ -320,6 +343,32 @@ mod tests {
         );
         eps[0].load().incr();
         eps[0].load().decr(Duration::from_millis(1));
+    }
+
+    #[test]
+    fn the_copied_counts_settle_on_the_live_ones_under_concurrent_changes() {
+        let eps = Arc::new(endpoints(&[1, 1, 1]));
+        let table = PeakEwma::new().build(&eps, None);
+        let threads: Vec<_> = (0..4usize)
+            .map(|t| {
+                let eps = eps.clone();
+                std::thread::spawn(move || {
+                    for n in 0..20_000usize {
+                        let i = (n + t) % 3;
+                        eps[i].load().incr();
+                        if n % 3 != 0 {
+                            eps[i].load().decr(Duration::ZERO);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for (slot, e) in table.estimates.slots.iter().enumerate() {
+            assert_eq!(e.in_flight.load(Ordering::SeqCst), eps[slot].in_flight());
+        }
     }
 
     #[test]
