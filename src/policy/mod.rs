@@ -17,7 +17,7 @@
 //! | policy | picks | state per pick |
 //! | --- | --- | --- |
 //! | [`RoundRobin`] | the next entry of a smooth weighted round-robin sequence | one atomic counter |
-//! | [`LeastConnections`] | the fewest requests in flight relative to weight; ties rotate | one atomic read (a tree updated as requests start and end) |
+//! | [`LeastConnections`] | the fewest requests in flight relative to weight; ties rotate | a scan up to 64 backends; above, one atomic read (a tree updated as requests start and end) |
 //! | [`Hashing`] | the owner of the request's key on a consistent hash ring | one table lookup |
 //! | [`PeakEwma`] | the cheaper of two random backends: latency average × (in flight + 1) | two random draws, one clock read |
 //!
