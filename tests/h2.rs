@@ -466,7 +466,11 @@ async fn an_idle_http2_connection_is_closed_one_with_a_request_open_stays() {
     // A request open for twice the idle timeout keeps the connection.
     let started = Instant::now();
     let response = sender
-        .send_request(Request::get("http://app.example/slow/600").body(empty()).unwrap())
+        .send_request(
+            Request::get("http://app.example/slow/600")
+                .body(empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);

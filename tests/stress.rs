@@ -95,7 +95,7 @@ fn bookkeeping_survives_200k_random_operations() {
                 backends.set_weight(&key, rng.gen_range(1..6));
             }
             16 => {
-                let name = Algorithm::NAMES[rng.gen_range(0..3)];
+                let name = Algorithm::NAMES[rng.gen_range(0..Algorithm::NAMES.len())];
                 backends.set_policy(name.parse().unwrap());
             }
             17..=54 => {

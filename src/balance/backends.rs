@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use tower::discover::{Change, Discover};
 
 use super::outlier::{self, Ejection, Hub, PassiveHealth};
-use crate::policy::{stable_hash, Endpoint, Load, Policy};
+use crate::policy::{stable_hash, Endpoint, Load, Policy, RAMP_MIN, RAMP_STEPS};
 use crate::stats::Outcome;
 
 /// The set of backends of a [`Balance`](super::Balance): what it can pick from.
@@ -62,6 +62,13 @@ struct Writer<K, S, P> {
     metrics_label: Option<fn(&K) -> String>,
     /// Passive health, shared with every backend's `Load`.
     hub: Arc<Hub>,
+    /// See [`Backends::slow_start`]; zero: off.
+    slow_start: std::time::Duration,
+    /// A task republishes the set at each step of a ramp (changed under the lock only).
+    ticking: std::sync::atomic::AtomicBool,
+    /// Spawns that task, if there is a runtime (set by `slow_start`, where the set's types
+    /// are known to be `Send`).
+    ticker: Option<Box<dyn Fn() -> bool + Send>>,
 }
 
 #[derive(Clone)]
@@ -71,6 +78,48 @@ struct Member<K, S> {
     /// As the policy sees it, but for ejection, which publishing adds from `ejection`.
     endpoint: Endpoint,
     ejection: Ejection,
+    /// Slow start: when it joined or turned healthy, if that ramps its weight.
+    warm_since: Option<tokio::time::Instant>,
+    /// It joined before slow start was on: its first turn to healthy takes full weight.
+    exempt: bool,
+}
+
+impl<K, S> Member<K, S> {
+    /// Stamps (or clears) the start of the member's ramp after its health was `was`.
+    fn health_changed(&mut self, was: bool, slow_start: std::time::Duration) {
+        match (was, self.endpoint.is_healthy()) {
+            (false, true) => {
+                let exempt = std::mem::take(&mut self.exempt);
+                self.warm_since =
+                    (!exempt && !slow_start.is_zero()).then(tokio::time::Instant::now);
+            }
+            (_, false) => self.warm_since = None,
+            (true, true) => {}
+        }
+    }
+
+    /// Twentieths of its weight in force at `now`, and when that next grows (if it does).
+    fn ramp(
+        &self,
+        now: tokio::time::Instant,
+        slow_start: std::time::Duration,
+    ) -> (u8, Option<tokio::time::Instant>) {
+        let Some(since) = self.warm_since else {
+            return (RAMP_STEPS, None);
+        };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= slow_start {
+            return (RAMP_STEPS, None);
+        }
+        // Linear from RAMP_MIN to RAMP_STEPS over slow_start, in whole steps; in integers,
+        // so that the next step is always after `now`.
+        let steps = u128::from(RAMP_STEPS - RAMP_MIN);
+        let (elapsed, total) = (elapsed.as_nanos(), slow_start.as_nanos());
+        let done = elapsed * steps / total;
+        let next = (total * (done + 1)).div_ceil(steps);
+        let next = since + std::time::Duration::from_nanos(u64::try_from(next).unwrap_or(u64::MAX));
+        (RAMP_MIN + done.min(steps) as u8, Some(next))
+    }
 }
 
 /// An immutable view of the backend set, as one request sees it.
@@ -161,20 +210,26 @@ impl<K: Hash + Eq, S, P> Update<'_, K, S, P> {
         match self.position(&key) {
             Some(i) => {
                 let m = &mut self.writer.members[i];
+                let was = m.endpoint.is_healthy();
                 m.service = service;
                 m.endpoint =
                     Endpoint::new(m.endpoint.id(), weight, healthy, m.endpoint.load().clone());
+                m.health_changed(was, self.writer.slow_start);
             }
             None => {
                 let load = Arc::new(Load::default());
                 load.outlier.attach(&self.writer.hub);
                 let endpoint = Endpoint::new(stable_hash(&key), weight, healthy, load);
-                self.writer.members.push(Member {
+                let mut member = Member {
                     key,
                     service,
                     endpoint,
                     ejection: Ejection::default(),
-                });
+                    warm_since: None,
+                    exempt: self.writer.slow_start.is_zero(),
+                };
+                member.health_changed(false, self.writer.slow_start);
+                self.writer.members.push(member);
             }
         }
     }
@@ -224,7 +279,9 @@ impl<K: Hash + Eq, S, P> Update<'_, K, S, P> {
         match self.position(key) {
             Some(i) => {
                 let m = &mut self.writer.members[i];
+                let was = m.endpoint.is_healthy();
                 m.endpoint = f(&m.endpoint);
+                m.health_changed(was, self.writer.slow_start);
                 true
             }
             None => false,
@@ -247,6 +304,9 @@ where
             healthy_on_insert: true,
             metrics_label: None,
             hub: Arc::new(Hub::new()),
+            slow_start: std::time::Duration::ZERO,
+            ticking: std::sync::atomic::AtomicBool::new(false),
+            ticker: None,
         };
         let snapshot = Snapshot {
             members: Box::default(),
@@ -305,11 +365,15 @@ where
     }
 
     fn publish(&self, writer: &Writer<K, S, P>) {
+        let now = tokio::time::Instant::now();
+        let mut warming = false;
         let endpoints: Box<[Endpoint]> = writer
             .members
             .iter()
             .map(|m| {
-                let mut endpoint = m.endpoint.clone();
+                let (ramp, next) = m.ramp(now, writer.slow_start);
+                warming |= next.is_some();
+                let mut endpoint = m.endpoint.clone().ramped(ramp);
                 endpoint.set_ejected(m.ejection.ejected);
                 endpoint
             })
@@ -338,6 +402,20 @@ where
         };
         self.shared.snapshot.store(Arc::new(snapshot));
         self.shared.published.send_modify(|n| *n += 1);
+        if warming {
+            self.tick_ramps(writer);
+        }
+    }
+
+    /// Starts the task that republishes the set at each step of a ramp, unless it runs.
+    fn tick_ramps(&self, writer: &Writer<K, S, P>) {
+        use std::sync::atomic::Ordering;
+        if writer.ticking.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(start) = &writer.ticker {
+            writer.ticking.store(start(), Ordering::Relaxed);
+        }
     }
 
     /// Waits until `condition` holds for the current snapshot, re-checking after every
@@ -489,6 +567,7 @@ where
     }
 }
 
+/// Slow start needs a task, hence a set that can move across threads.
 impl<K, S, P> Backends<K, S, P>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -593,6 +672,82 @@ where
         tracing::info!(backend = %name, "backend back from ejection");
         self.publish(&writer);
     }
+
+    /// Slow start: turns a weight up step by step, from a tenth to all of it over
+    /// `duration`, for each backend that joins or turns healthy from now on (round robin,
+    /// least connections and peak EWMA; hashing ignores weights). Backends in the set now
+    /// take their full weight when they first turn healthy: call this after inserting the
+    /// backends there at start. Zero (the default) turns it off.
+    ///
+    /// The ramp advances in 18 steps (a twentieth of the weight each); at each step the
+    /// set republishes its snapshot from a task on the tokio runtime, so that picks pay
+    /// nothing for it. Without a runtime the ramp advances at the set's next change.
+    /// [`Endpoint::is_warming`] tells which backends are ramping.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_lb::{policy::RoundRobin, Backends};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let backends = Backends::from_services(RoundRobin::new(), [("a", ())]);
+    /// backends.slow_start(Duration::from_secs(30));
+    /// backends.insert("b", ()); // joins after the start: ramps
+    /// let snapshot = backends.snapshot();
+    /// assert!(!snapshot.endpoint(0).unwrap().is_warming());
+    /// assert_eq!(snapshot.endpoint(1).unwrap().warmup(), Some(0.1));
+    /// # }
+    /// ```
+    pub fn slow_start(&self, duration: std::time::Duration) -> &Self {
+        let mut writer = self.lock();
+        writer.slow_start = duration;
+        if writer.ticker.is_none() {
+            let weak = self.downgrade();
+            writer.ticker = Some(Box::new(move || {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return false;
+                };
+                runtime.spawn(Self::tick(WeakBackends {
+                    shared: weak.shared.clone(),
+                }));
+                true
+            }));
+        }
+        self.publish(&writer);
+        self
+    }
+
+    /// Republishes the set at each step of a ramp, until none is left.
+    async fn tick(weak: WeakBackends<K, S, P>) {
+        use std::sync::atomic::Ordering;
+        loop {
+            // The next step of any ramp; with none left the task ends, under the lock, so
+            // that a publish from then on starts another one.
+            let next = {
+                let Some(backends) = weak.upgrade() else {
+                    return;
+                };
+                let writer = backends.lock();
+                let now = tokio::time::Instant::now();
+                let next = writer
+                    .members
+                    .iter()
+                    .filter_map(|m| m.ramp(now, writer.slow_start).1)
+                    .min();
+                if next.is_none() {
+                    writer.ticking.store(false, Ordering::Relaxed);
+                }
+                next
+            };
+            let Some(next) = next else { return };
+            tokio::time::sleep_until(next).await;
+            let Some(backends) = weak.upgrade() else {
+                return;
+            };
+            let writer = backends.lock();
+            // This publish finds `ticking` set and leaves the next step to this loop.
+            backends.publish(&writer);
+        }
+    }
 }
 
 /// A [`Backends`] handle that does not keep the set alive.
@@ -683,8 +838,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.load.decr();
-        self.load.stats.ended(self.outcome, self.start.elapsed());
+        let elapsed = self.start.elapsed();
+        self.load.decr(elapsed);
+        self.load.stats.ended(self.outcome, elapsed);
         let status = match self.outcome {
             Outcome::Status(status) => Some(status),
             _ => None,

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use super::{Endpoint, Hashing, LeastConnections, Policy, RoundRobin};
-use super::{HashingTable, LeastConnectionsTable, RoundRobinTable};
+use super::{Endpoint, Hashing, LeastConnections, PeakEwma, Policy, RoundRobin};
+use super::{HashingTable, LeastConnectionsTable, PeakEwmaTable, RoundRobinTable};
 
 /// One of the built-in policies, chosen by name at run time (`config.json`'s `algorithm`).
 ///
@@ -28,6 +28,8 @@ pub enum Algorithm {
     LeastConnections(LeastConnections),
     /// [`Hashing`].
     Hashing(Hashing),
+    /// [`PeakEwma`], with its default decay and RTT.
+    PeakEwma(PeakEwma),
 }
 
 /// The table of an [`Algorithm`]: that of the policy it wraps.
@@ -37,11 +39,13 @@ pub enum AlgorithmTable {
     RoundRobin(RoundRobinTable),
     LeastConnections(LeastConnectionsTable),
     Hashing(HashingTable),
+    PeakEwma(PeakEwmaTable),
 }
 
 impl Algorithm {
     /// The names accepted by [`FromStr`], in the order of the docs.
-    pub const NAMES: [&'static str; 3] = ["round_robin", "least_connections", "hashing"];
+    pub const NAMES: [&'static str; 4] =
+        ["round_robin", "least_connections", "hashing", "peak_ewma"];
 
     /// The configuration name of this algorithm.
     pub fn name(&self) -> &'static str {
@@ -49,6 +53,7 @@ impl Algorithm {
             Algorithm::RoundRobin(_) => "round_robin",
             Algorithm::LeastConnections(_) => "least_connections",
             Algorithm::Hashing(_) => "hashing",
+            Algorithm::PeakEwma(_) => "peak_ewma",
         }
     }
 }
@@ -60,6 +65,7 @@ impl Clone for Algorithm {
             Algorithm::RoundRobin(p) => Algorithm::RoundRobin(p.clone()),
             Algorithm::LeastConnections(p) => Algorithm::LeastConnections(p.clone()),
             Algorithm::Hashing(p) => Algorithm::Hashing(p.clone()),
+            Algorithm::PeakEwma(p) => Algorithm::PeakEwma(p.clone()),
         }
     }
 }
@@ -137,6 +143,7 @@ impl FromStr for Algorithm {
             "round_robin" => Algorithm::RoundRobin(RoundRobin::new()),
             "least_connections" => Algorithm::LeastConnections(LeastConnections::new()),
             "hashing" => Algorithm::Hashing(Hashing::new()),
+            "peak_ewma" => Algorithm::PeakEwma(PeakEwma::new()),
             other => return Err(UnknownAlgorithm(other.to_owned())),
         })
     }
@@ -169,6 +176,13 @@ impl Policy for Algorithm {
                     _ => None,
                 },
             )),
+            Algorithm::PeakEwma(p) => T::PeakEwma(p.build(
+                endpoints,
+                match previous {
+                    Some(T::PeakEwma(t)) => Some(t),
+                    _ => None,
+                },
+            )),
         }
     }
 
@@ -177,6 +191,7 @@ impl Policy for Algorithm {
             Algorithm::RoundRobin(p) => p.needs_key(),
             Algorithm::LeastConnections(p) => p.needs_key(),
             Algorithm::Hashing(p) => p.needs_key(),
+            Algorithm::PeakEwma(p) => p.needs_key(),
         }
     }
 
@@ -193,6 +208,7 @@ impl Policy for Algorithm {
                 p.pick(t, endpoints, key)
             }
             (Algorithm::Hashing(p), AlgorithmTable::Hashing(t)) => p.pick(t, endpoints, key),
+            (Algorithm::PeakEwma(p), AlgorithmTable::PeakEwma(t)) => p.pick(t, endpoints, key),
             // A snapshot always pairs a policy with the table it built.
             _ => unreachable!("policy and table of one snapshot always match"),
         }
@@ -214,6 +230,9 @@ impl Policy for Algorithm {
                 p.pick_excluding(t, endpoints, key, exclude)
             }
             (Algorithm::Hashing(p), T::Hashing(t)) => p.pick_excluding(t, endpoints, key, exclude),
+            (Algorithm::PeakEwma(p), T::PeakEwma(t)) => {
+                p.pick_excluding(t, endpoints, key, exclude)
+            }
             _ => unreachable!("policy and table of one snapshot always match"),
         }
     }

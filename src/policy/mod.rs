@@ -17,10 +17,11 @@
 //! | policy | picks | state per pick |
 //! | --- | --- | --- |
 //! | [`RoundRobin`] | the next entry of a smooth weighted round-robin sequence | one atomic counter |
-//! | [`LeastConnections`] | the fewest requests in flight relative to weight; ties rotate | one scan |
+//! | [`LeastConnections`] | the fewest requests in flight relative to weight; ties rotate | a scan up to 64 backends; above, one atomic read (a tree updated as requests start and end) |
 //! | [`Hashing`] | the owner of the request's key on a consistent hash ring | one table lookup |
+//! | [`PeakEwma`] | the cheaper of two random backends: latency average × (in flight + 1) | two random draws, one clock read |
 //!
-//! [`Algorithm`] wraps the three so that the choice can be made (and changed) at run time,
+//! [`Algorithm`] wraps the four so that the choice can be made (and changed) at run time,
 //! for example from a configuration file.
 //!
 //! # Examples
@@ -56,16 +57,20 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
+
 use crate::stats::{BackendCounters, BackendStats};
 
 mod algorithm;
 mod hashing;
 mod least_connections;
+mod peak_ewma;
 mod round_robin;
 
 pub use self::algorithm::{Algorithm, AlgorithmTable, UnknownAlgorithm};
 pub use self::hashing::{stable_hash, Hashing, HashingTable};
 pub use self::least_connections::{LeastConnections, LeastConnectionsTable};
+pub use self::peak_ewma::{PeakEwma, PeakEwmaTable};
 pub use self::round_robin::{RoundRobin, RoundRobinTable};
 
 /// Chooses a backend for each request. See the [module docs](self).
@@ -115,8 +120,8 @@ pub trait Policy: Send + Sync + 'static {
 
 /// What a policy sees of one backend.
 ///
-/// `weight`, health and identity are fixed for the life of one snapshot; the in-flight count
-/// is live, shared by every snapshot the backend appears in.
+/// `weight`, slow start's part of it, health and identity are fixed for the life of one
+/// snapshot; the in-flight count is live, shared by every snapshot the backend appears in.
 #[derive(Clone)]
 pub struct Endpoint {
     id: u64,
@@ -125,7 +130,13 @@ pub struct Endpoint {
     /// Ejected by passive health (see [`crate::balance::outlier`]).
     ejected: bool,
     load: Arc<Load>,
+    /// Twentieths of the weight in force: below `RAMP_STEPS` while slow-starting.
+    ramp: u8,
 }
+
+/// Slow start ramps a weight in this many steps, from `RAMP_MIN` of them (a tenth).
+pub(crate) const RAMP_STEPS: u8 = 20;
+pub(crate) const RAMP_MIN: u8 = 2;
 
 impl Endpoint {
     pub(crate) fn new(id: u64, weight: u32, healthy: bool, load: Arc<Load>) -> Self {
@@ -135,7 +146,34 @@ impl Endpoint {
             healthy,
             ejected: false,
             load,
+            ramp: RAMP_STEPS,
         }
+    }
+
+    /// The same endpoint with `ramp` twentieths of its weight in force (slow start).
+    pub(crate) fn ramped(mut self, ramp: u8) -> Self {
+        self.ramp = ramp.clamp(RAMP_MIN, RAMP_STEPS);
+        self
+    }
+
+    /// Whether the backend is slow-starting: it joined or turned healthy less than the
+    /// set's [`slow_start`](crate::Backends::slow_start) ago, and the built-in policies
+    /// (but hashing) give it only part of its weight.
+    pub fn is_warming(&self) -> bool {
+        self.ramp < RAMP_STEPS
+    }
+
+    /// While slow-starting, the part of its weight in force: from 0.1 up to 0.95, in steps
+    /// of 0.05; `None` at full weight.
+    pub fn warmup(&self) -> Option<f64> {
+        self.is_warming()
+            .then(|| f64::from(self.ramp) / f64::from(RAMP_STEPS))
+    }
+
+    /// The weight a policy uses: [`weight`](Self::weight) × 20 at full weight, less while
+    /// slow-starting. Only ratios between endpoints matter.
+    pub(crate) fn ramped_weight(&self) -> u64 {
+        u64::from(self.weight) * u64::from(self.ramp)
     }
 
     /// A stable identity: the [`stable_hash`] of the backend's key. The same key has the same
@@ -144,7 +182,8 @@ impl Endpoint {
         self.id
     }
 
-    /// The backend's weight, at least 1.
+    /// The backend's configured weight, at least 1. While it slow-starts, the built-in
+    /// policies use [`warmup`](Self::warmup) of it.
     pub fn weight(&self) -> u32 {
         self.weight
     }
@@ -195,17 +234,42 @@ impl fmt::Debug for Endpoint {
             .field("weight", &self.weight)
             .field("healthy", &self.healthy)
             .field("ejected", &self.ejected)
+            .field("warmup", &self.warmup())
             .field("in_flight", &self.in_flight())
             .finish()
     }
 }
 
 /// The in-flight counter of one backend, and its counters (see [`crate::stats`]).
-#[derive(Debug, Default)]
+///
+/// A policy whose table follows the requests themselves (least connections keeps its
+/// backends ordered by load; peak EWMA learns latencies) registers a [`Watch`] here with
+/// [`Load::watch`]. Only such a table pays for it: without one, a request's start and end
+/// cost one more relaxed load of `watched`, in the cache line they already write.
+#[derive(Default)]
 pub(crate) struct Load {
-    in_flight: AtomicUsize,
+    pub(crate) in_flight: AtomicUsize,
+    /// 1 while `hook` is set (0 or 1; briefly 2 while one table replaces another).
+    watched: AtomicUsize,
+    hook: ArcSwapOption<Hook>,
     pub(crate) stats: BackendStats,
     pub(crate) outlier: crate::balance::outlier::Tracker,
+}
+
+/// The table watching a [`Load`], and the backend's slot in it.
+pub(crate) struct Hook {
+    watch: Arc<dyn Watch>,
+    slot: usize,
+}
+
+/// What a table that follows requests is told, for the backend in `slot`.
+pub(crate) trait Watch: Send + Sync + 'static {
+    /// The backend's in-flight count changed; `in_flight` is the live counter (read it
+    /// under whatever lock orders the updates, so that the last reader sees the last value).
+    fn in_flight_changed(&self, _slot: usize, _in_flight: &AtomicUsize) {}
+
+    /// A request on the backend ended after `elapsed` (after `in_flight_changed`).
+    fn request_ended(&self, _slot: usize, _elapsed: std::time::Duration) {}
 }
 
 impl Load {
@@ -213,12 +277,65 @@ impl Load {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    // SeqCst on the count and on `watched` (free on x86, where both are what Relaxed
+    // compiles to) pairs with `watch`: either a table's build reads the new count, or
+    // this change sees the table's hook.
     pub(crate) fn incr(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.watched.load(Ordering::SeqCst) != 0 {
+            if let Some(hook) = &*self.hook.load() {
+                hook.watch.in_flight_changed(hook.slot, &self.in_flight);
+            }
+        }
     }
 
-    pub(crate) fn decr(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Release);
+    /// A request ended after `elapsed`.
+    pub(crate) fn decr(&self, elapsed: std::time::Duration) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.watched.load(Ordering::SeqCst) != 0 {
+            if let Some(hook) = &*self.hook.load() {
+                hook.watch.in_flight_changed(hook.slot, &self.in_flight);
+                hook.watch.request_ended(hook.slot, elapsed);
+            }
+        }
+    }
+
+    /// Sends this backend's changes to `watch`, as its `slot`, instead of to the table
+    /// watching it so far. Register before reading the count for the table's first state.
+    pub(crate) fn watch(&self, watch: Arc<dyn Watch>, slot: usize) {
+        let previous = self.hook.swap(Some(Arc::new(Hook { watch, slot })));
+        if previous.is_none() {
+            self.watched.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Stops sending changes to `watch`, unless another table has replaced it already.
+    pub(crate) fn unwatch(&self, watch: &Arc<dyn Watch>) {
+        let current = self.hook.load_full();
+        let ours = match &current {
+            Some(hook) => std::ptr::addr_eq(Arc::as_ptr(&hook.watch), Arc::as_ptr(watch)),
+            None => false,
+        };
+        if ours {
+            let previous = self.hook.compare_and_swap(&current, None);
+            let swapped = match (&*previous, &current) {
+                (Some(p), Some(c)) => Arc::ptr_eq(p, c),
+                _ => false,
+            };
+            if swapped {
+                self.watched.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Load {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Load")
+            .field("in_flight", &self.get())
+            .field("watched", &(self.watched.load(Ordering::Relaxed) != 0))
+            .field("stats", &self.stats)
+            .finish()
     }
 }
 

@@ -12,6 +12,8 @@ use super::{healthy_indices, Endpoint, Policy};
 /// changes; a pick is one atomic increment and one array read, whatever the number of
 /// backends.
 ///
+/// A slow-starting backend counts with the part of its weight in force.
+///
 /// All clones of a balancer share the cursor, so the rotation is per request across every
 /// connection, not per connection.
 #[derive(Debug, Default)]
@@ -56,7 +58,7 @@ impl Policy for RoundRobin {
         let healthy = healthy_indices(endpoints);
         let weights: Vec<u64> = healthy
             .iter()
-            .map(|&i| u64::from(endpoints[i as usize].weight()))
+            .map(|&i| endpoints[i as usize].ramped_weight())
             .collect();
         RoundRobinTable {
             sequence: smooth_cycle(&healthy, &weights).into_boxed_slice(),

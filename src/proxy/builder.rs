@@ -25,6 +25,7 @@ use crate::Backends;
 /// | [`connect_timeout`](Self::connect_timeout), [`response_timeout`](Self::response_timeout) | 2 s, 30 s |
 /// | [`retries`](Self::retries), [`retry_budget`](Self::retry_budget) | 1, 20 percent (see [`Retries`]) |
 /// | [`passive_health`](Self::passive_health) (outlier ejection) | off |
+/// | [`slow_start`](Self::slow_start) | off |
 ///
 /// [`build`](Self::build) (or [`build_backends`](Self::build_backends)) must be called
 /// within a tokio runtime: it spawns the health checks on it
@@ -97,6 +98,7 @@ pub struct Builder<P = RoundRobin, E = ClientIpKey> {
     /// Retries and the budget in percent.
     retries: (u32, f64),
     passive: PassiveHealth,
+    slow_start: Duration,
 }
 
 impl Builder {
@@ -109,6 +111,7 @@ impl Builder {
             health: Some(("/health".to_owned(), health::Settings::default())),
             retries: (1, 20.0),
             passive: PassiveHealth::off(),
+            slow_start: Duration::ZERO,
         }
     }
 }
@@ -129,6 +132,7 @@ impl<P, E> Builder<P, E> {
             health: self.health,
             retries: self.retries,
             passive: self.passive,
+            slow_start: self.slow_start,
         }
     }
 
@@ -143,6 +147,7 @@ impl<P, E> Builder<P, E> {
             health: self.health,
             retries: self.retries,
             passive: self.passive,
+            slow_start: self.slow_start,
         }
     }
 
@@ -192,6 +197,14 @@ impl<P, E> Builder<P, E> {
     /// default.
     pub fn passive_health(mut self, settings: PassiveHealth) -> Self {
         self.passive = settings;
+        self
+    }
+
+    /// A backend that joins the set later, or turns healthy again, ramps from a tenth of
+    /// its weight to all of it over `duration` (see [`Backends::slow_start`]); the
+    /// backends given to [`build`](Self::build) take their full weight at once. Zero: off.
+    pub fn slow_start(mut self, duration: Duration) -> Self {
+        self.slow_start = duration;
         self
     }
 
@@ -252,6 +265,9 @@ impl<P: Policy, E> Builder<P, E> {
     ) -> Result<HttpBalance<P, E>, BuildError> {
         let backends = checked(self.policy, &self.client, self.health, addresses)?;
         backends.passive_health(self.passive);
+        if !self.slow_start.is_zero() {
+            backends.slow_start(self.slow_start);
+        }
         let (retries, percent) = self.retries;
         let retries = Retries::new(retries).budget(percent);
         let balance = balancer(backends, self.key).into_inner();
@@ -266,6 +282,9 @@ impl<P: Policy, E> Builder<P, E> {
     ) -> Result<HttpBackends<P>, BuildError> {
         let backends = checked(self.policy, &self.client, self.health, addresses)?;
         backends.passive_health(self.passive);
+        if !self.slow_start.is_zero() {
+            backends.slow_start(self.slow_start);
+        }
         Ok(backends)
     }
 }
@@ -312,6 +331,7 @@ impl<P: fmt::Debug, E: fmt::Debug> fmt::Debug for Builder<P, E> {
             .field("health", &self.health)
             .field("retries", &self.retries)
             .field("passive_health", &self.passive)
+            .field("slow_start", &self.slow_start)
             .finish()
     }
 }

@@ -116,6 +116,8 @@ impl Proxy {
         let checks = tokio::spawn(checks.attach(&backends).drive());
         let fixed = || config.servers.iter().filter(|s| !s.resolve());
         backends.update(|set| fixed().for_each(|server| add_server(set, &client, server)));
+        // After the servers of the start: they take full weight at their first pass.
+        backends.slow_start(config.slow_start);
         let resolved = config
             .servers
             .iter()
@@ -263,6 +265,9 @@ impl Proxy {
         } else {
             HashMap::new()
         };
+        if diff.slow_start {
+            self.backends.slow_start(next.slow_start);
+        }
         let mut drains: HashMap<Authority, Drain> = self.backends.update(|set| {
             let drains = removed
                 .iter()

@@ -484,7 +484,7 @@ pub fn config(backends: &[SocketAddr], extra: &str) -> Config {
         .collect();
     let json = format!(
         r#"{{"listen": "127.0.0.1:0", "servers": [{}], "spawn_backends": false,
-            "health_check_interval": 0.2, "health_check_timeout": 0.1{}{}}}"#,
+            "health_check_interval": 0.2, "health_check_timeout": 0.19{}{}}}"#,
         servers.join(", "),
         if extra.is_empty() { "" } else { ", " },
         extra
