@@ -268,9 +268,9 @@ async fn status_reports_every_backend() {
         "algorithm": "round_robin",
         "backends": [
             {"address": a.authority(), "weight": 1, "protocol": "http1", "healthy": true,
-             "ejected": false, "in_flight": 0, "requests": 2, "failures": 0},
+             "ejected": false, "slow_start": null, "in_flight": 0, "requests": 2, "failures": 0},
             {"address": b.authority(), "weight": 1, "protocol": "http1", "healthy": false,
-             "ejected": false, "in_flight": 0, "requests": 1, "failures": 0},
+             "ejected": false, "slow_start": null, "in_flight": 0, "requests": 1, "failures": 0},
         ]
     });
     assert_eq!(status, expected);
@@ -329,13 +329,16 @@ async fn the_page_shows_every_backend_in_a_browser() {
     let (a, b) = (Backend::start().await, Backend::start().await);
     // Answers 500: ejected by passive health at its first failure.
     let c = raw_backend(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n").await;
-    let proxy = proxy(admin_config(
-        &[a.addr, b.addr, c.addr],
-        r#""passive_health": {"consecutive_failures": 1, "ejection_time": 60, "max_ejection_percent": 100}"#,
-    ))
-    .await;
+    let settings = r#""passive_health": {"consecutive_failures": 1, "ejection_time": 60, "max_ejection_percent": 100}, "slow_start": 60"#;
+    let mut proxy = proxy(admin_config(&[a.addr, b.addr, c.addr], settings)).await;
     b.set_healthy(false);
     wait_health(&proxy, &b, false).await;
+    // D joins after the start: it ramps up over slow_start once healthy.
+    let d = Backend::start().await;
+    proxy
+        .apply(admin_config(&[a.addr, b.addr, c.addr, d.addr], settings))
+        .await;
+    wait_health(&proxy, &d, true).await;
     let c_key: http::uri::Authority = c.addr.to_string().parse().unwrap();
     for _ in 0..2 {
         get(proxy.local_addr(), "/").await;
@@ -381,6 +384,7 @@ async fn the_page_shows_every_backend_in_a_browser() {
         (a.addr, "healthy"),
         (b.addr, "unhealthy"),
         (c.addr, "ejected"),
+        (d.addr, "slow-starting"),
     ] {
         let row_start = dom
             .find(&format!(r#"<tr data-backend="{addr}">"#))
@@ -388,11 +392,12 @@ async fn the_page_shows_every_backend_in_a_browser() {
         let row = &dom[row_start..];
         let row = &row[..row.find("</tr>").unwrap()];
         assert!(
-            row.contains(&format!(r#"<span class="{state}">{state}</span>"#)),
+            row.contains(&format!(r#"<span class="{state}""#))
+                && row.contains(&format!(">{state}</span>")),
             "{row}"
         );
     }
-    assert!(dom.contains("1 of 3 backends taking traffic"), "{dom}");
+    assert!(dom.contains("2 of 4 backends taking traffic"), "{dom}");
     proxy.shutdown().await.unwrap();
 }
 

@@ -6,7 +6,9 @@
 //! request then costs the same whether or not anyone scrapes. The names are those of the
 //! contract, plus `tower_lb_backend_failures_total`. `tower_lb_backend_up` is 1 for a
 //! backend that takes traffic: healthy by its checks and not ejected by passive health;
-//! `/status` gives the two apart (`healthy`, `ejected`).
+//! `/status` gives the two apart (`healthy`, `ejected`), and `slow_start` is the share of
+//! its weight a backend ramping up after joining or recovering has now (`null` at full
+//! weight).
 //!
 //! # Examples
 //!
@@ -137,6 +139,7 @@ pub fn status<S: BackendProtocol + Clone>(
                 "protocol": protocol,
                 "healthy": endpoint.passes_health_checks(),
                 "ejected": endpoint.is_ejected(),
+                "slow_start": endpoint.warmup(),
                 "in_flight": endpoint.in_flight(),
                 "requests": counters.requests(),
                 "failures": counters.failures(),
