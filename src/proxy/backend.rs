@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::error::{BackendError, ConnectError, ResponseTimeout};
-use super::upstream::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
+use super::h1::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
 use super::{peer_ip, socket_target};
 use crate::balance::error::Unsent;
 use crate::balance::MakeBackend;

@@ -45,14 +45,13 @@ mod body;
 mod builder;
 mod client_ip;
 pub mod error;
-mod framing;
+mod h1;
 #[cfg(feature = "http2")]
 mod h2;
 mod hash_key;
 mod headers;
 mod respond;
 mod server;
-mod upstream;
 
 /// The futures the services of this module return.
 pub mod future {
@@ -69,6 +68,7 @@ pub use self::backend::{Backend, Client};
 pub use self::body::{TrackBody, TrackedBody};
 pub use self::builder::{BuildError, Builder};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
+pub use self::h1::UpstreamBody;
 #[cfg(feature = "http2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
 pub use self::h2::{Http2Backend, Http2Client};
@@ -76,7 +76,6 @@ pub use self::hash_key::{CookieKey, HashKey, HeaderKey, InvalidHashKey, PathKey}
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::respond::{error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody};
 pub use self::server::{bind, serve, Server};
-pub use self::upstream::UpstreamBody;
 
 /// Re-exported for naming backend addresses.
 pub use ::http::uri;

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -20,7 +20,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use super::access::{self, LoggedBody};
-use super::framing::FramingGuard;
+use super::h1::FramingGuard;
 use super::ClientAddr;
 use crate::BoxError;
 
@@ -31,8 +31,9 @@ use crate::BoxError;
 ///   connection is closed (slowloris);
 /// - request heads over `max_header_bytes` (64 KiB) are refused with `431`;
 /// - malformed requests get `400` from hyper and only their connection is affected; so do
-///   requests with both `Content-Length` and `Transfer-Encoding` (and two different
-///   `Content-Length`s), which are never passed on: the connection closes after the `400`;
+///   requests that the HTTP/1 codec's rules refuse, which are never passed on: both
+///   `Content-Length` and `Transfer-Encoding`, two different `Content-Length`s, two `Host`s
+///   or an invalid one (and `CONNECT` gets `405`); the connection closes after the answer;
 /// - every request carries its connection's [`ClientAddr`];
 /// - TCP_NODELAY on accepted sockets.
 ///
@@ -127,24 +128,27 @@ impl Server {
             let (stream, verdict) = FramingGuard::new(stream);
             let service = service.clone();
             let requests = AtomicU64::new(0);
-            let hyper_service = hyper::service::service_fn(
-                move |mut request: Request<Incoming>| {
+            let hyper_service =
+                hyper::service::service_fn(move |mut request: Request<Incoming>| {
                     let index = requests.fetch_add(1, Ordering::Relaxed);
                     // Off by default: then one check of a cached interest, nothing more.
                     let entry =
                         (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
                     request.extensions_mut().insert(ClientAddr(peer));
-                    let call =
-                        (!verdict.refuses(index)).then(|| call_now(service.clone(), request));
+                    // The codec's request rules (framing, Host, CONNECT): refused, never forwarded.
+                    let call = match verdict.check(index, &request) {
+                        None => Ok(call_now(service.clone(), request)),
+                        Some(refusal) => Err(refusal),
+                    };
                     async move {
                         let response = match call {
-                            Some(call) => call.await.map(|r| r.map(Either::Left)),
-                            None => {
-                                tracing::debug!(%peer, "refused a request with both Content-Length and Transfer-Encoding");
+                            Ok(call) => call.await.map(|r| r.map(Either::Left)),
+                            Err(refusal) => {
+                                tracing::debug!(%peer, %refusal, "refused a request");
                                 if observed {
-                                    crate::stats::local_response(400);
+                                    crate::stats::local_response(refusal.status().as_u16());
                                 }
-                                Ok(ambiguous_framing())
+                                Ok(refusal.response())
                             }
                         };
                         response.map(|response| {
@@ -155,8 +159,7 @@ impl Server {
                             response.map(|body| LoggedBody::new(body, entry))
                         })
                     }
-                },
-            );
+                });
             let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
             let conn = graceful.watch(conn);
             let open = observed.then(crate::stats::ClientConnection::open);
@@ -198,21 +201,6 @@ where
         // Not ready, or failed: `oneshot` waits for readiness and reports the error.
         _ => future::Either::Right(service.oneshot(request)),
     }
-}
-
-/// `400` for a request whose framing is ambiguous; the connection closes after it.
-fn ambiguous_framing<B>() -> Response<Either<B, Full<Bytes>>> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
-        b"400 Bad Request: both Content-Length and Transfer-Encoding\n",
-    ))));
-    *response.status_mut() = StatusCode::BAD_REQUEST;
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 /// Binds a listener for [`Server::serve`] with a listen backlog of 4096 (the kernel caps it

@@ -1,0 +1,287 @@
+//! The request as it goes to the backend: its head, encoded once (and again for another
+//! backend), and its body, written as it streams, chunked when its length is not known.
+
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http::header::{self, HeaderValue};
+use http::{Method, Request};
+use http_body::Body;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+use super::MAX_HEADERS;
+use crate::proxy::headers::{forwarded_for_value, HopByHop, X_FORWARDED_FOR};
+use crate::BoxError;
+
+/// How the request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Upload {
+    None,
+    Length,
+    Chunked,
+}
+
+/// The request head, encoded, with what is needed to send it again.
+pub(crate) struct Head {
+    /// Shared, so that sending it again costs no copy.
+    pub(super) bytes: Bytes,
+    pub(super) upload: Upload,
+    pub(super) head_request: bool,
+    /// Safe to send twice (RFC 9110 §9.2.2).
+    pub(super) idempotent: bool,
+}
+
+/// Encodes `request`'s head for the backend, rewritten as a reverse proxy forwards it:
+/// origin form, HTTP/1.1, hop-by-hop fields left out, `client` appended to
+/// `X-Forwarded-For`, `host` when the request has no `Host`; and the framing its body
+/// needs. The request itself is not changed: editing its `HeaderMap` (removals, an entry for `X-Forwarded-For`, a lookup
+/// for `Host`) cost more than writing the result directly.
+pub(crate) fn encode_head<B: Body>(
+    request: &Request<B>,
+    host: &HeaderValue,
+    client: Option<IpAddr>,
+) -> Head {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(request.method().as_str().as_bytes());
+    out.push(b' ');
+    // Origin form (`/path?query`), whatever form the client used.
+    match request.uri().path_and_query() {
+        Some(p) => out.extend_from_slice(p.as_str().as_bytes()),
+        None => out.push(b'/'),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let headers = request.headers();
+    let hop = HopByHop::of(headers);
+    let (mut has_host, mut has_length, mut forwarded) = (false, false, false);
+    for (name, value) in headers {
+        if hop.drops(name) {
+            continue;
+        }
+        if client.is_some() && name == X_FORWARDED_FOR {
+            // Joined with the client below.
+            forwarded = true;
+            continue;
+        }
+        has_host |= name == header::HOST;
+        has_length |= name == header::CONTENT_LENGTH;
+        field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !has_host {
+        field(&mut out, b"host", host.as_bytes());
+    }
+    if let Some(client) = client {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        let existing = forwarded.then(|| headers.get_all(X_FORWARDED_FOR));
+        forwarded_for_value(&mut out, existing.into_iter().flatten(), client);
+        out.extend_from_slice(b"\r\n");
+    }
+    let body = request.body();
+    let upload = if body.is_end_stream() {
+        if !has_length
+            && matches!(
+                *request.method(),
+                Method::POST | Method::PUT | Method::PATCH
+            )
+        {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        Upload::None
+    } else if has_length {
+        Upload::Length
+    } else if let Some(n) = body.size_hint().exact() {
+        field(&mut out, b"content-length", n.to_string().as_bytes());
+        Upload::Length
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Upload::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    let method = request.method();
+    Head {
+        bytes: Bytes::from(out),
+        upload,
+        head_request: method == Method::HEAD,
+        idempotent: matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        ),
+    }
+}
+
+/// Writes one header line.
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+impl Head {
+    /// The request again, as it went to the backend whose `Host` is `backend`, for another
+    /// backend: rebuilt from the encoded head (an error path only). Its `X-Forwarded-For`
+    /// already names the client, and a `Host` this proxy added for `backend` is left out
+    /// (the next backend adds its own). `None` if the head does not parse, which the
+    /// encoder never produces.
+    pub(crate) fn request_again<B>(&self, body: B, backend: &HeaderValue) -> Option<Request<B>> {
+        let mut fields = vec![httparse::EMPTY_HEADER; MAX_HEADERS + 64];
+        let mut parsed = httparse::Request::new(&mut fields);
+        if !matches!(parsed.parse(&self.bytes), Ok(httparse::Status::Complete(_))) {
+            return None;
+        }
+        let mut request = Request::builder().method(parsed.method?).uri(parsed.path?);
+        for f in parsed.headers.iter() {
+            if f.name.eq_ignore_ascii_case("host") && f.value == backend.as_bytes() {
+                continue;
+            }
+            request = request.header(f.name, f.value);
+        }
+        request.body(body).ok()
+    }
+}
+
+/// The request body still to be sent, and the bytes of it (or of the head) not yet written.
+pub(super) struct Sender<B> {
+    pub(super) body: Option<B>,
+    pub(super) upload: Upload,
+    pub(super) pending: Bytes,
+    pub(super) started: bool,
+}
+
+impl<B> Sender<B>
+where
+    B: Body + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    pub(super) fn new(body: B, head: &Head) -> Self {
+        Sender {
+            body: Some(body),
+            upload: head.upload,
+            pending: head.bytes.clone(),
+            started: false,
+        }
+    }
+
+    /// Writes what it can. `Ready(Ok)` when the request is sent in full.
+    pub(super) fn poll_send(
+        &mut self,
+        io: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), BoxError>> {
+        loop {
+            while !self.pending.is_empty() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.pending))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+                }
+                self.pending.advance(n);
+            }
+            if self.upload == Upload::None {
+                return Poll::Ready(Ok(()));
+            }
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            self.started = true;
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        let data = data.copy_to_bytes(data.remaining());
+                        if data.is_empty() {
+                            continue;
+                        }
+                        self.pending = match self.upload {
+                            Upload::Chunked => {
+                                let mut chunk = Vec::with_capacity(data.len() + 16);
+                                chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                                chunk.extend_from_slice(&data);
+                                chunk.extend_from_slice(b"\r\n");
+                                Bytes::from(chunk)
+                            }
+                            _ => data,
+                        };
+                    }
+                    // Trailers are dropped: not forwarded.
+                }
+                Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                None => {
+                    self.body = None;
+                    if self.upload == Upload::Chunked {
+                        self.pending = Bytes::from_static(b"0\r\n\r\n");
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn done(&self) -> bool {
+        self.pending.is_empty() && (self.upload == Upload::None || self.body.is_none())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded<B: Body>(request: &Request<B>, client: Option<&str>) -> String {
+        let host = HeaderValue::from_static("backend:9001");
+        let head = encode_head(request, &host, client.map(|c| c.parse().unwrap()));
+        String::from_utf8(head.bytes.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn heads_are_rewritten_as_they_are_encoded() {
+        use http_body_util::{Empty, Full};
+        let request = Request::get("http://example.com/a?b=1")
+            .header("host", "example.com")
+            .header("connection", "keep-alive, X-Secret")
+            .header("x-secret", "1")
+            .header("te", "trailers")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("accept", "*/*")
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let before = request.headers().clone();
+        assert_eq!(
+            encoded(&request, Some("127.0.0.7")),
+            "GET /a?b=1 HTTP/1.1\r\nhost: example.com\r\naccept: */*\r\n\
+             x-forwarded-for: 203.0.113.9, 10.0.0.1, 127.0.0.7\r\n\r\n"
+        );
+        // The request itself is left as it was.
+        assert_eq!(request.headers(), &before);
+
+        // Without a client address, X-Forwarded-For goes as it came; without Host, the
+        // backend's authority is sent.
+        let request = Request::post("/p")
+            .header("x-forwarded-for", "203.0.113.9")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            encoded(&request, None),
+            "POST /p HTTP/1.1\r\nx-forwarded-for: 203.0.113.9\r\nhost: backend:9001\r\n\
+             content-length: 0\r\n\r\n"
+        );
+
+        // A Content-Length that Connection names is not the body's framing.
+        let request = Request::put("/p")
+            .header("host", "h")
+            .header("connection", "content-length")
+            .header("content-length", "2")
+            .body(Full::new(Bytes::from_static(b"ok")))
+            .unwrap();
+        assert_eq!(
+            encoded(&request, Some("::1")),
+            "PUT /p HTTP/1.1\r\nhost: h\r\nx-forwarded-for: ::1\r\ncontent-length: 2\r\n\r\n"
+        );
+    }
+}
