@@ -38,7 +38,10 @@ pub(crate) struct Head {
 /// Encodes `request`'s head for the backend, rewritten as a reverse proxy forwards it:
 /// origin form, HTTP/1.1, hop-by-hop fields left out, `client` appended to
 /// `X-Forwarded-For`, `host` when the request has no `Host`; and the framing its body
-/// needs. The request itself is not changed: editing its `HeaderMap` (removals, an entry for `X-Forwarded-For`, a lookup
+/// needs. A request whose target carries an authority (absolute form, `GET
+/// http://a.example/x`, or an HTTP/2 request's `:authority`) goes with that authority as
+/// its `Host` (RFC 9112 §3.2.2), any `Host` field it had left out. The request itself is
+/// not changed: editing its `HeaderMap` (removals, an entry for `X-Forwarded-For`, a lookup
 /// for `Host`) cost more than writing the result directly.
 pub(crate) fn encode_head<B: Body>(
     request: &Request<B>,
@@ -54,9 +57,17 @@ pub(crate) fn encode_head<B: Body>(
         None => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    // The target's authority, without any user information (deprecated, RFC 9110 §4.2.4).
+    let target_host = request.uri().authority().map(|a| {
+        let a = a.as_str();
+        a.rsplit_once('@').map_or(a, |(_, host)| host)
+    });
+    if let Some(target_host) = target_host {
+        field(&mut out, b"host", target_host.as_bytes());
+    }
     let headers = request.headers();
     let hop = HopByHop::of(headers);
-    let (mut has_host, mut has_length, mut forwarded) = (false, false, false);
+    let (mut has_host, mut has_length, mut forwarded) = (target_host.is_some(), false, false);
     for (name, value) in headers {
         if hop.drops(name) {
             continue;
@@ -66,7 +77,12 @@ pub(crate) fn encode_head<B: Body>(
             forwarded = true;
             continue;
         }
-        has_host |= name == header::HOST;
+        if name == header::HOST {
+            if target_host.is_some() {
+                continue;
+            }
+            has_host = true;
+        }
         has_length |= name == header::CONTENT_LENGTH;
         field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -282,6 +298,27 @@ mod tests {
         assert_eq!(
             encoded(&request, Some("::1")),
             "PUT /p HTTP/1.1\r\nhost: h\r\nx-forwarded-for: ::1\r\ncontent-length: 2\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn an_absolute_target_becomes_origin_form_and_its_authority_the_host() {
+        use http_body_util::Empty;
+        let request = Request::get("http://user@a.example:8080/x?y")
+            .header("host", "other.example")
+            .header("accept", "*/*")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            encoded(&request, None),
+            "GET /x?y HTTP/1.1\r\nhost: a.example:8080\r\naccept: */*\r\n\r\n"
+        );
+        let request = Request::get("http://a.example")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            encoded(&request, None),
+            "GET / HTTP/1.1\r\nhost: a.example\r\n\r\n"
         );
     }
 }

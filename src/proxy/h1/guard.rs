@@ -9,7 +9,8 @@
 //! follows HTTP/1.1 request framing on the bytes as they arrive, by the rules of
 //! [`framing`](super::framing) (the same the response parser and the chunk decoder use),
 //! and records the index of the first head those rules refuse and why; the connection's
-//! service answers that request (and any after it) with `400`.
+//! service answers that request (and any after it) with `400`. [`Verdict::check`] adds the
+//! checks that need the parsed request ([`check_request`]: `Host`, the target, `CONNECT`).
 //!
 //! The scan costs little: it jumps from line to line with `memchr`, looks only at lines that
 //! start with `c` or `t`, and skips bodies by their length. Where it cannot follow the
@@ -24,7 +25,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::framing::{chunk_size, strip_cr, FramingError, FramingFields, Length, MAX_CHUNK_LINE};
-use super::request::Refusal;
+use super::request::{check_request, Refusal};
 
 /// Shared between the reader and the connection's service: the index of the first request
 /// on the connection that the framing rules refuse, and why.
@@ -41,9 +42,13 @@ impl Verdict {
             .map(|&(_, error)| error)
     }
 
-    /// Why `request`, the one with this index, must be refused, if it must.
-    pub(crate) fn check<B>(&self, index: u64, _request: &http::Request<B>) -> Option<Refusal> {
-        self.refuses(index).map(Refusal::Framing)
+    /// Why `request`, the one with this index, must be refused, if it must: by its framing,
+    /// or by [`check_request`].
+    pub(crate) fn check<B>(&self, index: u64, request: &http::Request<B>) -> Option<Refusal> {
+        match self.refuses(index) {
+            Some(error) => Some(Refusal::Framing(error)),
+            None => check_request(request).err(),
+        }
     }
 
     fn set(&self, index: u64, error: FramingError) {

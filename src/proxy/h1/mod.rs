@@ -12,7 +12,8 @@
 //!
 //! - `framing`: the framing rules (`Content-Length` syntax, `Transfer-Encoding`,
 //!   duplicates, chunk-size lines, trailers), the same for requests and responses;
-//! - `request`: how a refused request is answered;
+//! - `request`: the rules of `Host`, the request target and `CONNECT`, and how a refused
+//!   request is answered;
 //! - `guard`: [`FramingGuard`], which follows request framing on the server's bytes and
 //!   refuses what the rules refuse;
 //! - `pool`: idle keep-alive connections ([`Pool`], [`Conn`]);
