@@ -1,5 +1,6 @@
 //! The chunked transfer coding, decoded (RFC 9112 §7.1) by the rules of
-//! [`framing`](super::framing): data as it arrives; the trailer section is checked.
+//! [`framing`](super::framing): data as it arrives, then the trailer section as one
+//! trailers frame.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -78,9 +79,10 @@ pub(crate) fn decode_chunk(
                     return Ok(None);
                 };
                 *state = Chunk::Done;
-                // Not forwarded yet.
-                drop(trailers);
-                return Ok(None);
+                if trailers.is_empty() {
+                    return Ok(None);
+                }
+                return Ok(Some(Frame::trailers(trailers)));
             }
         }
     }
@@ -156,7 +158,9 @@ mod tests {
         for split in 0..=input.len() {
             let (data, trailers) = decode_all(input, split).unwrap();
             assert_eq!(data, b"hello world", "split at {split}");
-            assert_eq!(trailers.len(), 0, "split at {split}");
+            assert_eq!(trailers.len(), 2, "split at {split}");
+            assert_eq!(trailers["x-trailer"], "1");
+            assert_eq!(trailers["x-other"], "2");
         }
         let input = b"2\r\nok\r\n0\r\n\r\n";
         for split in 0..=input.len() {

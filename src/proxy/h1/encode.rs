@@ -1,5 +1,6 @@
 //! The request as it goes to the backend: its head, encoded once (and again for another
-//! backend), and its body, written as it streams, chunked when its length is not known.
+//! backend), and its body, written as it streams, chunked with its trailers when its
+//! length is not known.
 
 use std::io;
 use std::net::IpAddr;
@@ -7,12 +8,13 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request};
 use http_body::Body;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+use super::framing::forbidden_trailer;
 use super::MAX_HEADERS;
 use crate::proxy::headers::{forwarded_for_value, HopByHop, X_FORWARDED_FOR};
 use crate::BoxError;
@@ -141,6 +143,23 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The last chunk of a chunked body: `0`, the trailer fields that may be forwarded, and
+/// the blank line.
+pub(super) fn last_chunk(trailers: Option<&HeaderMap>) -> Bytes {
+    let Some(trailers) = trailers.filter(|t| !t.is_empty()) else {
+        return Bytes::from_static(b"0\r\n\r\n");
+    };
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers {
+        if !forbidden_trailer(name) {
+            field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
+}
+
 impl Head {
     /// The request again, as it went to the backend whose `Host` is `backend`, for another
     /// backend: rebuilt from the encoded head (an error path only). Its `X-Forwarded-For`
@@ -170,6 +189,8 @@ pub(super) struct Sender<B> {
     pub(super) upload: Upload,
     pub(super) pending: Bytes,
     pub(super) started: bool,
+    /// Trailers of a chunked body, written with its last chunk.
+    pub(super) trailers: Option<HeaderMap>,
 }
 
 impl<B> Sender<B>
@@ -184,6 +205,7 @@ where
             upload: head.upload,
             pending: head.bytes.clone(),
             started: false,
+            trailers: None,
         }
     }
 
@@ -209,8 +231,8 @@ where
             };
             self.started = true;
             match ready!(Pin::new(body).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    if let Ok(mut data) = frame.into_data() {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data) => {
                         let data = data.copy_to_bytes(data.remaining());
                         if data.is_empty() {
                             continue;
@@ -226,13 +248,22 @@ where
                             _ => data,
                         };
                     }
-                    // Trailers are dropped: not forwarded.
-                }
+                    // Trailers go with the last chunk; a body framed by its length has no
+                    // place for them.
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            match &mut self.trailers {
+                                Some(all) => all.extend(trailers),
+                                None => self.trailers = Some(trailers),
+                            }
+                        }
+                    }
+                },
                 Some(Err(e)) => return Poll::Ready(Err(e.into())),
                 None => {
                     self.body = None;
                     if self.upload == Upload::Chunked {
-                        self.pending = Bytes::from_static(b"0\r\n\r\n");
+                        self.pending = last_chunk(self.trailers.take().as_ref());
                     }
                 }
             }
@@ -319,6 +350,19 @@ mod tests {
         assert_eq!(
             encoded(&request, None),
             "GET / HTTP/1.1\r\nhost: a.example\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn the_last_chunk_carries_the_trailers_that_may_be_forwarded() {
+        assert_eq!(&last_chunk(None)[..], b"0\r\n\r\n");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+        trailers.insert("content-length", HeaderValue::from_static("5"));
+        trailers.append("x-more", HeaderValue::from_static("1"));
+        assert_eq!(
+            &last_chunk(Some(&trailers))[..],
+            b"0\r\nx-checksum: abc\r\nx-more: 1\r\n\r\n"
         );
     }
 }

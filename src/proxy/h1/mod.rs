@@ -18,9 +18,9 @@
 //!   refuses what the rules refuse;
 //! - `pool`: idle keep-alive connections ([`Pool`], [`Conn`]);
 //! - `encode`: the request head for the backend ([`encode_head`]) and the request body,
-//!   chunked when its length is not known;
+//!   chunked with its trailers when its length is not known;
 //! - `parse`: the response head, parsed with `httparse` (hyper's parser);
-//! - `chunked`: the chunked decoder;
+//! - `chunked`: the chunked decoder, trailers included;
 //! - `body`: [`UpstreamBody`], the response body read from the connection;
 //! - `exchange`: one request and response on a connection.
 //!
