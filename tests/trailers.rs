@@ -97,7 +97,10 @@ async fn response_trailers_reach_the_client() {
     .await;
     let answer = ex.text();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.contains("transfer-encoding: chunked\r\n"), "{answer}");
+    assert!(
+        answer.contains("transfer-encoding: chunked\r\n"),
+        "{answer}"
+    );
     let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
     assert!(body.ends_with("0\r\nx-checksum: abc\r\n\r\n"), "{body:?}");
     assert!(!body.contains("set-cookie"), "{body:?}");

@@ -68,6 +68,10 @@ pub use self::backend::{Backend, Client};
 pub use self::body::{TrackBody, TrackedBody};
 pub use self::builder::{BuildError, Builder};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
+/// The HTTP/1 codec's parsers and checks, for the fuzz targets and differential tests:
+/// not part of the API.
+#[doc(hidden)]
+pub use self::h1::fuzz as __fuzz;
 pub use self::h1::UpstreamBody;
 #[cfg(feature = "http2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]

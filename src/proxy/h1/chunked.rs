@@ -104,11 +104,11 @@ fn trailer_section(buf: &mut BytesMut) -> Result<Option<HeaderMap>, BoxError> {
             return Err("trailer line without CRLF".into());
         }
     }
+    // A trailer section is held until it ends: bound it as a head is, however it arrived.
+    if end.unwrap_or(buf.len()) > MAX_HEAD {
+        return Err("trailer section too large".into());
+    }
     let Some(end) = end else {
-        // A trailer section is held until it ends: bound it as a head is.
-        if buf.len() > MAX_HEAD {
-            return Err("trailer section too large".into());
-        }
         return Ok(None);
     };
     let mut trailers = HeaderMap::new();

@@ -6,8 +6,8 @@
 //! - `Content-Length` is `1*DIGIT` (optional whitespace around it), at most `u64::MAX`. A
 //!   sign, a comma list (`5, 5`), hex or an empty value is invalid. Several fields with the
 //!   same value are one; different values are an error.
-//! - `Transfer-Encoding` is a comma list of codings whose last element decides: `chunked`
-//!   frames the body. `chunked` twice is an error (RFC 9112 §7: a sender must not apply it
+//! - `Transfer-Encoding` is a comma list of codings (visible ASCII, spaces and tabs only)
+//!   whose last element decides: `chunked` frames the body. `chunked` twice is an error (RFC 9112 §7: a sender must not apply it
 //!   more than once), and so is `Transfer-Encoding` in an HTTP/1.0 message (§6.1). A
 //!   request whose last coding is not `chunked` is an error (§6.3: `400`); a response's body
 //!   then runs until the connection closes.
@@ -53,6 +53,9 @@ pub(crate) enum FramingError {
     ChunkedTwice,
     /// `Transfer-Encoding` in an HTTP/1.0 message.
     EncodingInHttp10,
+    /// A `Transfer-Encoding` with a byte that no coding has (hyper reads such a value as
+    /// naming no coding it knows).
+    InvalidTransferEncoding,
     /// A framing field too long to be read.
     FieldTooLong,
     /// Chunked data that breaks the rules (the size line, the CRLF after data).
@@ -69,6 +72,7 @@ impl FramingError {
             FramingError::NotChunked => "Transfer-Encoding not ending in chunked",
             FramingError::ChunkedTwice => "chunked applied twice",
             FramingError::EncodingInHttp10 => "Transfer-Encoding in HTTP/1.0",
+            FramingError::InvalidTransferEncoding => "invalid Transfer-Encoding",
             FramingError::FieldTooLong => "framing field too long",
             FramingError::InvalidChunk => "invalid chunked framing",
         }
@@ -112,6 +116,13 @@ impl FramingFields {
     /// Takes in a `Transfer-Encoding` value.
     pub(crate) fn transfer_encoding(&mut self, value: &[u8]) {
         self.has_transfer_encoding = true;
+        // Codings are tokens with parameters: visible ASCII, spaces and tabs only.
+        if !value
+            .iter()
+            .all(|&b| b == b' ' || b == b'\t' || (0x21..0x7f).contains(&b))
+        {
+            self.fail(FramingError::InvalidTransferEncoding);
+        }
         let mut last = false;
         for coding in value.split(|&b| b == b',') {
             // Empty elements count as codings (`chunked,` does not end in chunked), as in
@@ -355,6 +366,13 @@ mod tests {
             assert_eq!(f.request(false), Err(FramingError::ChunkedTwice));
             assert_eq!(f.response(false), Err(FramingError::ChunkedTwice));
         }
+
+        let f = fields(&[("te", "gz\u{e9}p, chunked")]);
+        assert_eq!(f.request(false), Err(FramingError::InvalidTransferEncoding));
+        assert_eq!(
+            f.response(false),
+            Err(FramingError::InvalidTransferEncoding)
+        );
 
         let f = fields(&[("te", "chunked")]);
         assert_eq!(f.request(true), Err(FramingError::EncodingInHttp10));

@@ -140,7 +140,7 @@ enum Phase {
 }
 
 #[derive(Debug)]
-struct Scanner {
+pub(super) struct Scanner {
     phase: Phase,
     /// The current line matters (a request line, a field we look for, a chunk size).
     keep: bool,
@@ -166,7 +166,7 @@ struct Scanner {
 const MAX_LINE: usize = MAX_CHUNK_LINE;
 
 impl Scanner {
-    fn new(verdict: Verdict) -> Self {
+    pub(super) fn new(verdict: Verdict) -> Self {
         Scanner {
             phase: Phase::RequestLine,
             keep: false,
@@ -182,7 +182,7 @@ impl Scanner {
         }
     }
 
-    fn feed(&mut self, mut bytes: &[u8]) {
+    pub(super) fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             match self.phase {
                 Phase::Off => return,
@@ -214,6 +214,11 @@ impl Scanner {
                 _ => bytes = self.line_bytes(bytes),
             }
         }
+    }
+
+    /// Request heads seen so far.
+    pub(super) fn heads(&self) -> u64 {
+        self.heads
     }
 
     /// Consumes bytes of a line-oriented phase, up to and including one line end.

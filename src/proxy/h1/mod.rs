@@ -32,6 +32,8 @@ mod chunked;
 mod encode;
 mod exchange;
 mod framing;
+#[doc(hidden)]
+pub mod fuzz;
 mod guard;
 mod parse;
 mod pool;

@@ -51,7 +51,7 @@ impl Refusal {
         }
     }
 
-    fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Refusal::Framing(error) => error.as_str(),
             Refusal::TwoHosts => "two Host fields",
