@@ -40,12 +40,14 @@ const REQUEST_EXCEPTIONS: &[&str] = &[
 /// given as a list (`5, 5`, which hyper's client reads as 5 but its server refuses; the
 /// codec has one rule for both directions), `chunked` twice, a `Transfer-Encoding` with a
 /// byte outside visible ASCII (which hyper's client reads as not chunked, so until the
-/// connection closes: a reading another recipient may not share), and the `101` that
-/// hyper's client takes as an upgrade.
+/// connection closes: a reading another recipient may not share), a trailer line ended by
+/// a bare LF (hyper reads trailers on to the next CRLF CRLF), and the `101` that hyper's
+/// client takes as an upgrade.
 const RESPONSE_EXCEPTIONS: &[&str] = &[
     "invalid Content-Length",
     "chunked applied twice",
     "invalid Transfer-Encoding",
+    "trailer line without CRLF",
 ];
 
 const REQUESTS: &[&[u8]] = &[
@@ -61,23 +63,62 @@ const REQUESTS: &[&[u8]] = &[
 ];
 
 const RESPONSES: &[&[u8]] = &[
-    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nTrailer: t\r\n\r\n2;x=y\r\nok\r\n1\r\n!\r\n0\r\nt: 1\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nConnection: close, x-h\r\nX-H: 1\r\n\r\nbody until close",
     b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
     b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
-    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
-    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
     b"HTTP/1.1 500 Oops\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
 ];
 
-/// Bytes that mean something to an HTTP/1.1 parser, and two that never should appear.
-const INTERESTING: &[u8] = b"\r\n: \t,;0x9aZ\x00\x7f\xff";
+/// Bytes that mean something to an HTTP/1.1 parser (with the signs a number parser may
+/// take), and two that never should appear.
+const INTERESTING: &[u8] = b"\r\n: \t,;0x9aZ+-\x00\x7f\xff";
 
-/// `message` with one to three seeded mutations (the generator of `tests/mutations.rs`).
+/// Values of framing and routing fields that parsers are known to read differently.
+const TRICKY_VALUES: &[&[u8]] = &[
+    b"+5",
+    b"-5",
+    b"05",
+    b"5, 5",
+    b"5,",
+    b" 5 ",
+    b"0x5",
+    b"5\t",
+    b"",
+    b"99999999999999999999",
+    b"chunked, chunked",
+    b"chunked,",
+    b"chunked , gzip",
+    b"CHUNKED",
+    b"identity",
+    b"a.example:0",
+    b"[::1]",
+    b"u@a",
+    b"a b",
+];
+
+/// `message` with one to three seeded mutations (the generator of `tests/mutations.rs`),
+/// and one time in five the value of a field replaced by a tricky one first.
 fn mutate(rng: &mut SmallRng, message: &[u8]) -> Vec<u8> {
     let mut m = message.to_vec();
+    if rng.gen_bool(0.2) {
+        let colons: Vec<usize> = (0..m.len())
+            .filter(|&i| m[i..].starts_with(b": "))
+            .collect();
+        if !colons.is_empty() {
+            let start = colons[rng.gen_range(0..colons.len())] + 2;
+            let end = start + m[start..].iter().position(|&b| b == b'\r').unwrap_or(0);
+            let value = TRICKY_VALUES[rng.gen_range(0..TRICKY_VALUES.len())];
+            m.splice(start..end, value.iter().copied());
+        }
+        if rng.gen_bool(0.5) {
+            return m;
+        }
+    }
     for _ in 0..rng.gen_range(1..=3) {
         if m.is_empty() {
             break;
