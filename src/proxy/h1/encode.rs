@@ -53,10 +53,14 @@ pub(crate) fn encode_head<B: Body>(
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(request.method().as_str().as_bytes());
     out.push(b' ');
-    // Origin form (`/path?query`), whatever form the client used.
-    match request.uri().path_and_query() {
-        Some(p) => out.extend_from_slice(p.as_str().as_bytes()),
-        None => out.push(b'/'),
+    // Origin form (`/path?query`), whatever form the client used. `path()` is `/` for the
+    // empty path of `http://a.example?q` (found by the request_head fuzz target: the
+    // query alone, `GET ?q`, is no request target).
+    let uri = request.uri();
+    out.extend_from_slice(uri.path().as_bytes());
+    if let Some(query) = uri.query() {
+        out.push(b'?');
+        out.extend_from_slice(query.as_bytes());
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     // The target's authority, without any user information (deprecated, RFC 9110 §4.2.4).
@@ -350,6 +354,19 @@ mod tests {
         assert_eq!(
             encoded(&request, None),
             "GET / HTTP/1.1\r\nhost: a.example\r\n\r\n"
+        );
+        // A query without a path (the request_head fuzz target's first crash).
+        let request = Request::get("http://bs?q")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(
+            encoded(&request, None),
+            "GET /?q HTTP/1.1\r\nhost: bs\r\n\r\n"
+        );
+        let request = Request::options("*").body(Empty::<Bytes>::new()).unwrap();
+        assert_eq!(
+            encoded(&request, Some("::1")),
+            "OPTIONS * HTTP/1.1\r\nhost: backend:9001\r\nx-forwarded-for: ::1\r\n\r\n"
         );
     }
 
