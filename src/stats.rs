@@ -239,15 +239,16 @@ impl BackendCounters {
 #[derive(Debug, Default)]
 pub struct Global {
     retries: AtomicU64,
-    /// 400, 431, 502, 503, 504.
-    local: [AtomicU64; 5],
+    /// 400, 431, 502, 503, 504, 405.
+    local: [AtomicU64; 6],
     reloads: [AtomicU64; 2],
     client_connections: AtomicI64,
     health: Mutex<BTreeMap<String, [u64; 2]>>,
 }
 
 /// The statuses the proxy answers itself, in the order of [`Global::local_responses`].
-pub const LOCAL_STATUSES: [u16; 5] = [400, 431, 502, 503, 504];
+/// (`405` answers `CONNECT`; last, so that the others keep their places.)
+pub const LOCAL_STATUSES: [u16; 6] = [400, 431, 502, 503, 504, 405];
 
 /// The process-wide counters.
 pub fn global() -> &'static Global {
@@ -263,7 +264,7 @@ impl Global {
     }
 
     /// Answers the proxy made itself, by status, in the order of [`LOCAL_STATUSES`].
-    pub fn local_responses(&self) -> [u64; 5] {
+    pub fn local_responses(&self) -> [u64; 6] {
         self.local.each_ref().map(|a| a.load(Ordering::Relaxed))
     }
 

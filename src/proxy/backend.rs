@@ -15,9 +15,9 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::error::{BackendError, ConnectError, ResponseTimeout};
+use super::h1::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
 use super::replay::{self, ReplayBody};
 use super::upgrade::Upgrade;
-use super::upstream::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
 use super::{peer_ip, socket_target};
 use crate::balance::error::Unsent;
 use crate::balance::MakeBackend;
@@ -265,17 +265,10 @@ where
         // Encoded now, so that the request's head (slices of the server's read buffer) is
         // released before the server reads on: hyper then reuses its buffer instead of
         // allocating a new one for every request.
-        // An HTTP/2 request names its authority in the target (`:authority`), not in `Host`.
-        let authority;
-        let host = match request.uri().authority() {
-            Some(a) if request.version() == http::Version::HTTP_2 => {
-                authority = HeaderValue::from_str(a.as_str()).ok();
-                authority.as_ref().unwrap_or(&self.shared.host)
-            }
-            _ => &self.shared.host,
-        };
+        // A target with an authority (absolute form, or an HTTP/2 request's `:authority`)
+        // gives the backend its `Host`: see `encode_head`.
         let request = replay::prepare(request);
-        let head = encode_head(&request, host, peer_ip(&request));
+        let head = encode_head(&request, &self.shared.host, peer_ip(&request));
         if head.upgrade {
             let mut request = request;
             let upgrade = Upgrade::take(&mut request, self.shared.settings.tunnel_idle_timeout);

@@ -55,7 +55,7 @@ mod body;
 mod builder;
 mod client_ip;
 pub mod error;
-mod framing;
+mod h1;
 #[cfg(feature = "http2")]
 mod h2;
 mod hash_key;
@@ -66,7 +66,6 @@ mod respond;
 mod server;
 mod shutdown;
 mod upgrade;
-mod upstream;
 
 /// The futures the services of this module return.
 pub mod future {
@@ -89,6 +88,11 @@ pub use self::backend::{Backend, Client};
 pub use self::body::{TrackBody, TrackedBody};
 pub use self::builder::{BuildError, Builder};
 pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy, TrustedProxy};
+/// The HTTP/1 codec's parsers and checks, for the fuzz targets and differential tests:
+/// not part of the API.
+#[doc(hidden)]
+pub use self::h1::fuzz as __fuzz;
+pub use self::h1::UpstreamBody;
 #[cfg(feature = "http2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
 pub use self::h2::{Http2Backend, Http2Client};
@@ -99,7 +103,6 @@ pub use self::respond::{
     error_response, grpc_error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody,
 };
 pub use self::server::{bind, serve, Server};
-pub use self::upstream::UpstreamBody;
 
 /// Re-exported for naming backend addresses.
 pub use ::http::uri;

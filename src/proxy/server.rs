@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -23,7 +23,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use super::access::{self, LoggedBody};
-use super::framing::{FramingGuard, Verdict};
+use super::h1::{check_request, FramingGuard, Refusal, Verdict};
 use super::idle::{CountReads, IdleTimer, Reads};
 #[cfg(feature = "http2")]
 use super::idle::{GuardedBody, Streams};
@@ -39,8 +39,9 @@ use crate::BoxError;
 ///   connection is closed (slowloris);
 /// - request heads over `max_header_bytes` (64 KiB) are refused with `431`;
 /// - malformed requests get `400` from hyper and only their connection is affected; so do
-///   requests with both `Content-Length` and `Transfer-Encoding` (and two different
-///   `Content-Length`s), which are never passed on: the connection closes after the `400`;
+///   requests that the HTTP/1 codec's rules refuse, which are never passed on: both
+///   `Content-Length` and `Transfer-Encoding`, two different `Content-Length`s, two `Host`s
+///   or an invalid one (and `CONNECT` gets `405`); the connection closes after the answer;
 /// - every request carries its connection's [`ClientAddr`];
 /// - TCP_NODELAY on accepted sockets;
 /// - a keep-alive connection with no request for `client_idle_timeout` (60 s) is closed,
@@ -381,9 +382,9 @@ async fn serve_http2<S>(
 
 /// What differs between the requests of an HTTP/1 and an HTTP/2 connection.
 trait Protocol: Send + Sync + 'static {
-    /// Whether the request with this index (0-based, in arrival order) is refused for
-    /// ambiguous framing.
-    fn refuses(&self, index: u64) -> bool;
+    /// Whether the request with this index (0-based, in arrival order) is refused, and
+    /// why: the HTTP/1 codec's request rules (framing, `Host`, `CONNECT`).
+    fn check(&self, index: u64, request: &Request<Incoming>) -> Option<Refusal>;
 
     /// Prepares a request before the service sees it.
     fn prepare(&self, request: &mut Request<Incoming>);
@@ -395,8 +396,8 @@ struct Http1(Verdict, Watch);
 
 impl Protocol for Http1 {
     #[inline]
-    fn refuses(&self, index: u64) -> bool {
-        self.0.refuses(index)
+    fn check(&self, index: u64, request: &Request<Incoming>) -> Option<Refusal> {
+        self.0.check(index, request)
     }
 
     #[inline]
@@ -413,9 +414,10 @@ struct Http2;
 
 #[cfg(feature = "http2")]
 impl Protocol for Http2 {
+    /// HTTP/2 frames its messages itself; the rules of `Host` and `CONNECT` hold.
     #[inline]
-    fn refuses(&self, _: u64) -> bool {
-        false
+    fn check(&self, _: u64, request: &Request<Incoming>) -> Option<Refusal> {
+        check_request(request).err()
     }
 
     #[inline]
@@ -458,16 +460,20 @@ where
         // Off by default: then one check of a cached interest, nothing more.
         let entry = (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
         request.extensions_mut().insert(ClientAddr(peer));
-        let call = (!protocol.refuses(index)).then(|| call_now(service.clone(), request));
+        // The codec's request rules (framing, Host, CONNECT): refused, never forwarded.
+        let call = match protocol.check(index, &request) {
+            None => Ok(call_now(service.clone(), request)),
+            Some(refusal) => Err(refusal),
+        };
         async move {
             let response = match call {
-                Some(call) => call.await.map(|r| r.map(Either::Left)),
-                None => {
-                    tracing::debug!(%peer, "refused a request with both Content-Length and Transfer-Encoding");
+                Ok(call) => call.await.map(|r| r.map(Either::Left)),
+                Err(refusal) => {
+                    tracing::debug!(%peer, %refusal, "refused a request");
                     if observed {
-                        crate::stats::local_response(400);
+                        crate::stats::local_response(refusal.status().as_u16());
                     }
-                    Ok(ambiguous_framing())
+                    Ok(refusal.response())
                 }
             };
             response.map(|response| {
@@ -500,21 +506,6 @@ where
         // Not ready, or failed: `oneshot` waits for readiness and reports the error.
         _ => future::Either::Right(service.oneshot(request)),
     }
-}
-
-/// `400` for a request whose framing is ambiguous; the connection closes after it.
-fn ambiguous_framing<B>() -> Response<Either<B, Full<Bytes>>> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
-        b"400 Bad Request: both Content-Length and Transfer-Encoding\n",
-    ))));
-    *response.status_mut() = StatusCode::BAD_REQUEST;
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 /// Binds a listener for [`Server::serve`] with a listen backlog of 4096 (the kernel caps it

@@ -31,8 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::h1::UpstreamBody;
 use super::shutdown::Watch;
-use super::upstream::UpstreamBody;
 use crate::balance::error::Unsent;
 use crate::balance::InFlight;
 use crate::BoxError;

@@ -1,44 +1,58 @@
-//! Detecting requests that carry both `Content-Length` and `Transfer-Encoding`.
+//! The request side of the server: every HTTP/1.1 request is checked by the codec's rules
+//! before the service sees it.
 //!
-//! hyper resolves such a request by RFC 9112 §6.3 (Transfer-Encoding wins, Content-Length is
-//! dropped, the connection closes after the response) but does not tell the service that it
-//! happened. The contract asks for a `400` and that the backend never sees such a request:
-//! a request-smuggling attempt is refused, not repaired. So the server reads each connection
-//! through [`FramingGuard`], which follows HTTP/1.1 request framing on the bytes as they
-//! arrive and records the index of the first head that carried both fields; the
-//! connection's service answers that request (and any after it) with `400`.
+//! hyper parses requests, but where the framing is ambiguous it resolves it by RFC 9112
+//! §6.3 (Transfer-Encoding wins, Content-Length is dropped, the connection closes after the
+//! response) without telling the service that it happened. The contract asks for a `400`
+//! and that the backend never sees such a request: a request-smuggling attempt is refused,
+//! not repaired. So the server reads each connection through [`FramingGuard`], which
+//! follows HTTP/1.1 request framing on the bytes as they arrive, by the rules of
+//! [`framing`](super::framing) (the same the response parser and the chunk decoder use),
+//! and records the index of the first head those rules refuse and why; the connection's
+//! service answers that request (and any after it) with `400`. [`Verdict::check`] adds the
+//! checks that need the parsed request ([`check_request`]: `Host`, the target, `CONNECT`).
 //!
 //! The scan costs little: it jumps from line to line with `memchr`, looks only at lines that
 //! start with `c` or `t`, and skips bodies by their length. Where it cannot follow the
-//! framing (a request hyper will reject, or a CONNECT), it stops scanning: hyper closes such
-//! connections itself.
+//! framing (a CONNECT, or chunked data the rules refuse, which hyper refuses too), it
+//! stops scanning, refusing any later request on the connection.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Shared between the reader and the connection's service: `0`, or 1 + the index of the
-/// first ambiguous request on the connection.
+use super::framing::{chunk_size, strip_cr, FramingError, FramingFields, Length, MAX_CHUNK_LINE};
+use super::request::{check_request, Refusal};
+
+/// Shared between the reader and the connection's service: the index of the first request
+/// on the connection that the framing rules refuse, and why.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Verdict(Arc<AtomicU64>);
+pub(crate) struct Verdict(Arc<OnceLock<(u64, FramingError)>>);
 
 impl Verdict {
-    /// Whether the request with this index (0-based, in arrival order) must be refused.
-    pub(crate) fn refuses(&self, index: u64) -> bool {
-        match self.0.load(Ordering::Acquire) {
-            0 => false,
-            first => index + 1 >= first,
+    /// Why the request with this index (0-based, in arrival order) must be refused by its
+    /// framing, if it must.
+    pub(crate) fn refuses(&self, index: u64) -> Option<FramingError> {
+        self.0
+            .get()
+            .filter(|(first, _)| index >= *first)
+            .map(|&(_, error)| error)
+    }
+
+    /// Why `request`, the one with this index, must be refused, if it must: by its framing,
+    /// or by [`check_request`].
+    pub(crate) fn check<B>(&self, index: u64, request: &http::Request<B>) -> Option<Refusal> {
+        match self.refuses(index) {
+            Some(error) => Some(Refusal::Framing(error)),
+            None => check_request(request).err(),
         }
     }
 
-    fn set(&self, index: u64) {
-        let _ = self
-            .0
-            .compare_exchange(0, index + 1, Ordering::Release, Ordering::Relaxed);
+    fn set(&self, index: u64, error: FramingError) {
+        let _ = self.0.set((index, error));
     }
 }
 
@@ -126,7 +140,7 @@ enum Phase {
 }
 
 #[derive(Debug)]
-struct Scanner {
+pub(super) struct Scanner {
     phase: Phase,
     /// The current line matters (a request line, a field we look for, a chunk size).
     keep: bool,
@@ -137,29 +151,30 @@ struct Scanner {
     line_start: bool,
     /// The kept line was longer than [`MAX_LINE`]; only its start is looked at.
     truncated: bool,
-    /// `Content-Length` seen in this head, and its value if it parsed.
-    content_length: Option<Option<u64>>,
-    /// `Transfer-Encoding` seen in this head, and whether it ends in `chunked`.
-    chunked: Option<bool>,
+    /// The framing fields of this head.
+    fields: FramingFields,
+    /// This head's request line ends in `HTTP/1.0`.
+    http10: bool,
     connect: bool,
     chunk: u64,
     heads: u64,
     verdict: Verdict,
 }
 
-/// Longest line kept: names and values of the fields looked at are short.
-const MAX_LINE: usize = 256;
+/// Longest line kept: names and values of the fields looked at are short, and a chunk-size
+/// line is at most this long by the rules.
+const MAX_LINE: usize = MAX_CHUNK_LINE;
 
 impl Scanner {
-    fn new(verdict: Verdict) -> Self {
+    pub(super) fn new(verdict: Verdict) -> Self {
         Scanner {
             phase: Phase::RequestLine,
             keep: false,
             partial: Vec::new(),
             line_start: true,
             truncated: false,
-            content_length: None,
-            chunked: None,
+            fields: FramingFields::default(),
+            http10: false,
             connect: false,
             chunk: 0,
             heads: 0,
@@ -167,7 +182,7 @@ impl Scanner {
         }
     }
 
-    fn feed(&mut self, mut bytes: &[u8]) {
+    pub(super) fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             match self.phase {
                 Phase::Off => return,
@@ -199,6 +214,11 @@ impl Scanner {
                 _ => bytes = self.line_bytes(bytes),
             }
         }
+    }
+
+    /// Request heads seen so far.
+    pub(super) fn heads(&self) -> u64 {
+        self.heads
     }
 
     /// Consumes bytes of a line-oriented phase, up to and including one line end.
@@ -251,16 +271,17 @@ impl Scanner {
         }
     }
 
-    fn end_line(&mut self, line: Option<&[u8]>) {
-        let line = line.map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    fn end_line(&mut self, raw: Option<&[u8]>) {
+        // Heads may end lines with a bare LF (httparse takes them); chunked framing may not.
+        let line = raw.map(|l| l.strip_suffix(b"\r").unwrap_or(l));
         match self.phase {
             Phase::RequestLine => match line {
                 // Blank lines before a request line are allowed (RFC 9112 §2.2).
                 Some([]) => {}
                 Some(l) => {
                     self.connect = l.starts_with(b"CONNECT ");
-                    self.content_length = None;
-                    self.chunked = None;
+                    self.http10 = l.ends_with(b" HTTP/1.0");
+                    self.fields = FramingFields::default();
                     self.phase = Phase::Headers;
                 }
                 None => {}
@@ -269,66 +290,73 @@ impl Scanner {
                 Some([]) => self.end_head(),
                 Some(l) => {
                     if let Some(value) = field(l, b"content-length") {
-                        let length = if self.truncated {
-                            None
+                        if self.truncated {
+                            self.fields.too_long();
                         } else {
-                            parse_length(value)
-                        };
-                        self.content_length = Some(length);
+                            self.fields.content_length(value);
+                        }
                     } else if let Some(value) = field(l, b"transfer-encoding") {
-                        let last = value.rsplit(|&b| b == b',').next().unwrap_or(value);
-                        let chunked =
-                            !self.truncated && last.trim_ascii().eq_ignore_ascii_case(b"chunked");
-                        self.chunked = Some(chunked);
+                        if self.truncated {
+                            self.fields.too_long();
+                        } else {
+                            self.fields.transfer_encoding(value);
+                        }
                     }
                 }
                 None => {}
             },
             Phase::ChunkSize => {
+                let raw = raw.filter(|_| !self.truncated).and_then(strip_cr);
                 if self.chunk == u64::MAX {
                     // The CRLF that ends the previous chunk's data.
                     self.chunk = 0;
-                    if line != Some(&[][..]) {
-                        self.phase = Phase::Off;
+                    if raw != Some(&[][..]) {
+                        self.give_up();
                     }
                     return;
                 }
-                let size = line.and_then(|l| {
-                    let digits = l.split(|&b| b == b';').next().unwrap_or(l).trim_ascii();
-                    std::str::from_utf8(digits)
-                        .ok()
-                        .and_then(|d| u64::from_str_radix(d, 16).ok())
-                });
-                self.phase = match size {
+                self.phase = match raw.and_then(chunk_size) {
                     Some(0) => Phase::Trailers,
                     Some(n) => Phase::ChunkData(n),
-                    None => Phase::Off,
+                    None => {
+                        self.give_up();
+                        return;
+                    }
                 };
             }
-            Phase::Trailers => {
-                if line == Some(&[][..]) {
-                    self.phase = Phase::RequestLine;
-                }
-            }
+            // Trailer lines end with CRLF, as the chunk decoder has them (hyper takes a bare
+            // LF here, and would read on differently).
+            Phase::Trailers if self.truncated => {}
+            Phase::Trailers => match raw.map(strip_cr) {
+                Some(Some([])) => self.phase = Phase::RequestLine,
+                Some(None) => self.give_up(),
+                _ => {}
+            },
             Phase::Body(_) | Phase::ChunkData(_) | Phase::Off => {}
         }
+    }
+
+    /// Chunked data that the rules refuse (hyper refuses it too and closes the
+    /// connection): the requests after it cannot be told apart, so all are refused.
+    fn give_up(&mut self) {
+        self.verdict.set(self.heads, FramingError::InvalidChunk);
+        self.phase = Phase::Off;
     }
 
     fn end_head(&mut self) {
         let index = self.heads;
         self.heads += 1;
-        self.phase = match (self.content_length, self.chunked) {
-            (Some(_), Some(_)) => {
-                self.verdict.set(index);
+        self.phase = match self.fields.request(self.http10) {
+            Err(error) => {
+                self.verdict.set(index, error);
                 Phase::Off
             }
-            // Tunnels and requests hyper refuses (a bad length, a final coding other than
-            // chunked) end the connection's HTTP framing: stop following.
-            _ if self.connect => Phase::Off,
-            (None, Some(true)) => Phase::ChunkSize,
-            (None, Some(false)) | (Some(None), None) => Phase::Off,
-            (Some(Some(n)), None) if n > 0 => Phase::Body(n),
-            (Some(Some(_)), None) | (None, None) => Phase::RequestLine,
+            // A tunnel ends the connection's HTTP framing (and is refused): stop following.
+            Ok(_) if self.connect => Phase::Off,
+            Ok(Length::Chunked) => Phase::ChunkSize,
+            Ok(Length::Fixed(0)) => Phase::RequestLine,
+            Ok(Length::Fixed(n)) => Phase::Body(n),
+            Ok(Length::UntilClose) => Phase::Off,
         };
     }
 }
@@ -341,10 +369,6 @@ fn field<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
         .then(|| line[colon + 1..].trim_ascii())
 }
 
-fn parse_length(value: &[u8]) -> Option<u64> {
-    std::str::from_utf8(value).ok()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,7 +379,7 @@ mod tests {
         for c in chunks {
             s.feed(c);
         }
-        let first = (0..s.heads + 1).find(|&i| verdict.refuses(i));
+        let first = (0..s.heads + 1).find(|&i| verdict.refuses(i).is_some());
         (first, s.heads)
     }
 
@@ -409,5 +433,39 @@ mod tests {
         assert_eq!(scan_all_splits(r), (Some(1), 2));
         let r = b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n";
         assert_eq!(scan_all_splits(r), (Some(0), 1));
+    }
+
+    #[test]
+    fn the_framing_rules_are_those_of_responses() {
+        // `+5` is refused here as the response parser refuses it.
+        for bad in [
+            &b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\nhello"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(
+                scan_all_splits(bad),
+                (Some(0), 1),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let same = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(scan_all_splits(same), (None, 2));
+    }
+
+    #[test]
+    fn chunked_data_the_rules_refuse_refuses_what_follows() {
+        // A bare LF after chunk data: hyper fails the body; nothing after it is trusted.
+        let r = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(scan_all_splits(r), (Some(1), 1));
+        let r = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nok\r\n0\r\n\r\n";
+        assert_eq!(scan_all_splits(r), (Some(1), 1));
+        // A trailer section with a bare LF (found by tests/differential.rs: hyper reads
+        // it on to the next CRLF CRLF, so the line after it is not a request line).
+        let r = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\n0\r\nT: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(scan_all_splits(r), (Some(1), 1));
     }
 }

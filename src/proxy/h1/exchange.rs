@@ -1,0 +1,143 @@
+//! One request and response on a backend connection, driven by the task that serves the
+//! client: the request is written and the response head read by the future of the
+//! request itself.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::{Response, StatusCode};
+use http_body::Body;
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
+
+use super::body::UpstreamBody;
+use super::encode::{Head, Sender};
+use super::parse::{parse_head, Parsed};
+use super::pool::{Conn, Pool};
+use super::READ_SIZE;
+use crate::BoxError;
+
+/// Why an exchange failed. (The request body comes back with it when the request may be
+/// sent again: idempotent, nothing of its body consumed, no byte of an answer received.)
+#[derive(Debug)]
+pub(crate) struct ExchangeError {
+    pub(crate) error: BoxError,
+    /// Not the connection's first exchange: closed before an answer, it may have been a
+    /// stale keep-alive rather than a backend gone away.
+    pub(crate) reused: bool,
+}
+
+/// Sends `head` and `body` on `conn` and reads the response head, which must arrive by
+/// `deadline`. The response body reads on from the same connection, and puts it back in
+/// `pool` when it is reusable. On failure, the body comes back with the error when the
+/// request may be sent again (idempotent, no byte of an answer, no timeout), taken in
+/// part or not: whether it can be sent again from its start is the body's to say
+/// (`replay::ReplayBody`).
+pub(crate) async fn exchange<B>(
+    mut conn: Conn,
+    head: &Head,
+    body: B,
+    pool: Arc<Pool>,
+    deadline: Instant,
+) -> Result<Response<UpstreamBody<B>>, (ExchangeError, Option<B>)>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let reused = conn.reused;
+    conn.reused = true;
+    let mut sender = Sender::new(body, head);
+    conn.arm(deadline);
+    let fail = |error: BoxError, sender: &mut Sender<B>, conn: &Conn| {
+        let timed_out = error.is::<Elapsed>();
+        let retryable = !timed_out && head.idempotent && conn.rbuf.is_empty();
+        let body = retryable.then(|| sender.body.take().or(sender.ended.take()));
+        let body = body.flatten();
+        (ExchangeError { error, reused }, body)
+    };
+    let parsed = std::future::poll_fn(|cx| {
+        let poll = poll_head(&mut conn, &mut sender, head, cx);
+        if poll.is_pending() && conn.poll_expired(cx) {
+            return Poll::Ready(Err(Elapsed.into()));
+        }
+        poll
+    })
+    .await;
+    let parsed = match parsed {
+        Ok(parsed) if parsed.status == StatusCode::SWITCHING_PROTOCOLS && !head.upgrade => {
+            let error = "101 to a request that asked for no upgrade".into();
+            return Err((ExchangeError { error, reused }, None));
+        }
+        Ok(parsed) => parsed,
+        Err(error) => return Err(fail(error, &mut sender, &conn)),
+    };
+    sender.ended = None;
+    let mut response = Response::new(());
+    *response.status_mut() = parsed.status;
+    *response.version_mut() = parsed.version;
+    *response.headers_mut() = parsed.headers;
+    let body = UpstreamBody {
+        conn: Some(conn),
+        framing: parsed.framing,
+        keep_alive: parsed.keep_alive,
+        sender,
+        pool,
+    };
+    Ok(response.map(|()| body).map(UpstreamBody::settle))
+}
+
+/// Writes what it can of the request and reads until a response head is complete. Write
+/// and read together: a backend may answer before it has read the whole body.
+fn poll_head<B>(
+    conn: &mut Conn,
+    sender: &mut Sender<B>,
+    head: &Head,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Parsed, BoxError>>
+where
+    B: Body + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    if !sender.done() {
+        if let Poll::Ready(Err(e)) = sender.poll_send(&mut conn.io, cx) {
+            return Poll::Ready(Err(e));
+        }
+    }
+    loop {
+        if let Some(parsed) = parse_head(&mut conn.rbuf, head.head_request)? {
+            return Poll::Ready(Ok(parsed));
+        }
+        let n = ready!(poll_read(conn, cx))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            )
+            .into()));
+        }
+    }
+}
+
+/// The response head did not arrive in time.
+#[derive(Debug)]
+pub(crate) struct Elapsed;
+
+impl fmt::Display for Elapsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("response timeout")
+    }
+}
+
+impl std::error::Error for Elapsed {}
+
+pub(super) fn poll_read(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    conn.rbuf.reserve(READ_SIZE);
+    let read = pin!(conn.io.read_buf(&mut conn.rbuf));
+    read.poll(cx)
+}
