@@ -484,3 +484,33 @@ async fn an_idle_http2_connection_is_closed_one_with_a_request_open_stays() {
     assert!(started.elapsed() >= Duration::from_millis(900));
     proxy.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn host_rules_and_connect_hold_over_http2() {
+    let backend = Backend::start().await;
+    let proxy = proxy(config(&[backend.addr], "")).await;
+    let client = H2Client::connect(proxy.local_addr()).await;
+
+    // CONNECT (no extended CONNECT protocol): 405, never forwarded.
+    let response = within(client.send(Request::connect("app.example:443").body(empty()).unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    // A Host that is no authority: 400, never forwarded.
+    let response = within(
+        client.send(
+            Request::get("http://app.example/")
+                .header("host", "a b")
+                .body(empty())
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(backend.hits(), 0);
+    // The connection serves on.
+    let (status, _) = within(client.get("http://app.example/")).await;
+    assert_eq!(status, StatusCode::OK);
+    proxy.shutdown().await.unwrap();
+}
