@@ -9,6 +9,8 @@
 //! mutations are those of `tests/mutations.rs` (bytes changed, inserted, deleted,
 //! repeated, the message cut short), with fixed seeds: a failure reproduces.
 
+mod support;
+
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -119,32 +121,7 @@ fn mutate(rng: &mut SmallRng, message: &[u8]) -> Vec<u8> {
             return m;
         }
     }
-    for _ in 0..rng.gen_range(1..=3) {
-        if m.is_empty() {
-            break;
-        }
-        let at = rng.gen_range(0..m.len());
-        let byte = if rng.gen_bool(0.7) {
-            INTERESTING[rng.gen_range(0..INTERESTING.len())]
-        } else {
-            rng.gen()
-        };
-        match rng.gen_range(0..5) {
-            0 => m[at] = byte,
-            1 => m.insert(at, byte),
-            2 => {
-                let end = (at + rng.gen_range(1..=8)).min(m.len());
-                m.drain(at..end);
-            }
-            3 => {
-                let end = (at + rng.gen_range(1..=16)).min(m.len());
-                let copy = m[at..end].to_vec();
-                m.splice(at..at, copy);
-            }
-            _ => m.truncate(at),
-        }
-    }
-    m
+    support::mutate_bytes(rng, &m, INTERESTING)
 }
 
 const CANARY: &[u8] = b"GET /canary HTTP/1.1\r\nHost: c\r\n\r\n";

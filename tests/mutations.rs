@@ -66,33 +66,7 @@ const INTERESTING: &[u8] = b"\r\n: \t,;0x9aZ\x00\x7f\xff";
 
 /// `message` with one to three seeded mutations.
 fn mutate(rng: &mut SmallRng, message: &[u8]) -> Vec<u8> {
-    let mut m = message.to_vec();
-    for _ in 0..rng.gen_range(1..=3) {
-        if m.is_empty() {
-            break;
-        }
-        let at = rng.gen_range(0..m.len());
-        let byte = if rng.gen_bool(0.7) {
-            INTERESTING[rng.gen_range(0..INTERESTING.len())]
-        } else {
-            rng.gen()
-        };
-        match rng.gen_range(0..5) {
-            0 => m[at] = byte,
-            1 => m.insert(at, byte),
-            2 => {
-                let end = (at + rng.gen_range(1..=8)).min(m.len());
-                m.drain(at..end);
-            }
-            3 => {
-                let end = (at + rng.gen_range(1..=16)).min(m.len());
-                let copy = m[at..end].to_vec();
-                m.splice(at..at, copy);
-            }
-            _ => m.truncate(at),
-        }
-    }
-    m
+    support::mutate_bytes(rng, message, INTERESTING)
 }
 
 /// Everything the proxy sent must be HTTP/1.x responses: each answer starts with a status

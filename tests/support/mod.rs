@@ -724,3 +724,37 @@ impl H2Client {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 }
+
+/// `message` with one to three seeded byte-level mutations (replace, insert, delete,
+/// duplicate a run, truncate), the new bytes drawn mostly from `interesting`: the mutator
+/// of `tests/mutations.rs` and `tests/differential.rs`.
+pub fn mutate_bytes(rng: &mut rand::rngs::SmallRng, message: &[u8], interesting: &[u8]) -> Vec<u8> {
+    use rand::Rng;
+    let mut m = message.to_vec();
+    for _ in 0..rng.gen_range(1..=3) {
+        if m.is_empty() {
+            break;
+        }
+        let at = rng.gen_range(0..m.len());
+        let byte = if rng.gen_bool(0.7) {
+            interesting[rng.gen_range(0..interesting.len())]
+        } else {
+            rng.gen()
+        };
+        match rng.gen_range(0..5) {
+            0 => m[at] = byte,
+            1 => m.insert(at, byte),
+            2 => {
+                let end = (at + rng.gen_range(1..=8)).min(m.len());
+                m.drain(at..end);
+            }
+            3 => {
+                let end = (at + rng.gen_range(1..=16)).min(m.len());
+                let copy = m[at..end].to_vec();
+                m.splice(at..at, copy);
+            }
+            _ => m.truncate(at),
+        }
+    }
+    m
+}
