@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use support::{config, config_with_protocol, proxy, wait_health, within, Backend, H2Client};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -46,7 +46,7 @@ impl H2Backend {
         let log = seen.clone();
         let (counter, count) = tokio::sync::watch::channel(0);
         let counter = Arc::new(counter);
-        let service = tower::service_fn(move |request: Request<Incoming>| {
+        let service = tower::service_fn(move |request: Request<tower_lb::proxy::RequestBody>| {
             let log = log.clone();
             let counter = counter.clone();
             async move {

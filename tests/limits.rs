@@ -102,7 +102,7 @@ async fn ok_server(
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = tower::service_fn(|_: Request<hyper::body::Incoming>| async {
+    let service = tower::service_fn(|_: Request<tower_lb::proxy::RequestBody>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -666,7 +666,7 @@ async fn a_client_too_slow_with_its_headers_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let service = tower::service_fn(|_req: Request<hyper::body::Incoming>| async {
+    let service = tower::service_fn(|_req: Request<tower_lb::proxy::RequestBody>| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
             Bytes::from_static(b"ok"),
         )))

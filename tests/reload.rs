@@ -235,7 +235,7 @@ impl Restartable {
         let listener = tower_lb::proxy::bind(self.addr).unwrap();
         self.addr = listener.local_addr().unwrap();
         let (addr, released) = (self.addr, self.released.clone());
-        let service = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let service = tower::service_fn(move |req: Request<tower_lb::proxy::RequestBody>| {
             let path = req.uri().path().to_owned();
             let mut released = released.subscribe();
             async move {

@@ -252,7 +252,9 @@ where
 /// upload, or goes away in the middle of it) fails at the backend service too, but through
 /// no fault of the backend: with the `http` feature, an error whose chain holds hyper's
 /// "error reading a body from connection" (the client's body, read by the server) or a
-/// hyper *user* error (the request's body stream, or the request itself) is not a failure.
+/// hyper *user* error (the request's body stream, or the request itself) is not a failure;
+/// nor is a [`ClientBodyError`](crate::proxy::error::ClientBodyError), the body of a
+/// request that the proxy's own server read.
 /// Otherwise any client could eject backends.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ServerErrorsAsFailures;
@@ -273,6 +275,9 @@ impl Classify for ServerErrorsAsFailures {
 fn caused_by_request(error: &(dyn Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(error) = next {
+        if error.is::<crate::proxy::error::ClientBodyError>() {
+            return true;
+        }
         if let Some(error) = error.downcast_ref::<hyper::Error>() {
             // hyper has no predicate for its `Kind::Body`; its message is stable.
             if error.is_user() || error.to_string() == "error reading a body from connection" {

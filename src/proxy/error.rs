@@ -69,3 +69,35 @@ impl std::error::Error for BackendError {
         Some(&*self.source)
     }
 }
+
+/// The client's request body failed: the client went away in the middle of it, or broke
+/// its framing (a malformed chunked upload). The fault of the request, not of the backend
+/// it was going to: passive health does not count it against the backend.
+#[derive(Debug)]
+pub struct ClientBodyError {
+    pub(crate) source: crate::BoxError,
+}
+
+impl ClientBodyError {
+    pub(crate) fn new(source: impl Into<crate::BoxError>) -> Self {
+        ClientBodyError {
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "reading the client's request body failed: {}",
+            self.source
+        )
+    }
+}
+
+impl std::error::Error for ClientBodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}

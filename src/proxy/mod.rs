@@ -60,6 +60,7 @@ mod h1;
 mod h2;
 mod hash_key;
 mod headers;
+#[cfg(feature = "http2")]
 mod idle;
 mod replay;
 mod respond;
@@ -92,7 +93,7 @@ pub use self::client_ip::{peer_ip, ClientAddr, ClientIpKey, InvalidTrustedProxy,
 /// not part of the API.
 #[doc(hidden)]
 pub use self::h1::fuzz as __fuzz;
-pub use self::h1::UpstreamBody;
+pub use self::h1::{RequestBody, UpstreamBody};
 #[cfg(feature = "http2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
 pub use self::h2::{Http2Backend, Http2Client};

@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -14,8 +13,9 @@ use futures_util::future;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{Either, Full};
+#[cfg(feature = "http2")]
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
+#[cfg(feature = "http2")]
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
@@ -23,8 +23,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use super::access::{self, LoggedBody};
-use super::h1::{check_request, FramingGuard, Refusal, Verdict};
-use super::idle::{CountReads, IdleTimer, Reads};
+use super::h1::{check_request, serve_connection, FramingRefused, Refusal, RequestBody, Settings};
 #[cfg(feature = "http2")]
 use super::idle::{GuardedBody, Streams};
 use super::shutdown::{Shutdown, Watch};
@@ -142,7 +141,7 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()>
     where
-        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
             + Clone
             + Send
             + 'static,
@@ -154,6 +153,11 @@ impl Server {
         let builders = Arc::new(self.builders());
         let observed = self.observed;
         let (idle, head) = (self.client_idle_timeout, self.header_read_timeout);
+        let settings = Settings {
+            header_read_timeout: head,
+            idle_timeout: idle,
+            max_head: self.max_header_bytes,
+        };
         let limit = self.max_connections.map(|n| Arc::new(Semaphore::new(n)));
         tokio::pin!(shutdown);
         loop {
@@ -194,30 +198,35 @@ impl Server {
                     sniffed = tokio::time::timeout(head, sniff(&stream)) => sniffed,
                     () = watch.draining() => Ok(None),
                 };
-                let result = match sniffed {
+                match sniffed {
                     Ok(Some(true)) => {
-                        serve_http2(&builders, stream, service, peer, observed, watch, idle).await
+                        let result =
+                            serve_http2(&builders, stream, service, peer, observed, watch, idle)
+                                .await;
+                        if let Err(error) = result {
+                            // h2 answered a malformed request itself.
+                            tracing::debug!(%peer, %error, "client connection ended with an error");
+                        }
                     }
                     Ok(Some(false)) => {
-                        let reads = Arc::new(Reads::default());
-                        let stream = CountReads::new(stream, reads.clone());
-                        let mut http1 = builders.http1.clone();
-                        http1.timer(IdleTimer::new(reads, idle, head));
-                        Box::pin(serve_http1(stream, peer, service, &http1, watch, observed)).await
+                        let service = connection_service(service, peer, observed, Http1);
+                        let mut cut = watch.clone();
+                        let conn = serve_connection(stream, service, settings, watch);
+                        let answered = tokio::select! {
+                            biased;
+                            answered = conn => answered,
+                            () = cut.cut() => None,
+                        };
+                        if let (Some(answered), true) = (answered, open.is_some()) {
+                            // The codec answered a request that is not HTTP/1, or too large.
+                            crate::stats::local_response(answered.status());
+                            tracing::debug!(%peer, status = answered.status(), "answered a malformed request");
+                        }
                     }
                     Ok(None) | Err(_) => {
                         tracing::debug!(%peer, "client sent nothing; closing");
                         return;
                     }
-                };
-                if let Err(error) = result {
-                    // hyper answered a malformed request itself.
-                    if open.is_some() && error.is_parse_too_large() {
-                        crate::stats::local_response(431);
-                    } else if open.is_some() && error.is_parse() {
-                        crate::stats::local_response(400);
-                    }
-                    tracing::debug!(%peer, %error, "client connection ended with an error");
                 }
                 drop(open);
             });
@@ -228,53 +237,14 @@ impl Server {
     }
 }
 
-/// Serves one HTTP/1 client connection with hyper, following the server's shutdown with
-/// `watch`.
-async fn serve_http1<S, B>(
-    stream: CountReads<TcpStream>,
-    peer: SocketAddr,
-    service: S,
-    http: &hyper::server::conn::http1::Builder,
-    watch: Watch,
-    observed: bool,
-) -> hyper::Result<()>
-where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    let (stream, verdict) = FramingGuard::new(stream);
-    let hyper_service = connection_service(service, peer, observed, Http1(verdict, watch.clone()));
-    let conn = http
-        .serve_connection(TokioIo::new(stream), hyper_service)
-        .with_upgrades();
-    watch
-        .connection(conn, |conn| conn.graceful_shutdown())
-        .await
-}
-
 /// The connection builders of a [`Server`], shared by its connections.
 struct Builders {
-    http1: hyper::server::conn::http1::Builder,
     #[cfg(feature = "http2")]
     http2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
 }
 
 impl Server {
     fn builders(&self) -> Builders {
-        let mut http1 = hyper::server::conn::http1::Builder::new();
-        // One buffer for head and body instead of a queue of buffers for writev: most
-        // proxied responses are small, and the queue cost about 360 instructions per
-        // request (callgrind); an 8 MiB download costs the same CPU either way.
-        http1
-            .timer(TokioTimer::new())
-            .writev(false)
-            .header_read_timeout(self.header_read_timeout)
-            .max_header_size(self.max_header_bytes);
         #[cfg(feature = "http2")]
         let http2 = {
             let mut http2 =
@@ -286,7 +256,6 @@ impl Server {
             http2
         };
         Builders {
-            http1,
             #[cfg(feature = "http2")]
             http2,
         }
@@ -331,7 +300,7 @@ async fn serve_http2<S, B>(
     idle: Duration,
 ) -> hyper::Result<()>
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -346,7 +315,7 @@ where
     let counted = streams.clone();
     let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let guard = counted.open();
-        let response = hyper::service::Service::call(&service, request);
+        let response = hyper::service::Service::call(&service, request.map(RequestBody::from));
         async move {
             let response = response.await?;
             Ok::<_, Infallible>(response.map(|body| GuardedBody::new(body, guard)))
@@ -382,28 +351,21 @@ async fn serve_http2<S>(
 
 /// What differs between the requests of an HTTP/1 and an HTTP/2 connection.
 trait Protocol: Send + Sync + 'static {
-    /// Whether the request with this index (0-based, in arrival order) is refused, and
-    /// why: the HTTP/1 codec's request rules (framing, `Host`, `CONNECT`).
-    fn check(&self, index: u64, request: &Request<Incoming>) -> Option<Refusal>;
-
-    /// Prepares a request before the service sees it.
-    fn prepare(&self, request: &mut Request<Incoming>);
+    /// Whether the request is refused, and why: the HTTP/1 codec's request rules (framing,
+    /// `Host`, `CONNECT`).
+    fn check(&self, request: &Request<RequestBody>) -> Option<Refusal>;
 }
 
-/// HTTP/1: the connection's framing verdict, and the shutdown watch that a tunnel it may
-/// become follows (holding the connection's place under `max_connections`).
-struct Http1(Verdict, Watch);
+/// HTTP/1: the codec's framing verdict (the request carries it when it refuses), then the
+/// rules of `Host` and `CONNECT`.
+struct Http1;
 
 impl Protocol for Http1 {
     #[inline]
-    fn check(&self, index: u64, request: &Request<Incoming>) -> Option<Refusal> {
-        self.0.check(index, request)
-    }
-
-    #[inline]
-    fn prepare(&self, request: &mut Request<Incoming>) {
-        if request.extensions().get::<OnUpgrade>().is_some() {
-            request.extensions_mut().insert(self.1.clone());
+    fn check(&self, request: &Request<RequestBody>) -> Option<Refusal> {
+        match request.extensions().get::<FramingRefused>() {
+            Some(refused) => Some(Refusal::Framing(refused.0)),
+            None => check_request(request).err(),
         }
     }
 }
@@ -416,12 +378,9 @@ struct Http2;
 impl Protocol for Http2 {
     /// HTTP/2 frames its messages itself; the rules of `Host` and `CONNECT` hold.
     #[inline]
-    fn check(&self, _: u64, request: &Request<Incoming>) -> Option<Refusal> {
+    fn check(&self, request: &Request<RequestBody>) -> Option<Refusal> {
         check_request(request).err()
     }
-
-    #[inline]
-    fn prepare(&self, _: &mut Request<Incoming>) {}
 }
 
 /// The hyper service of one client connection: every request carries the connection's
@@ -439,13 +398,13 @@ fn connection_service<S, B, V: Protocol>(
     observed: bool,
     protocol: V,
 ) -> impl hyper::service::Service<
-    Request<Incoming>,
+    Request<RequestBody>,
     Response = Response<LoggedBody<Either<B, Full<Bytes>>>>,
     Error = Infallible,
     Future: Send + 'static,
 >
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -453,15 +412,12 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let requests = AtomicU64::new(0);
-    hyper::service::service_fn(move |mut request: Request<Incoming>| {
-        let index = requests.fetch_add(1, Ordering::Relaxed);
-        protocol.prepare(&mut request);
+    hyper::service::service_fn(move |mut request: Request<RequestBody>| {
         // Off by default: then one check of a cached interest, nothing more.
         let entry = (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
         request.extensions_mut().insert(ClientAddr(peer));
         // The codec's request rules (framing, Host, CONNECT): refused, never forwarded.
-        let call = match protocol.check(index, &request) {
+        let call = match protocol.check(&request) {
             None => Ok(call_now(service.clone(), request)),
             Some(refusal) => Err(refusal),
         };
@@ -532,7 +488,7 @@ pub async fn serve<S, B>(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()>
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
         + 'static,

@@ -5,7 +5,9 @@
 //! tunnel has left hyper by then. Here one [`Shutdown`] is watched by every connection and
 //! every tunnel ([`Watch`]), and it waits for all of them.
 
+#[cfg(feature = "http2")]
 use std::future::Future;
+#[cfg(feature = "http2")]
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,8 +99,9 @@ impl Watch {
         self.reached(Phase::Cut).await;
     }
 
-    /// Serves a client connection: `graceful` is called on it when the shutdown begins (no
+    /// Serves a client connection (hyper's HTTP/2): `graceful` is called on it when the shutdown begins (no
     /// new requests; those in flight finish), and it is dropped, closing it, at the cut.
+    #[cfg(feature = "http2")]
     pub(crate) async fn connection<C, E>(
         mut self,
         conn: C,

@@ -31,16 +31,23 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::h1::UpstreamBody;
+use super::h1::{OnClientUpgrade, Upgraded, UpstreamBody};
 use super::shutdown::Watch;
 use crate::balance::error::Unsent;
 use crate::balance::InFlight;
 use crate::BoxError;
 
+/// The client's side of an upgrade: from the proxy's own HTTP/1 server, or from hyper's (an
+/// embedding).
+enum Client {
+    Own(OnClientUpgrade),
+    Hyper(OnUpgrade),
+}
+
 /// What an upgrade request needs to become a tunnel, taken from it before it is sent.
 pub(crate) struct Upgrade {
-    /// The client's connection, once hyper has sent the `101`.
-    client: OnUpgrade,
+    /// The client's connection, once the server has sent the `101`.
+    client: Client,
     /// The server's shutdown, when the request came through [`super::Server`].
     shutdown: Option<Watch>,
     idle_timeout: Duration,
@@ -51,7 +58,10 @@ impl Upgrade {
         Upgrade {
             // Without hyper's handle (a request that did not come from a hyper server), a
             // `101` still passes, and its tunnel ends at once.
-            client: hyper::upgrade::on(&mut *request),
+            client: match request.extensions_mut().remove::<OnClientUpgrade>() {
+                Some(own) => Client::Own(own),
+                None => Client::Hyper(hyper::upgrade::on(&mut *request)),
+            },
             shutdown: request.extensions_mut().remove::<Watch>(),
             idle_timeout,
         }
@@ -89,7 +99,14 @@ impl Upgrade {
         match error.downcast::<Unsent<Request<B>>>() {
             Ok(unsent) => {
                 let (mut request, error) = unsent.into_parts();
-                request.extensions_mut().insert(self.client);
+                match self.client {
+                    Client::Own(own) => {
+                        request.extensions_mut().insert(own);
+                    }
+                    Client::Hyper(hyper) => {
+                        request.extensions_mut().insert(hyper);
+                    }
+                }
                 if let Some(shutdown) = self.shutdown {
                     request.extensions_mut().insert(shutdown);
                 }
@@ -120,16 +137,39 @@ async fn tunnel(upgrade: Upgrade, backend: TcpStream, read_ahead: BytesMut, hold
     let peer = backend.peer_addr().ok();
     let observed = shutdown.is_some();
     let run = async {
-        let mut client = TokioIo::new(client.await.map_err(io::Error::other)?);
-        // hyper's connection has ended, handing its socket over: the tunnel holds it now,
-        // and counts as the client connection it is (with a `Server`'s).
-        let _open = observed.then(crate::stats::ClientConnection::open);
-        // What the backend sent right after its `101`.
-        if !read_ahead.is_empty() {
-            client.write_all(&read_ahead).await?;
+        match client {
+            Client::Own(own) => {
+                let Upgraded {
+                    io: mut client,
+                    read_ahead: client_ahead,
+                } = own.upgraded().await?;
+                // The server's connection has ended, handing its socket over: the tunnel
+                // holds it now, and counts as the client connection it is.
+                let _open = observed.then(crate::stats::ClientConnection::open);
+                // What each side sent right after the request head and the `101`.
+                let mut backend = backend;
+                if !client_ahead.is_empty() {
+                    backend.write_all(&client_ahead).await?;
+                }
+                if !read_ahead.is_empty() {
+                    client.write_all(&read_ahead).await?;
+                }
+                drop((client_ahead, read_ahead));
+                copy_until_idle(client, backend, idle_timeout).await
+            }
+            Client::Hyper(hyper) => {
+                let mut client = TokioIo::new(hyper.await.map_err(io::Error::other)?);
+                // hyper's connection has ended, handing its socket over (what the client
+                // sent after its head comes with it).
+                let _open = observed.then(crate::stats::ClientConnection::open);
+                // What the backend sent right after its `101`.
+                if !read_ahead.is_empty() {
+                    client.write_all(&read_ahead).await?;
+                }
+                drop(read_ahead);
+                copy_until_idle(client, backend, idle_timeout).await
+            }
         }
-        drop(read_ahead);
-        copy_until_idle(client, backend, idle_timeout).await
     };
     let cut = async {
         match shutdown {

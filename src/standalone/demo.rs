@@ -2,11 +2,11 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 
+use crate::proxy::RequestBody;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
 use http::{header, HeaderValue, Method, Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -40,7 +40,7 @@ impl DemoBackend {
         let listener = crate::proxy::bind(addr)?;
         let local_addr = listener.local_addr()?;
         let body = Bytes::from(address.to_string());
-        let service = tower::service_fn(move |request: Request<Incoming>| {
+        let service = tower::service_fn(move |request: Request<RequestBody>| {
             let text =
                 if request.method() == Method::GET && request.uri().path() == health_path.path() {
                     Bytes::from_static(b"ok")

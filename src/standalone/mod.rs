@@ -15,11 +15,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::proxy::RequestBody;
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use http::uri::Authority;
 use http::Request;
-use hyper::body::Incoming;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tower::discover::Change;
@@ -40,7 +40,7 @@ pub use self::demo::DemoBackend;
 use self::probe::ServerProbe;
 
 /// The standalone proxy's backend set: HTTP/1.1 and HTTP/2 backends (`servers[].protocol`).
-pub type Set = Backends<Authority, AnyBackend<Incoming>, Algorithm>;
+pub type Set = Backends<Authority, AnyBackend<RequestBody>, Algorithm>;
 
 /// A running proxy. See the [module docs](self).
 #[derive(Debug)]
@@ -81,11 +81,11 @@ fn client(config: &Config) -> Clients {
 #[derive(Debug, Clone)]
 struct Clients {
     http1: Client,
-    http2: Http2Client<Incoming>,
+    http2: Http2Client<RequestBody>,
 }
 
 impl Clients {
-    fn make_backend(&self, key: &Authority, protocol: Protocol) -> AnyBackend<Incoming> {
+    fn make_backend(&self, key: &Authority, protocol: Protocol) -> AnyBackend<RequestBody> {
         match protocol {
             Protocol::Http1 => AnyBackend::Http1(self.http1.make_backend(key)),
             Protocol::Http2 => AnyBackend::Http2(self.http2.make_backend(key)),
@@ -394,7 +394,7 @@ fn max_connections(config: &Config) -> usize {
 
 /// A configured server joins the set unhealthy: it takes traffic from its first passed probe.
 fn add_server(
-    set: &mut Update<'_, Authority, AnyBackend<Incoming>, Algorithm>,
+    set: &mut Update<'_, Authority, AnyBackend<RequestBody>, Algorithm>,
     client: &Clients,
     server: &ServerConfig,
 ) {
@@ -407,7 +407,7 @@ fn add_server(
     );
 }
 
-fn protocol_of(service: &AnyBackend<Incoming>) -> Protocol {
+fn protocol_of(service: &AnyBackend<RequestBody>) -> Protocol {
     match service.protocol() {
         "http2" => Protocol::Http2,
         _ => Protocol::Http1,

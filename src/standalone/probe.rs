@@ -26,7 +26,7 @@ pub(crate) struct ServerProbe {
     http2: Http2Probe,
     grpc: Http2Probe,
     use_grpc: Arc<AtomicBool>,
-    backends: Arc<WeakBackends<Authority, AnyBackend<hyper::body::Incoming>, Algorithm>>,
+    backends: Arc<WeakBackends<Authority, AnyBackend<crate::proxy::RequestBody>, Algorithm>>,
 }
 
 impl std::fmt::Debug for ServerProbe {

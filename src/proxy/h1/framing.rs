@@ -1,5 +1,5 @@
 //! The one set of HTTP/1.1 framing rules (RFC 9112 §6 and §7), for requests and responses
-//! alike: the request scanner of the server ([`super::guard`]), the response head parser
+//! alike: the request reader of the server ([`super::serve`]), the response head parser
 //! ([`super::parse`]), both chunk decoders and the request encoder all decide by these
 //! functions, so that no message is framed one way going in and another going out.
 //!
@@ -56,8 +56,6 @@ pub(crate) enum FramingError {
     /// A `Transfer-Encoding` with a byte that no coding has (hyper reads such a value as
     /// naming no coding it knows).
     InvalidTransferEncoding,
-    /// A framing field too long to be read.
-    FieldTooLong,
     /// Chunked data that breaks the rules (the size line, the CRLF after data).
     InvalidChunk,
 }
@@ -73,7 +71,6 @@ impl FramingError {
             FramingError::ChunkedTwice => "chunked applied twice",
             FramingError::EncodingInHttp10 => "Transfer-Encoding in HTTP/1.0",
             FramingError::InvalidTransferEncoding => "invalid Transfer-Encoding",
-            FramingError::FieldTooLong => "framing field too long",
             FramingError::InvalidChunk => "invalid chunked framing",
         }
     }
@@ -131,11 +128,6 @@ impl FramingFields {
             self.chunked += u32::from(last);
         }
         self.chunked_last = last;
-    }
-
-    /// Takes in a `Content-Length` or `Transfer-Encoding` field too long to be read.
-    pub(crate) fn too_long(&mut self) {
-        self.fail(FramingError::FieldTooLong);
     }
 
     fn fail(&mut self, error: FramingError) {

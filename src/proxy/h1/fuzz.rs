@@ -7,22 +7,15 @@ use http_body::Body;
 
 use super::body::Framing;
 use super::chunked::{decode_chunk, Chunk};
-use super::guard::{Scanner, Verdict};
 use crate::BoxError;
 
-/// What the server's request scanner made of a byte stream fed in `parts`: the request
-/// heads it saw, and the first it refused (its index and the reason).
+/// What the server's reading of a connection's bytes, fed in `parts`, made of them: the
+/// request heads it read, and the first it refused (its index and the reason).
 pub fn scan_requests<'a>(
     parts: impl IntoIterator<Item = &'a [u8]>,
 ) -> (u64, Option<(u64, &'static str)>) {
-    let verdict = Verdict::default();
-    let mut scanner = Scanner::new(verdict.clone());
-    for part in parts {
-        scanner.feed(part);
-    }
-    let heads = scanner.heads();
-    let first = (0..=heads).find_map(|i| verdict.refuses(i).map(|e| (i, e.as_str())));
-    (heads, first)
+    let input: Vec<u8> = parts.into_iter().flatten().copied().collect();
+    super::serve::scan(&input)
 }
 
 /// Why the server would refuse `request` by the Host, target and method rules: the

@@ -1,5 +1,5 @@
-//! The HTTP/1.1 codec: the proxy's client to its backends, and the checks its server makes
-//! on the requests it reads, under one set of rules.
+//! The HTTP/1.1 codec: the proxy's client to its backends and its server to clients, under
+//! one set of rules.
 //!
 //! hyper's client gives every upstream connection its own task and hands each request and
 //! response body across a channel. For a proxy that costs two task hand-offs per request
@@ -14,15 +14,15 @@
 //!   duplicates, chunk-size lines, trailers), the same for requests and responses;
 //! - `request`: the rules of `Host`, the request target and `CONNECT`, and how a refused
 //!   request is answered;
-//! - `guard`: [`FramingGuard`], which follows request framing on the server's bytes and
-//!   refuses what the rules refuse;
 //! - `pool`: idle keep-alive connections ([`Pool`], [`Conn`]);
 //! - `encode`: the request head for the backend ([`encode_head`]) and the request body,
 //!   chunked with its trailers when its length is not known;
 //! - `parse`: the response head, parsed with `httparse` (hyper's parser);
 //! - `chunked`: the chunked decoder, trailers included;
 //! - `body`: [`UpstreamBody`], the response body read from the connection;
-//! - `exchange`: one request and response on a connection.
+//! - `exchange`: one request and response on a connection;
+//! - `serve`: the server side, one client connection's requests and responses;
+//! - `incoming`: [`RequestBody`], a request body read from the client's connection.
 //!
 //! A connection is pooled again only when the response ended cleanly, the request body
 //! was sent in full, and neither side asked to close.
@@ -34,17 +34,21 @@ mod exchange;
 mod framing;
 #[doc(hidden)]
 pub mod fuzz;
-mod guard;
+mod incoming;
 mod parse;
 mod pool;
 mod request;
+mod serve;
 
 pub use self::body::UpstreamBody;
 pub(crate) use self::encode::{encode_head, Head};
 pub(crate) use self::exchange::{exchange, Elapsed};
-pub(crate) use self::guard::{FramingGuard, Verdict};
+pub use self::incoming::RequestBody;
 pub(crate) use self::pool::{Conn, Pool};
 pub(crate) use self::request::{check_request, Refusal};
+pub(crate) use self::serve::{
+    serve_connection, FramingRefused, OnClientUpgrade, Settings, Upgraded,
+};
 
 /// Largest response head (and trailer section) accepted.
 const MAX_HEAD: usize = 64 * 1024;

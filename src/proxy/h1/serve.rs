@@ -1,0 +1,814 @@
+//! The HTTP/1.1 server side of the codec: one client connection, its requests read and its
+//! responses written by the connection's own task.
+//!
+//! hyper's server holds an 8 KiB read buffer and a write buffer per connection from its
+//! first byte to its close, idle or not. Here a connection waiting for a request holds no
+//! buffer: bytes are read into a per-thread scratch buffer, and only a request head that
+//! arrived (the bytes of that read) is copied out, to be shared by the request's fields. A
+//! head that arrives in pieces is kept in a buffer of its own until it is whole. A
+//! response head is encoded into a buffer that lives for one write.
+//!
+//! The rules are the codec's: requests are framed by [`framing`](super::framing) (a
+//! request it refuses is answered `400` through the service's refusal path, and the
+//! connection closes), the `Host` and `CONNECT` rules are checked by the service of
+//! [`Server`](crate::proxy::Server). Keep-alive is HTTP/1.1's default, or HTTP/1.0's with
+//! `Connection: keep-alive`; `Expect: 100-continue` is answered when the body is first
+//! read, unless the response came first. A response without `Content-Length` whose length
+//! is known gets one; else it is chunked (with its trailers when the client sent
+//! `TE: trailers`), or, to an HTTP/1.0 client, delimited by the close.
+//!
+//! Timeouts: a connection waits `idle_timeout` for the first byte of its next request
+//! and `header_read_timeout` from that byte to the end of the head; a head over
+//! `max_head` bytes is answered `431`.
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::chunked::Chunk;
+use super::framing::{FramingError, FramingFields, Length};
+use super::incoming::{BodyState, ConnIo, Framing, RequestBody};
+use super::MAX_HEADERS;
+use crate::proxy::headers::HopByHop;
+use crate::proxy::shutdown::Watch;
+use crate::BoxError;
+
+/// The size of each thread's scratch read buffer: a request head within it arrives in one
+/// read, as most do.
+const SCRATCH: usize = 16 * 1024;
+
+/// The largest response head and body bytes gathered into one write.
+const WRITE_GATHER: usize = 64 * 1024;
+
+/// The settings of a connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_head: usize,
+}
+
+/// A request the codec's framing rules refuse: the service answers it (`400`) and the
+/// connection closes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FramingRefused(pub(crate) FramingError);
+
+/// What an upgrade request's client connection becomes after a `101`: the socket, and what
+/// the client sent after the request head.
+#[derive(Debug)]
+pub(crate) struct Upgraded {
+    pub(crate) io: TcpStream,
+    pub(crate) read_ahead: Bytes,
+}
+
+/// The client connection of an upgrade request, handed over once the `101` is written.
+#[derive(Debug, Clone)]
+pub(crate) struct OnClientUpgrade(Arc<std::sync::Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl OnClientUpgrade {
+    /// The connection, once the `101` has been written; an error if the connection ended
+    /// instead (or was taken already).
+    pub(crate) async fn upgraded(self) -> io::Result<Upgraded> {
+        let receiver = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match receiver {
+            Some(receiver) => receiver
+                .await
+                .map_err(|_| io::Error::other("the client connection was not handed over")),
+            None => Err(io::Error::other("the client connection was taken already")),
+        }
+    }
+}
+
+/// Why a connection ended with an error of the client's (counted as a local answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answered {
+    /// `400`: not HTTP/1.
+    BadRequest,
+    /// `431`: the head was too large.
+    TooLarge,
+}
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
+
+/// Serves the HTTP/1 connection `io` (whose first bytes have arrived) with `service` until
+/// the client closes, a timeout, an error, or the shutdown `watch` asks it to finish.
+/// Returns what the server answered itself, if it ended so.
+pub(crate) async fn serve_connection<S, B>(
+    io: TcpStream,
+    service: S,
+    settings: Settings,
+    mut watch: Watch,
+) -> Option<Answered>
+where
+    S: hyper::service::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let conn = Arc::new(ConnIo::new(io));
+    let mut pending = BytesMut::new();
+    // One timer for the connection's life, moved on lazily (moving a registered deadline
+    // later is one atomic operation; a new timer per request is an insert and a removal).
+    let mut timer = pin!(tokio::time::sleep(settings.header_read_timeout));
+    let mut first = true;
+    loop {
+        let bytes = match read_head(
+            &conn,
+            &mut pending,
+            first,
+            &settings,
+            &mut watch,
+            timer.as_mut(),
+        )
+        .await
+        {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return None,
+            Err(answer) => return answer_and_close(&conn, answer).await,
+        };
+        first = false;
+        let (request, info, rest) = match build_request(bytes, &conn, &watch, settings.max_head) {
+            Ok(built) => built,
+            Err(answer) => return answer_and_close(&conn, answer).await,
+        };
+        pending = rest;
+        // Boxed: the connection's future stays small while it waits for a request.
+        let Ok(response) = Box::pin(service.call(request)).await;
+        let keep_alive = info.keep_alive && !info.refused && !draining(&mut watch);
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        conn.responding();
+        let written = Box::pin(write_response(&conn, response, &info, keep_alive)).await;
+        let Ok(keep_alive) = written else {
+            return None;
+        };
+        if switching {
+            if let Some(upgrade) = info.upgrade {
+                hand_over(conn, pending, upgrade);
+            }
+            return None;
+        }
+        if !keep_alive {
+            return None;
+        }
+        match conn.take_body_state() {
+            BodyState::Reading if !info.body => {}
+            // What came after the body: the next request, perhaps.
+            BodyState::Done(rest) => pending = rest,
+            // A body not read to its end leaves the connection at an unknown point.
+            BodyState::Reading | BodyState::Broken => return None,
+        }
+        if pending.is_empty() {
+            // Waiting without a buffer.
+            pending = BytesMut::new();
+        }
+    }
+}
+
+async fn answer_and_close(conn: &ConnIo, answer: Answered) -> Option<Answered> {
+    let _ = write_all(&conn.io, answer.response()).await;
+    Some(answer)
+}
+
+/// Whether the server is shutting down.
+fn draining(watch: &mut Watch) -> bool {
+    watch.draining().now_or_never().is_some()
+}
+
+/// Sends the client's connection to the tunnel of its upgrade.
+fn hand_over(conn: Arc<ConnIo>, pending: BytesMut, upgrade: oneshot::Sender<Upgraded>) {
+    let Ok(conn) = Arc::try_unwrap(conn) else {
+        // The request's body is still held somewhere: the connection cannot be handed over.
+        return;
+    };
+    let _ = upgrade.send(Upgraded {
+        io: conn.io,
+        read_ahead: pending.freeze(),
+    });
+}
+
+impl Answered {
+    /// The status of the answer.
+    pub(crate) fn status(self) -> u16 {
+        match self {
+            Answered::BadRequest => 400,
+            Answered::TooLarge => 431,
+        }
+    }
+
+    /// A short description.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Answered::BadRequest => "malformed request head",
+            Answered::TooLarge => "request head too large",
+        }
+    }
+
+    fn response(self) -> &'static [u8] {
+        match self {
+            Answered::BadRequest => {
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            }
+            Answered::TooLarge => {
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            }
+        }
+    }
+}
+
+/// Whether the beginning of a head in `buf` is no request already.
+fn is_malformed(buf: &[u8]) -> bool {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    matches!(
+        httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut parsed, buf, &mut slots),
+        Err(error) if error != httparse::Error::TooManyHeaders
+    )
+}
+
+/// Whether `buf` holds the empty line that ends a head.
+fn has_head_end(buf: &[u8]) -> bool {
+    // Empty lines before the request line are skipped (RFC 9112 §2.2), as httparse does.
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n');
+    let buf = &buf[start.unwrap_or(buf.len())..];
+    memchr::memmem::find(buf, b"\n\r\n").is_some() || memchr::memmem::find(buf, b"\n\n").is_some()
+}
+
+/// Waits for the bytes of the next request head (with what came after it in the same
+/// reads). `Ok(None)`: the connection is to close quietly (the client closed, a timeout,
+/// the shutdown between requests).
+async fn read_head(
+    conn: &ConnIo,
+    pending: &mut BytesMut,
+    first: bool,
+    settings: &Settings,
+    watch: &mut Watch,
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> Result<Option<Bytes>, Answered> {
+    if has_head_end(pending) {
+        return Ok(Some(std::mem::take(pending).freeze()));
+    }
+    // The first head of a connection, and one begun, have the header timeout; the wait for
+    // the first byte of the next, the idle timeout.
+    let mut started = first || !pending.is_empty();
+    let timeout = if started {
+        settings.header_read_timeout
+    } else {
+        settings.idle_timeout
+    };
+    let mut deadline = Instant::now() + timeout;
+    loop {
+        if pending.len() > settings.max_head {
+            return Err(Answered::TooLarge);
+        }
+        if timer.deadline() > deadline {
+            // Only ever moved on lazily: a deadline sooner than the timer's sets it now.
+            timer.as_mut().reset(deadline);
+        }
+        let ready = {
+            let mut readable = pin!(conn.io.readable());
+            let mut draining = pin!(watch.draining());
+            let idle = !started;
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(ready) = readable.as_mut().poll(cx) {
+                    return Poll::Ready(ready.is_ok());
+                }
+                // The timer fires at the deadline it was last set to, perhaps earlier than
+                // this one; then it is moved on.
+                while timer.as_mut().poll(cx).is_ready() {
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(false);
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+                // Between requests, the shutdown closes the connection at once.
+                if idle && draining.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        if !ready {
+            return Ok(None);
+        }
+        let read = SCRATCH_BUF.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            match conn.io.try_read(&mut scratch) {
+                Ok(0) => Read::Closed,
+                Ok(n) if pending.is_empty() && has_head_end(&scratch[..n]) => {
+                    Read::Head(Bytes::copy_from_slice(&scratch[..n]))
+                }
+                Ok(n) => {
+                    pending.extend_from_slice(&scratch[..n]);
+                    if has_head_end(pending) {
+                        Read::Head(std::mem::take(pending).freeze())
+                    } else if is_malformed(pending) {
+                        // Answered at once, as hyper does, not when the head would end.
+                        Read::Malformed
+                    } else {
+                        Read::More
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read::More,
+                Err(_) => Read::Closed,
+            }
+        });
+        match read {
+            Read::Closed => return Ok(None),
+            Read::Malformed => return Err(Answered::BadRequest),
+            Read::Head(bytes) => return Ok(Some(bytes)),
+            Read::More if !started && !pending.is_empty() => {
+                started = true;
+                deadline = Instant::now() + settings.header_read_timeout;
+            }
+            Read::More => {}
+        }
+    }
+}
+
+enum Read {
+    Closed,
+    Malformed,
+    Head(Bytes),
+    More,
+}
+
+/// What the response to a request depends on.
+struct Info {
+    /// The client lets the connection stay open.
+    keep_alive: bool,
+    head_request: bool,
+    /// The client takes trailers (`TE: trailers`).
+    trailers: bool,
+    http10: bool,
+    /// The request has a body to read to its end before the next.
+    body: bool,
+    /// Refused by the framing rules: the connection closes after the answer.
+    refused: bool,
+    /// Where the client's connection goes after a `101`.
+    upgrade: Option<oneshot::Sender<Upgraded>>,
+}
+
+/// A request head, parsed and checked by the codec's rules.
+pub(crate) struct Parsed {
+    /// The head's length in its bytes.
+    pub(crate) len: usize,
+    method: Method,
+    uri: Uri,
+    http10: bool,
+    headers: HeaderMap,
+    /// The framing of its body, or why the rules refuse it.
+    pub(crate) framing: Result<Length, FramingError>,
+    close: bool,
+    keep_alive_token: bool,
+    expect: bool,
+    trailers: bool,
+    /// Both `Connection` and `Upgrade` came.
+    upgrade_fields: bool,
+}
+
+/// Parses the request head at the front of `bytes` (which holds its end) with httparse,
+/// hyper's parser. Its fields are slices of `bytes`.
+pub(crate) fn parse_request(bytes: &Bytes, max_head: usize) -> Result<Parsed, Answered> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        bytes,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+        Ok(httparse::Status::Complete(_)) | Err(httparse::Error::TooManyHeaders) => {
+            return Err(Answered::TooLarge)
+        }
+        // A head ends with its empty line: complete, or not a request.
+        Ok(httparse::Status::Partial) | Err(_) => return Err(Answered::BadRequest),
+    };
+    let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Answered::BadRequest)?;
+    let target = bytes.slice_ref(parsed.path.unwrap_or_default().as_bytes());
+    let uri = Uri::from_maybe_shared(target).map_err(|_| Answered::BadRequest)?;
+    let http10 = parsed.version != Some(1);
+
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut framing = FramingFields::default();
+    let (mut close, mut keep_alive_token) = (false, false);
+    let (mut expect, mut trailers, mut upgrade_fields) = (false, false, 0u8);
+    for field in parsed.headers.iter() {
+        let name =
+            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Answered::BadRequest)?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice_ref(field.value))
+            .map_err(|_| Answered::BadRequest)?;
+        if name == header::CONTENT_LENGTH {
+            framing.content_length(field.value);
+        } else if name == header::TRANSFER_ENCODING {
+            framing.transfer_encoding(field.value);
+        } else if name == header::CONNECTION {
+            close |= has_token(field.value, b"close");
+            keep_alive_token |= has_token(field.value, b"keep-alive");
+            upgrade_fields |= 1;
+        } else if name == header::UPGRADE {
+            upgrade_fields |= 2;
+        } else if name == header::EXPECT {
+            expect = field
+                .value
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::TE {
+            // `trailers`, perhaps with parameters.
+            trailers |= field.value.split(|&b| b == b',').any(|t| {
+                let coding = t.split(|&b| b == b';').next().unwrap_or_default();
+                coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
+            });
+        }
+        headers.append(name, value);
+    }
+    Ok(Parsed {
+        len,
+        method,
+        uri,
+        http10,
+        headers,
+        framing: framing.request(http10),
+        close,
+        keep_alive_token,
+        expect,
+        trailers,
+        upgrade_fields: upgrade_fields == 3,
+    })
+}
+
+/// Parses the head at the front of `bytes` into a request, its body reading what follows.
+/// Returns the request, what its response depends on, and the bytes after the request
+/// (none when it has a body, which takes them).
+fn build_request(
+    bytes: Bytes,
+    conn: &Arc<ConnIo>,
+    watch: &Watch,
+    max_head: usize,
+) -> Result<(Request<RequestBody>, Info, BytesMut), Answered> {
+    let Parsed {
+        len,
+        method,
+        uri,
+        http10,
+        headers,
+        framing,
+        close,
+        keep_alive_token,
+        expect,
+        trailers,
+        upgrade_fields,
+    } = parse_request(&bytes, max_head)?;
+
+    let mut rest = BytesMut::from(&bytes[len..]);
+    let mut refused = None;
+    let body = match framing {
+        Ok(Length::Fixed(0)) => None,
+        Ok(Length::Fixed(n)) => Some(Framing::Length(n)),
+        Ok(Length::Chunked) => Some(Framing::Chunked(Chunk::Size)),
+        Ok(Length::UntilClose) => None,
+        Err(error) => {
+            refused = Some(error);
+            None
+        }
+    };
+    let has_body = body.is_some();
+    let body = match body {
+        Some(framing) => RequestBody::http1(
+            conn.clone(),
+            std::mem::take(&mut rest),
+            framing,
+            expect && !http10,
+        ),
+        None => RequestBody::empty(),
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = if http10 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    *request.headers_mut() = headers;
+
+    let mut upgrade = None;
+    if upgrade_fields && !has_body && HopByHop::of(request.headers()).upgrade() {
+        let (tx, rx) = oneshot::channel();
+        request
+            .extensions_mut()
+            .insert(OnClientUpgrade(Arc::new(std::sync::Mutex::new(Some(rx)))));
+        // The tunnel follows the shutdown, and holds the connection's place.
+        request.extensions_mut().insert(watch.clone());
+        upgrade = Some(tx);
+    }
+    if let Some(error) = refused {
+        request.extensions_mut().insert(FramingRefused(error));
+    }
+    let keep_alive = !close && (!http10 || keep_alive_token);
+    let info = Info {
+        keep_alive,
+        head_request: request.method() == Method::HEAD,
+        trailers,
+        http10,
+        body: has_body,
+        refused: refused.is_some(),
+        upgrade,
+    };
+    Ok((request, info, rest))
+}
+
+/// Writes `response`, to the request described by `info`. Returns whether the connection
+/// can take another request; `Err` if it failed (the client went away, or the body broke
+/// off, which the client sees as a response cut short).
+async fn write_response<B>(
+    conn: &ConnIo,
+    response: Response<B>,
+    info: &Info,
+    mut keep_alive: bool,
+) -> io::Result<bool>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = response.into_parts();
+    let status = parts.status;
+    let no_body = info.head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let headers = &parts.headers;
+    let (mut has_length, mut has_date) = (false, false);
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH {
+            has_length = true;
+        } else if name == header::DATE {
+            has_date = true;
+        } else if name == header::CONNECTION && has_token(value.as_bytes(), b"close") {
+            keep_alive = false;
+        }
+    }
+    // How the body goes: as it is (its length given), chunked, or until the close.
+    let mut chunked = false;
+    let mut length = None;
+    if !no_body && !has_length && status != StatusCode::SWITCHING_PROTOCOLS {
+        match body.size_hint().exact() {
+            Some(n) => length = Some(n),
+            None if info.http10 => keep_alive = false,
+            None => chunked = true,
+        }
+    }
+
+    let mut buf = Vec::with_capacity(256);
+    // An HTTP/1.0 client is answered in its version, as hyper and nginx do.
+    buf.extend_from_slice(if info.http10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    buf.extend_from_slice(status.as_str().as_bytes());
+    buf.push(b' ');
+    buf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    buf.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if name == header::TRANSFER_ENCODING
+            || (name == header::CONTENT_LENGTH && status == StatusCode::SWITCHING_PROTOCOLS)
+        {
+            continue;
+        }
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = length {
+        buf.extend_from_slice(b"content-length: ");
+        buf.extend_from_slice(itoa(n).as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !has_date {
+        buf.extend_from_slice(b"date: ");
+        DATE.with(|date| buf.extend_from_slice(date.borrow_mut().now()));
+        buf.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive && status != StatusCode::SWITCHING_PROTOCOLS {
+        if !headers.contains_key(header::CONNECTION) {
+            buf.extend_from_slice(b"connection: close\r\n");
+        }
+    } else if info.http10 {
+        buf.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    buf.extend_from_slice(b"\r\n");
+
+    if no_body || status == StatusCode::SWITCHING_PROTOCOLS {
+        write_all(&conn.io, &buf).await?;
+        return Ok(keep_alive);
+    }
+    let mut body = pin!(body);
+    loop {
+        // Gather what is ready into one write; write when the body waits.
+        let frame = match body.as_mut().frame().now_or_never() {
+            Some(frame) => frame,
+            None => {
+                if !buf.is_empty() {
+                    write_all(&conn.io, &buf).await?;
+                    buf.clear();
+                }
+                body.as_mut().frame().await
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(error)) => {
+                let error: BoxError = error.into();
+                tracing::debug!(%error, "response body failed; closing the connection");
+                if !buf.is_empty() {
+                    let _ = write_all(&conn.io, &buf).await;
+                }
+                return Err(io::Error::other(error));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if chunked => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    buf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    gather(conn, &mut buf, data).await?;
+                    buf.extend_from_slice(b"\r\n");
+                }
+                Ok(data) => gather(conn, &mut buf, data).await?,
+                Err(frame) => {
+                    if let (Ok(fields), true, true) =
+                        (frame.into_trailers(), chunked, info.trailers)
+                    {
+                        buf.extend_from_slice(b"0\r\n");
+                        for (name, value) in &fields {
+                            buf.extend_from_slice(name.as_str().as_bytes());
+                            buf.extend_from_slice(b": ");
+                            buf.extend_from_slice(value.as_bytes());
+                            buf.extend_from_slice(b"\r\n");
+                        }
+                        buf.extend_from_slice(b"\r\n");
+                        chunked = false;
+                    }
+                }
+            },
+        }
+    }
+    if chunked {
+        buf.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !buf.is_empty() {
+        write_all(&conn.io, &buf).await?;
+    }
+    Ok(keep_alive)
+}
+
+/// Adds `data` to the write in `buf`; a large piece goes out with what is gathered, without
+/// a copy.
+async fn gather(conn: &ConnIo, buf: &mut Vec<u8>, data: Bytes) -> io::Result<()> {
+    if buf.len() + data.len() <= WRITE_GATHER {
+        buf.extend_from_slice(&data);
+        return Ok(());
+    }
+    write_vectored_all(&conn.io, buf, &data).await?;
+    buf.clear();
+    Ok(())
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}
+
+/// Writes all of `bytes`.
+pub(crate) async fn write_all(io: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match io.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `a`, then all of `b`.
+async fn write_vectored_all(io: &TcpStream, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
+    while !a.is_empty() {
+        match io.try_write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) if n < a.len() => a = &a[n..],
+            Ok(n) => {
+                b = &b[n - a.len()..];
+                a = &[];
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    write_all(io, b).await
+}
+
+/// The `Date` of responses, formatted once a second.
+struct CachedDate {
+    second: u64,
+    text: String,
+}
+
+thread_local! {
+    static DATE: RefCell<CachedDate> = const { RefCell::new(CachedDate { second: u64::MAX, text: String::new() }) };
+}
+
+impl CachedDate {
+    fn now(&mut self) -> &[u8] {
+        let now = SystemTime::now();
+        let second = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if second != self.second {
+            self.second = second;
+            self.text = httpdate::fmt_http_date(now);
+        }
+        self.text.as_bytes()
+    }
+}
+
+/// What the server makes of `input` as one connection's bytes, without a socket: how many
+/// request heads it reads, and the first it refuses (its index and why): the fuzz targets'
+/// and the differential test's view of [`serve_connection`]'s reading. Bodies are skipped
+/// by their framing; it reads on after requests that close the connection.
+pub(crate) fn scan(input: &[u8]) -> (u64, Option<(u64, &'static str)>) {
+    let mut buf = BytesMut::from(input);
+    let mut heads = 0;
+    loop {
+        let skip = buf
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+        if skip == buf.len() {
+            return (heads, None);
+        }
+        if !has_head_end(&buf) {
+            let refused = is_malformed(&buf).then_some((heads, Answered::BadRequest.reason()));
+            return (heads, refused);
+        }
+        let bytes = buf.split().freeze();
+        let parsed = match parse_request(&bytes, 64 * 1024) {
+            Ok(parsed) => parsed,
+            Err(answer) => return (heads, Some((heads, answer.reason()))),
+        };
+        heads += 1;
+        buf = BytesMut::from(&bytes[parsed.len..]);
+        match parsed.framing {
+            Err(error) => return (heads, Some((heads - 1, error.as_str()))),
+            Ok(Length::Fixed(n)) => {
+                if (buf.len() as u64) < n {
+                    return (heads, None);
+                }
+                let _ = buf.split_to(n as usize);
+            }
+            Ok(Length::UntilClose) => return (heads, None),
+            Ok(Length::Chunked) => {
+                let mut state = Chunk::Size;
+                loop {
+                    match super::chunked::decode_chunk(&mut state, &mut buf) {
+                        Ok(Some(_)) => {}
+                        Ok(None) if state == Chunk::Done => break,
+                        Ok(None) => return (heads, None),
+                        // The request was passed on; its body fails, and the connection
+                        // ends with it.
+                        Err(_) => return (heads, None),
+                    }
+                }
+            }
+        }
+    }
+}
