@@ -200,9 +200,12 @@ impl Server {
                 };
                 match sniffed {
                     Ok(Some(true)) => {
-                        let result =
-                            serve_http2(&builders, stream, service, peer, observed, watch, idle)
-                                .await;
+                        // Boxed, as the HTTP/1 connection below: the task of a connection
+                        // that has sent nothing yet stays small.
+                        let result = Box::pin(serve_http2(
+                            &builders, stream, service, peer, observed, watch, idle,
+                        ))
+                        .await;
                         if let Err(error) = result {
                             // h2 answered a malformed request itself.
                             tracing::debug!(%peer, %error, "client connection ended with an error");
@@ -211,7 +214,7 @@ impl Server {
                     Ok(Some(false)) => {
                         let service = connection_service(service, peer, observed, Http1);
                         let mut cut = watch.clone();
-                        let conn = serve_connection(stream, service, settings, watch);
+                        let conn = Box::pin(serve_connection(stream, service, settings, watch));
                         let answered = tokio::select! {
                             biased;
                             answered = conn => answered,
