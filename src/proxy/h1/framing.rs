@@ -56,8 +56,6 @@ pub(crate) enum FramingError {
     /// A `Transfer-Encoding` with a byte that no coding has (hyper reads such a value as
     /// naming no coding it knows).
     InvalidTransferEncoding,
-    /// Chunked data that breaks the rules (the size line, the CRLF after data).
-    InvalidChunk,
 }
 
 impl FramingError {
@@ -71,7 +69,6 @@ impl FramingError {
             FramingError::ChunkedTwice => "chunked applied twice",
             FramingError::EncodingInHttp10 => "Transfer-Encoding in HTTP/1.0",
             FramingError::InvalidTransferEncoding => "invalid Transfer-Encoding",
-            FramingError::InvalidChunk => "invalid chunked framing",
         }
     }
 }

@@ -1,0 +1,154 @@
+//! The proxy's own HTTP/1 server (`proxy::h1::serve`) on the wire: `Expect: 100-continue`,
+//! HTTP/1.0 keep-alive, pipelined requests with bodies, and how a response of unknown
+//! length is framed for each client version.
+
+mod support;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads from `stream` until `pattern` has arrived (or fails the test after 10 s).
+async fn read_until(stream: &mut TcpStream, out: &mut Vec<u8>, pattern: &[u8]) {
+    within(async {
+        let mut buf = [0u8; 4096];
+        while !out.windows(pattern.len()).any(|w| w == pattern) {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {:?}: {:?}",
+                String::from_utf8_lossy(pattern),
+                String::from_utf8_lossy(out)
+            );
+            out.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+}
+
+/// Reads until the server closes the connection.
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    within(stream.read_to_end(&mut out)).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // The client waits for the 100 before it sends a byte of the body.
+    let mut out = Vec::new();
+    read_until(&mut s, &mut out, b"\r\n\r\n").await;
+    let interim = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        interim.starts_with("HTTP/1.1 100 Continue\r\n\r\n"),
+        "{interim}"
+    );
+    s.write_all(b"hello").await.unwrap();
+    let answer = read_to_close(&mut s).await;
+    let answer = format!(
+        "{}{answer}",
+        &interim["HTTP/1.1 100 Continue\r\n\r\n".len()..]
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nhello"), "{answer}");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn http10_keeps_the_connection_only_when_asked() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let mut s = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        read_until(&mut s, &mut out, b"\r\n\r\n").await;
+        let head = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.0 200"), "{head}");
+        assert!(head.contains("connection: keep-alive\r\n"), "{head}");
+        assert!(head.contains("content-length:"), "{head}");
+        let length: usize = head
+            .split("content-length: ")
+            .nth(1)
+            .and_then(|v| v.split("\r\n").next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        let body_start = head.find("\r\n\r\n").unwrap() + 4;
+        let mut have = out.len() - body_start;
+        while have < length {
+            let mut buf = [0u8; 256];
+            have += within(s.read(&mut buf)).await.unwrap();
+        }
+    }
+    // Without `keep-alive`, the connection closes after the response.
+    let answer = raw(proxy.local_addr(), b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("connection: close\r\n"),
+        "{answer}"
+    );
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn pipelined_requests_with_bodies_are_answered_in_order() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let answer = raw(
+        proxy.local_addr(),
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\
+          POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\ndef\r\n0\r\n\r\n\
+          GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let responses: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(responses.len(), 3, "{answer}");
+    assert!(responses.iter().all(|r| r.starts_with("200")), "{answer}");
+    assert!(responses[0].ends_with("\r\n\r\nabc"), "{answer}");
+    // The second body's length was unknown to the backend: chunked to this HTTP/1.1 client.
+    assert!(
+        responses[1].contains("\r\n\r\n3\r\ndef\r\n0\r\n\r\n"),
+        "{answer}"
+    );
+    assert!(responses[2].ends_with(&b.addr.to_string()), "{answer}");
+    assert_eq!(b.paths(), ["/echo", "/echo", "/last"]);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_body_of_unknown_length_goes_chunked_to_http11_and_until_the_close_to_http10() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    // `/hold` streams "first;" and, once released, "last", without a length.
+    b.release(2);
+    let answer = raw(
+        proxy.local_addr(),
+        b"GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("transfer-encoding: chunked\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n0\r\n\r\n"), "{answer}");
+
+    let answer = raw(
+        proxy.local_addr(),
+        b"GET /hold HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await;
+    let lower = answer.to_ascii_lowercase();
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(!lower.contains("transfer-encoding"), "{answer}");
+    assert!(lower.contains("connection: close\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nfirst;last"), "{answer}");
+    proxy.shutdown().await.unwrap();
+}
