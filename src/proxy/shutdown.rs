@@ -80,13 +80,12 @@ impl Watch {
     ///
     /// It is polled only when the shutdown wakes it ([`WhenWoken`]), not on every wakeup of
     /// the connection's task.
-    async fn reached(&mut self, phase: Phase) {
-        let reached = async {
+    fn reached(&mut self, phase: Phase) -> WhenWoken<impl Future<Output = ()> + '_> {
+        WhenWoken::new(async move {
             if self.phase.wait_for(|p| *p >= phase).await.is_err() {
                 std::future::pending::<()>().await;
             }
-        };
-        WhenWoken::new(reached).await
+        })
     }
 
     /// This watch and its clones hold `permit` (a connection's place) until the last drops.
