@@ -35,9 +35,32 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S: Service<Req>, Req> {
-        Ready { service: S, request: Option<Req> },
+        // Boxed: only a backend that was not ready at once (a new connection) or a retry
+        // waits here, and the request and service would make every future as large (it
+        // is moved several times on its way to the server).
+        Ready { waiting: Box<Waiting<S, Req>> },
         Called { #[pin] call: S::Future },
         Failed { error: Option<BoxError> },
+    }
+}
+
+/// A backend to call once it is ready, and the request for it.
+struct Waiting<S, Req> {
+    service: S,
+    request: Option<Req>,
+}
+
+impl<S, Req> State<S, Req>
+where
+    S: Service<Req>,
+{
+    fn ready(service: S, request: Req) -> Self {
+        State::Ready {
+            waiting: Box::new(Waiting {
+                service,
+                request: Some(request),
+            }),
+        }
     }
 }
 
@@ -130,10 +153,7 @@ impl<K, S: Service<Req>, P: Policy, Req, C> ResponseFuture<K, S, P, Req, C> {
         completion: C,
     ) -> Self {
         ResponseFuture {
-            state: State::Ready {
-                service,
-                request: Some(request),
-            },
+            state: State::ready(service, request),
             guard: Some(guard),
             retry,
             completion,
@@ -191,11 +211,11 @@ where
         let mut this = self.project();
         loop {
             let next = match this.state.as_mut().project() {
-                StateProj::Ready { service, request } => match ready!(service.poll_ready(cx)) {
+                StateProj::Ready { waiting } => match ready!(waiting.service.poll_ready(cx)) {
                     Ok(()) => {
-                        let request = request.take().expect("polled after completion");
+                        let request = waiting.request.take().expect("polled after completion");
                         State::Called {
-                            call: service.call(request),
+                            call: waiting.service.call(request),
                         }
                     }
                     Err(error) => {
@@ -203,15 +223,12 @@ where
                         if let Some(mut guard) = this.guard.take() {
                             guard.fail(&*error);
                         }
-                        let request = request.take().expect("polled after completion");
+                        let request = waiting.request.take().expect("polled after completion");
                         match this.retry.as_mut().and_then(Retry::next) {
                             Some((service, guard)) => {
                                 tracing::debug!(%error, "backend not ready; trying another");
                                 *this.guard = Some(guard);
-                                State::Ready {
-                                    service,
-                                    request: Some(request),
-                                }
+                                State::ready(service, request)
                             }
                             None => return Poll::Ready(Err(error)),
                         }
@@ -249,10 +266,7 @@ where
                         Some((service, guard)) => {
                             tracing::debug!(%error, "backend gave the request back; trying another");
                             *this.guard = Some(guard);
-                            State::Ready {
-                                service,
-                                request: Some(request),
-                            }
+                            State::ready(service, request)
                         }
                         None => return Poll::Ready(Err(error)),
                     }

@@ -290,17 +290,36 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let timeout = shared.settings.response_timeout;
-    let timed_out = || ResponseTimeout {
-        backend: shared.authority.clone(),
-        after: timeout,
-    };
+    let deadline = tokio::time::Instant::now() + shared.settings.response_timeout;
+    match exchange(conn, &head, body, shared.pool.clone(), deadline).await {
+        Ok(response) => Ok(shared.served(response)),
+        // Kept out of this future (boxed, and only on failure): the response is moved
+        // out of it, and every byte of it is copied each time.
+        Err((error, body)) => {
+            Box::pin(recover(shared, head, error.error, error.reused, body)).await
+        }
+    }
+}
+
+/// After a failed exchange: sends the request once more, gives it back to the balancer,
+/// or fails it.
+#[cold]
+async fn recover<B>(
+    shared: Arc<Shared>,
+    head: Head,
+    error: BoxError,
+    reused: bool,
+    body: Option<ReplayBody<B>>,
+) -> Result<Response<UpstreamBody<ReplayBody<B>>>, BoxError>
+where
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let failed = |source| BackendError {
         backend: shared.authority.clone(),
         source,
     };
-    let pool = &shared.pool;
-    let deadline = || tokio::time::Instant::now() + timeout;
     // The request, never acted on, back to the balancer for another backend, with what
     // was taken of its body; unless its body was taken in part and not kept.
     let give_back = |body: ReplayBody<B>, error: BoxError| -> BoxError {
@@ -317,43 +336,53 @@ where
             None => error,
         }
     };
-    let result = match exchange(conn, &head, body, pool.clone(), deadline()).await {
+    let (error, body) = match body {
         // A pooled connection the backend closed as we sent: the request never reached
         // it, so once more on a fresh connection.
-        Err((error, Some(mut body))) if error.reused && body.can_replay() => {
+        Some(mut body) if reused && body.can_replay() => {
             body.rewind();
-            tracing::debug!(backend = %shared.authority, error = %error.error, "stale connection; sending again");
-            match shared.clone().connect().await {
-                Ok(conn) => exchange(conn, &head, body, pool.clone(), deadline()).await,
+            tracing::debug!(backend = %shared.authority, error = %error, "stale connection; sending again");
+            let conn = match shared.clone().connect().await {
+                Ok(conn) => conn,
                 // The backend went away (it closed the connection and now refuses new
                 // ones; so does one stopped as it leaves the set).
                 Err(refused) => return Err(give_back(body, refused.into())),
+            };
+            let deadline = tokio::time::Instant::now() + shared.settings.response_timeout;
+            match exchange(conn, &head, body, shared.pool.clone(), deadline).await {
+                Ok(response) => return Ok(shared.served(response)),
+                Err((error, body)) => (error.error, body),
             }
         }
-        result => result,
+        body => (error, body),
     };
     // A fresh connection closed or reset before any answer: the backend is going down (a
     // connection it had queued but not accepted when it stopped listening is reset).
-    let result = match result {
-        Err((error, Some(body))) => return Err(give_back(body, failed(error.error).into())),
-        result => result,
-    };
-    // The response's hop-by-hop fields were left out as it was parsed.
-    result
-        .map(|mut response| {
-            if super::access::enabled() {
-                let served_by = super::access::ServedBy(shared.authority.clone());
-                response.extensions_mut().insert(served_by);
-            }
-            response
-        })
-        .map_err(|(error, _)| {
-            if error.error.is::<Elapsed>() {
-                timed_out().into()
-            } else {
-                failed(error.error).into()
-            }
-        })
+    if let Some(body) = body {
+        return Err(give_back(body, failed(error).into()));
+    }
+    if error.is::<Elapsed>() {
+        Err(ResponseTimeout {
+            backend: shared.authority.clone(),
+            after: shared.settings.response_timeout,
+        }
+        .into())
+    } else {
+        Err(failed(error).into())
+    }
+}
+
+impl Shared {
+    /// The response as the client gets it. (The response's hop-by-hop fields were left
+    /// out as it was parsed.)
+    #[inline]
+    fn served<B>(&self, mut response: Response<B>) -> Response<B> {
+        if super::access::enabled() {
+            let served_by = super::access::ServedBy(self.authority.clone());
+            response.extensions_mut().insert(served_by);
+        }
+        response
+    }
 }
 
 impl fmt::Debug for Backend {

@@ -24,8 +24,16 @@ const HOP_BY_HOP: [&str; 6] = [
 
 /// Whether the field `name` is hop-by-hop by itself.
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // Names are lowercase; different lengths compare unequal at once.
-    HOP_BY_HOP.contains(&name.as_str())
+    // Names are lowercase: one comparison at most, chosen by the length.
+    let name = name.as_str();
+    match name.len() {
+        2 => name == HOP_BY_HOP[3],
+        7 => name == HOP_BY_HOP[5],
+        10 => name == HOP_BY_HOP[0] || name == HOP_BY_HOP[2],
+        16 => name == HOP_BY_HOP[1],
+        17 => name == HOP_BY_HOP[4],
+        _ => false,
+    }
 }
 
 /// Whether the field `name` is hop-by-hop by itself in a message that carries an upgrade
@@ -90,6 +98,12 @@ impl HopByHop {
     /// `keep-alive` and `upgrade`; a token that is not a field name names nothing). Returns
     /// whether the value asks to close the connection.
     pub(crate) fn add_connection(&mut self, value: &[u8]) -> bool {
+        // The usual values, as most servers and clients spell them: no splitting.
+        match value {
+            b"keep-alive" | b"Keep-Alive" => return false,
+            b"close" => return true,
+            _ => {}
+        }
         let mut close = false;
         for token in connection_tokens(value) {
             if token.eq_ignore_ascii_case(b"close") {
@@ -242,6 +256,33 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_names_by_length_then_name() {
+        for name in HOP_BY_HOP {
+            assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "tk",
+            "upgradf",
+            "user-agent",
+            "keep-alivf",
+            "proxy-connectioo",
+            "transfer-encodinh",
+            "host",
+            "x-upgrade",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+        let mut hop = HopByHop::default();
+        assert!(!hop.add_connection(b"keep-alive"));
+        assert!(!hop.add_connection(b"Keep-Alive"));
+        assert!(hop.add_connection(b"close"));
+        assert!(hop.add_connection(b"Close"));
+        assert!(hop.names_none());
+        assert!(!hop.add_connection(b"keep-alive, X-Secret"));
+        assert!(hop.names(&HeaderName::from_static("x-secret")));
+    }
 
     #[test]
     fn removes_standard_and_named_hop_by_hop() {

@@ -32,11 +32,18 @@ pub struct ReplayBody<B> {
     inner: B,
     /// `inner` has ended.
     done: bool,
-    /// What was taken from `inner`, when it is being kept.
-    kept: Option<Box<Kept>>,
     /// Something taken from `inner` was not kept (too large, or not kept at all), or
     /// `inner` failed: the body cannot be sent again.
     lost: bool,
+    /// What was taken from `inner`, when it is being kept. (Boxed with its cursor: the
+    /// body travels inside every response of the backend, and is moved with it.)
+    kept: Option<Box<Keeping>>,
+}
+
+/// A kept body and how far it has been handed on.
+#[derive(Debug, Default)]
+struct Keeping {
+    kept: Kept,
     /// Kept data frames already handed on (all of them, unless replaying).
     next: usize,
     /// The kept trailers are still to be handed on (replaying).
@@ -83,18 +90,18 @@ impl<B> ReplayBody<B> {
             Some(Replayed { kept, done }) => ReplayBody {
                 inner,
                 done,
-                trailers_next: kept.trailers.is_some(),
-                kept: Some(Box::new(kept)),
                 lost: false,
-                next: 0,
+                kept: Some(Box::new(Keeping {
+                    trailers_next: kept.trailers.is_some(),
+                    kept,
+                    next: 0,
+                })),
             },
             None => ReplayBody {
                 inner,
                 done: false,
-                kept: keep.then(Box::default),
                 lost: false,
-                next: 0,
-                trailers_next: false,
+                kept: keep.then(Box::default),
             },
         }
     }
@@ -107,8 +114,10 @@ impl<B> ReplayBody<B> {
 
     /// Starts the body again from its first byte. Only after [`can_replay`](Self::can_replay).
     pub(crate) fn rewind(&mut self) {
-        self.next = 0;
-        self.trailers_next = self.kept.as_ref().is_some_and(|k| k.trailers.is_some());
+        if let Some(keeping) = self.kept.as_mut() {
+            keeping.next = 0;
+            keeping.trailers_next = keeping.kept.trailers.is_some();
+        }
     }
 
     /// The client's body and the part of it already taken, to give the request back; `None`
@@ -119,9 +128,9 @@ impl<B> ReplayBody<B> {
         }
         let replayed = self
             .kept
-            .filter(|k| self.done || !k.data.is_empty() || k.trailers.is_some())
-            .map(|kept| Replayed {
-                kept: *kept,
+            .filter(|k| self.done || !k.kept.data.is_empty() || k.kept.trailers.is_some())
+            .map(|keeping| Replayed {
+                kept: keeping.kept,
                 done: self.done,
             });
         Some((self.inner, replayed))
@@ -129,10 +138,11 @@ impl<B> ReplayBody<B> {
 
     /// Keeps a frame just taken from `inner`, or gives up keeping.
     fn keep(&mut self, frame: &Frame<Bytes>) {
-        let Some(kept) = self.kept.as_mut() else {
+        let Some(keeping) = self.kept.as_mut() else {
             self.lost = true;
             return;
         };
+        let kept = &mut keeping.kept;
         if let Some(data) = frame.data_ref() {
             if kept.len + data.len() > MAX_REPLAY {
                 self.kept = None;
@@ -141,7 +151,7 @@ impl<B> ReplayBody<B> {
             }
             kept.len += data.len();
             kept.data.push(data.clone());
-            self.next = kept.data.len();
+            keeping.next = kept.data.len();
         } else if let Some(trailers) = frame.trailers_ref() {
             kept.trailers = Some(trailers.clone());
         }
@@ -161,14 +171,15 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         // Replaying: the kept part first.
-        if let Some(kept) = &this.kept {
-            if let Some(data) = kept.data.get(this.next) {
-                this.next += 1;
+        if let Some(keeping) = this.kept.as_mut() {
+            if let Some(data) = keeping.kept.data.get(keeping.next) {
+                keeping.next += 1;
                 return Poll::Ready(Some(Ok(Frame::data(data.clone()))));
             }
-            if this.trailers_next && this.done {
-                this.trailers_next = false;
-                return Poll::Ready(kept.trailers.clone().map(|t| Ok(Frame::trailers(t))));
+            if keeping.trailers_next && this.done {
+                keeping.trailers_next = false;
+                let trailers = keeping.kept.trailers.clone();
+                return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
             }
         }
         if this.done {
@@ -194,8 +205,8 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        if let Some(kept) = &self.kept {
-            if self.next < kept.data.len() || self.trailers_next {
+        if let Some(keeping) = &self.kept {
+            if keeping.next < keeping.kept.data.len() || keeping.trailers_next {
                 return false;
             }
         }
@@ -204,7 +215,8 @@ where
 
     fn size_hint(&self) -> SizeHint {
         let pending: u64 = self.kept.as_ref().map_or(0, |k| {
-            k.data[self.next.min(k.data.len())..]
+            let data = &k.kept.data;
+            data[k.next.min(data.len())..]
                 .iter()
                 .map(|d| d.len() as u64)
                 .sum()
@@ -226,7 +238,7 @@ where
 impl<B> fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReplayBody")
-            .field("kept", &self.kept.as_ref().map(|k| k.len))
+            .field("kept", &self.kept.as_ref().map(|k| k.kept.len))
             .field("done", &self.done)
             .finish_non_exhaustive()
     }

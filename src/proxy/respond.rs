@@ -152,17 +152,21 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = match this.inner.as_pin_mut() {
-            Some(inner) => ready!(inner.poll(cx)).map_err(Into::into),
-            None => Err(this
+        // The response goes straight out: it is large, and each move copies it.
+        let error: BoxError = match this.inner.as_pin_mut() {
+            Some(inner) => match ready!(inner.poll(cx)) {
+                Ok(response) => return Poll::Ready(Ok(response.map(Either::Left))),
+                Err(error) => error.into(),
+            },
+            None => this
                 .error
                 .take()
-                .unwrap_or_else(|| "polled after completion".into())),
+                .unwrap_or_else(|| "polled after completion".into()),
         };
-        Poll::Ready(Ok(match result {
-            Ok(response) => response.map(Either::Left),
-            Err(error) if *this.grpc => grpc_error_response(&error).map(Either::Right),
-            Err(error) => error_response(&error).map(Either::Right),
+        Poll::Ready(Ok(if *this.grpc {
+            grpc_error_response(&error).map(Either::Right)
+        } else {
+            error_response(&error).map(Either::Right)
         }))
     }
 }

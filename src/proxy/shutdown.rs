@@ -9,9 +9,12 @@
 use std::future::Future;
 #[cfg(feature = "http2")]
 use std::pin::{pin, Pin};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -76,10 +79,15 @@ impl Shutdown {
 impl Watch {
     /// Completes once the shutdown has reached `phase`; never if the server went away
     /// without one (as before: its connections then run on by themselves).
-    async fn reached(&mut self, phase: Phase) {
-        if self.phase.wait_for(|p| *p >= phase).await.is_err() {
-            std::future::pending::<()>().await;
-        }
+    ///
+    /// It is polled only when the shutdown wakes it ([`WhenWoken`]), not on every wakeup of
+    /// the connection's task.
+    fn reached(&mut self, phase: Phase) -> WhenWoken<impl Future<Output = ()> + '_> {
+        WhenWoken::new(async move {
+            if self.phase.wait_for(|p| *p >= phase).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
     }
 
     /// This watch and its clones hold `permit` (a connection's place) until the last drops.
@@ -121,6 +129,81 @@ impl Watch {
             biased;
             ended = conn.as_mut() => ended,
             () = self.reached(Phase::Cut) => Ok(()),
+        }
+    }
+}
+
+pin_project! {
+    /// Polls `inner` only once it has asked to be woken (and on the first poll), instead of
+    /// on every wakeup of the task that polls it. A connection's task wakes for every read
+    /// and write, and the shutdown it waits on besides would otherwise be polled each time
+    /// (a lock and a waker comparison in tokio's `Notify`): here that is one comparison of
+    /// wakers and one atomic swap.
+    struct WhenWoken<F> {
+        #[pin]
+        inner: F,
+        flag: Arc<Flag>,
+        // `flag` as a waker, for `inner`.
+        waker: Waker,
+        // The task's waker last given to `flag`, to see without a lock that it is the same.
+        task: Option<Waker>,
+    }
+}
+
+/// Whether the inner future of a [`WhenWoken`] was woken, and the task to wake then.
+struct Flag {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl<F> WhenWoken<F> {
+    fn new(inner: F) -> Self {
+        let flag = Arc::new(Flag {
+            woken: AtomicBool::new(true),
+            task: Mutex::new(None),
+        });
+        WhenWoken {
+            inner,
+            waker: Waker::from(flag.clone()),
+            flag,
+            task: None,
+        }
+    }
+}
+
+impl<F: Future> Future for WhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if !this.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+            let task = cx.waker().clone();
+            *this.flag.task() = Some(task.clone());
+            *this.task = Some(task);
+        }
+        // Set before the task is woken: a wakeup that comes after the check is not lost.
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.inner.poll(&mut Context::from_waker(this.waker))
+    }
+}
+
+impl Flag {
+    fn task(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        self.task.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Some(task) = &*self.task() {
+            task.wake_by_ref();
         }
     }
 }

@@ -207,8 +207,9 @@ pub(super) struct Sender<B> {
     /// The body once it has ended, kept until the response head: a request that failed
     /// before an answer goes back with its body (see `exchange`).
     pub(super) ended: Option<B>,
-    /// Trailers of a chunked body, written with its last chunk.
-    pub(super) trailers: Option<HeaderMap>,
+    /// Trailers of a chunked body, written with its last chunk. (Boxed: the sender is
+    /// part of every response body, and moved with it.)
+    pub(super) trailers: Option<Box<HeaderMap>>,
 }
 
 impl<B> Sender<B>
@@ -271,7 +272,7 @@ where
                         if let Ok(trailers) = frame.into_trailers() {
                             match &mut self.trailers {
                                 Some(all) => all.extend(trailers),
-                                None => self.trailers = Some(trailers),
+                                None => self.trailers = Some(Box::new(trailers)),
                             }
                         }
                     }
@@ -280,7 +281,7 @@ where
                 None => {
                     self.ended = self.body.take();
                     if self.upload == Upload::Chunked {
-                        self.pending = last_chunk(self.trailers.take().as_ref());
+                        self.pending = last_chunk(self.trailers.take().as_deref());
                     }
                 }
             }

@@ -123,62 +123,89 @@ fn extended_connect<B>(_: &Request<B>) -> bool {
 }
 
 /// Whether `value` is `host [":" port]` by RFC 3986, the port from 1 to 65535.
+///
+/// One pass over the bytes, one table look-up each: this runs for every request.
 pub(crate) fn valid_host(value: &[u8]) -> bool {
-    let (host, port) = match value.first() {
-        Some(b'[') => {
-            let Some(end) = memchr::memchr(b']', value) else {
-                return false;
-            };
-            let literal = std::str::from_utf8(&value[1..end]).ok();
-            // IPv6 only: IPvFuture (`[v1.x]`) names nothing a backend serves.
-            if literal.and_then(|l| l.parse::<Ipv6Addr>().ok()).is_none() {
-                return false;
-            }
-            match &value[end + 1..] {
-                [] => return true,
-                [b':', port @ ..] => (&[][..], Some(port)),
-                _ => return false,
-            }
-        }
-        _ => match memchr::memchr(b':', value) {
-            Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
-            None => (value, None),
-        },
-    };
-    reg_name(host) && port.is_none_or(valid_port)
-}
-
-/// `*( unreserved / pct-encoded / sub-delims )` (an IPv4 address is one too).
-fn reg_name(host: &[u8]) -> bool {
+    if value.first() == Some(&b'[') {
+        return ip_literal(value);
+    }
+    // `*( unreserved / pct-encoded / sub-delims )` (an IPv4 address is one too), then the
+    // port after the first `:`.
     let mut i = 0;
-    while i < host.len() {
-        match host[i] {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {}
-            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => {}
-            b'%' => {
-                let hex = host.get(i + 1..i + 3);
+    while let Some(&b) = value.get(i) {
+        match REG_NAME[usize::from(b)] {
+            REG => i += 1,
+            PCT => {
+                let hex = value.get(i + 1..i + 3);
                 if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
                     return false;
                 }
-                i += 2;
+                i += 3;
             }
+            COLON => return valid_port(&value[i + 1..]),
             _ => return false,
         }
-        i += 1;
     }
     true
 }
 
-/// `1*DIGIT` from 1 to 65535.
+/// `"[" IPv6address "]" [":" port]`. IPv6 only: IPvFuture (`[v1.x]`) names nothing a
+/// backend serves.
+#[cold]
+fn ip_literal(value: &[u8]) -> bool {
+    let Some(end) = memchr::memchr(b']', value) else {
+        return false;
+    };
+    let literal = std::str::from_utf8(&value[1..end]).ok();
+    if literal.and_then(|l| l.parse::<Ipv6Addr>().ok()).is_none() {
+        return false;
+    }
+    match &value[end + 1..] {
+        [] => true,
+        [b':', port @ ..] => valid_port(port),
+        _ => false,
+    }
+}
+
+/// Byte classes of a reg-name: [`REG`] for unreserved and sub-delimiter characters,
+/// [`PCT`] for `%`, [`COLON`] for the port's separator, 0 for any other byte.
+const REG_NAME: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = match c {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => REG,
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => REG,
+            b'%' => PCT,
+            b':' => COLON,
+            _ => 0,
+        };
+        b += 1;
+    }
+    table
+};
+const REG: u8 = 1;
+const PCT: u8 = 2;
+const COLON: u8 = 3;
+
+/// `1*DIGIT` from 1 to 65535 (leading zeros allowed).
 fn valid_port(port: &[u8]) -> bool {
-    !port.is_empty()
-        && port
-            .iter()
-            .try_fold(0u32, |n, &b| {
-                let digit = char::from(b).to_digit(10)?;
-                Some(n * 10 + digit).filter(|&n| n <= 65535)
-            })
-            .is_some_and(|n| n >= 1)
+    if port.is_empty() {
+        return false;
+    }
+    let mut n = 0u32;
+    for &b in port {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return false;
+        }
+        n = n * 10 + u32::from(digit);
+        if n > 65535 {
+            return false;
+        }
+    }
+    n >= 1
 }
 
 #[cfg(test)]
@@ -199,6 +226,9 @@ mod tests {
             "a_b~c-d!$&'()*+,;=",
             "%41.example",
             "a.example:080",
+            "a.example:0000065535",
+            "a%41:80",
+            "[::1]:00443",
             "",
         ] {
             assert!(valid_host(good.as_bytes()), "{good:?} refused");
@@ -227,6 +257,14 @@ mod tests {
             "a.example\\x",
             "a.example?x",
             "a.example#x",
+            "a.example:%38%30",
+            "a.example:65535x",
+            "a.example:99999999999",
+            "[::1]:0",
+            "a.ex%",
+            "a.ex%4:",
+            "a:b@c",
+            "a.example\0",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad:?} accepted");
         }
