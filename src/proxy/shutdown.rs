@@ -5,10 +5,10 @@
 //! tunnel has left hyper by then. Here one [`Shutdown`] is watched by every connection and
 //! every tunnel ([`Watch`]), and it waits for all of them.
 
-#[cfg(feature = "http2")]
 use std::future::Future;
 #[cfg(feature = "http2")]
-use std::pin::{pin, Pin};
+use std::pin::pin;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
