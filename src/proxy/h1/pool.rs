@@ -223,9 +223,15 @@ mod tests {
             {
                 let idle = pool.lock();
                 assert_eq!(idle.len(), 1);
-                assert_eq!(idle[0].rbuf.capacity(), 0, "an idle connection holds a buffer");
+                assert_eq!(
+                    idle[0].rbuf.capacity(),
+                    0,
+                    "an idle connection holds a buffer"
+                );
             }
-            conn = checkout(&pool).await.expect("the connection was not pooled");
+            conn = checkout(&pool)
+                .await
+                .expect("the connection was not pooled");
         }
         drop(conn);
         assert_eq!(backend.await.unwrap(), 3, "requests went on one connection");
@@ -241,9 +247,15 @@ mod tests {
         assert_eq!(get(conn, &pool, &waker).await, "hello");
         drop(waker);
         assert_eq!(pool.len(), 1);
-        assert_eq!(Arc::strong_count(&task), 1, "the idle connection holds a waker");
+        assert_eq!(
+            Arc::strong_count(&task),
+            1,
+            "the idle connection holds a waker"
+        );
         // And it is still usable.
-        let conn = checkout(&pool).await.expect("the connection was not pooled");
+        let conn = checkout(&pool)
+            .await
+            .expect("the connection was not pooled");
         assert_eq!(get(conn, &pool, Waker::noop()).await, "hello");
         pool.lock().clear();
         assert_eq!(backend.await.unwrap(), 2);
