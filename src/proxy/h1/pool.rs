@@ -9,6 +9,11 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+/// Idle connections at the top of the pool (the most recently used) that keep their read
+/// buffer: the next requests take these (the pool is a stack), so their buffers are not
+/// freed and allocated again around every request. Below, idle connections hold none.
+const WARM: usize = 4;
+
 /// Idle connections to one backend, most recently used last.
 #[derive(Debug)]
 pub(crate) struct Pool {
@@ -47,6 +52,11 @@ impl Pool {
         let mut idle = self.lock();
         if idle.len() < self.max_idle {
             idle.push(conn);
+            // The one that sinks below the warm top frees its buffer (8 KiB): thousands of
+            // idle connections would each hold one otherwise.
+            if let Some(sunk) = idle.len().checked_sub(WARM + 1) {
+                idle[sunk].rbuf = BytesMut::new();
+            }
         }
     }
 
@@ -57,9 +67,9 @@ impl Pool {
 
 /// An open connection to a backend.
 ///
-/// An idle one (in the pool) holds its socket, its timer and nothing else: no read buffer
-/// (allocated by the first read of its next exchange) and no waker of the task that used
-/// it last (see [`Conn::park`]).
+/// An idle one (in the pool) holds its socket, its timer and nothing else: no waker of the
+/// task that used it last (see [`Conn::park`]), and no read buffer unless it is one of the
+/// few most recently used ([`WARM`]); the first read of its next exchange allocates one.
 pub(crate) struct Conn {
     pub(super) io: TcpStream,
     /// Bytes read and not yet consumed; no allocation until the first read.
@@ -107,18 +117,13 @@ impl Conn {
         self.rbuf.is_empty() && self.io.poll_read_ready(cx).is_pending()
     }
 
-    /// Readies the connection to wait in the pool, and says whether it is usable.
-    ///
-    /// - The read buffer is freed: thousands of idle connections would each hold one
-    ///   (8 KiB) otherwise, and the next exchange allocates one with its first read.
-    /// - The socket's readiness and the timer are polled with a no-op waker, which takes
-    ///   the place of the waker of the task that used the connection last: each holds a
-    ///   reference to that task, so an idle connection would keep a finished task's memory
-    ///   allocated, and wake the task for nothing when the backend closes the connection
-    ///   or the old deadline passes.
+    /// Readies the connection to wait in the pool, and says whether it is usable. The
+    /// socket's readiness and the timer are polled with a no-op waker, which takes the
+    /// place of the waker of the task that used the connection last: each holds a
+    /// reference to that task, so an idle connection would keep a finished task's memory
+    /// allocated, and wake the task for nothing when the backend closes the connection or
+    /// the old deadline passes.
     fn park(&mut self) -> bool {
-        debug_assert!(self.rbuf.is_empty());
-        self.rbuf = BytesMut::new();
         let mut cx = Context::from_waker(Waker::noop());
         if let Some(timer) = &mut self.timer {
             // Done with: whether it has fired does not matter, the next exchange arms it.
@@ -140,6 +145,7 @@ impl fmt::Debug for Conn {
 mod tests {
     use std::future::poll_fn;
     use std::pin::pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::{Poll, Wake};
     use std::time::Duration;
@@ -153,29 +159,32 @@ mod tests {
     use super::*;
     use crate::proxy::h1::{encode_head, exchange};
 
-    /// A backend that accepts one connection and answers every request head on it with
-    /// `hello`; it returns how many it answered once the connection closes.
-    async fn backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<usize>) {
+    /// A backend that answers every request head with `hello`, on any number of
+    /// connections; counts the connections it accepted and the requests it answered.
+    async fn backend() -> (std::net::SocketAddr, Arc<[AtomicUsize; 2]>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let (mut io, _) = listener.accept().await.unwrap();
-            let (mut buf, mut chunk, mut answered) = (Vec::new(), [0; 1024], 0);
-            loop {
-                let n = io.read(&mut chunk).await.unwrap();
-                if n == 0 {
-                    return answered;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                while let Some(end) = memchr::memmem::find(&buf, b"\r\n\r\n") {
-                    buf.drain(..end + 4);
-                    answered += 1;
-                    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
-                    io.write_all(response).await.unwrap();
-                }
+        let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let counted = counts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut io, _)) = listener.accept().await {
+                counted[0].fetch_add(1, Ordering::SeqCst);
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let (mut buf, mut chunk) = (Vec::new(), [0; 1024]);
+                    while let Ok(n @ 1..) = io.read(&mut chunk).await {
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = memchr::memmem::find(&buf, b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            counted[1].fetch_add(1, Ordering::SeqCst);
+                            let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+                            io.write_all(response).await.unwrap();
+                        }
+                    }
+                });
             }
         });
-        (addr, task)
+        (addr, counts)
     }
 
     /// One GET on `conn`, its body read to the end with `waker` as the task's waker.
@@ -213,33 +222,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_idle_connection_holds_no_read_buffer_and_is_reused() {
-        let (addr, backend) = backend().await;
-        let pool = Arc::new(Pool::new(8));
-        let mut conn = Conn::new(TcpStream::connect(addr).await.unwrap());
-        assert_eq!(conn.rbuf.capacity(), 0);
-        for _ in 0..3 {
+    async fn idle_connections_below_the_warm_top_hold_no_read_buffer_and_are_reused() {
+        let (addr, counts) = backend().await;
+        let pool = Arc::new(Pool::new(64));
+        let n = WARM + 2;
+        for _ in 0..n {
+            let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+            assert_eq!(conn.rbuf.capacity(), 0);
             assert_eq!(get(conn, &pool, Waker::noop()).await, "hello");
-            {
-                let idle = pool.lock();
-                assert_eq!(idle.len(), 1);
-                assert_eq!(
-                    idle[0].rbuf.capacity(),
-                    0,
-                    "an idle connection holds a buffer"
-                );
-            }
-            conn = checkout(&pool)
-                .await
-                .expect("the connection was not pooled");
         }
-        drop(conn);
-        assert_eq!(backend.await.unwrap(), 3, "requests went on one connection");
+        {
+            let idle = pool.lock();
+            let capacities: Vec<usize> = idle.iter().map(|c| c.rbuf.capacity()).collect();
+            assert_eq!(capacities.len(), n);
+            assert!(capacities[..2].iter().all(|&c| c == 0), "{capacities:?}");
+            assert!(capacities[2..].iter().all(|&c| c > 0), "{capacities:?}");
+        }
+        // Every one takes a request again, those without a buffer too.
+        let conns: Vec<Conn> = std::iter::from_fn(|| pool.lock().pop()).collect();
+        assert_eq!(conns.len(), n);
+        for conn in conns {
+            assert_eq!(get(conn, &pool, Waker::noop()).await, "hello");
+        }
+        assert_eq!(counts[0].load(Ordering::SeqCst), n, "connections");
+        assert_eq!(counts[1].load(Ordering::SeqCst), 2 * n, "requests");
     }
 
     #[tokio::test]
     async fn an_idle_connection_keeps_no_waker_of_the_task_that_used_it() {
-        let (addr, backend) = backend().await;
+        let (addr, counts) = backend().await;
         let pool = Arc::new(Pool::new(8));
         let task = Arc::new(Counted);
         let waker = Waker::from(task.clone());
@@ -257,7 +268,7 @@ mod tests {
             .await
             .expect("the connection was not pooled");
         assert_eq!(get(conn, &pool, Waker::noop()).await, "hello");
-        pool.lock().clear();
-        assert_eq!(backend.await.unwrap(), 2);
+        assert_eq!(counts[0].load(Ordering::SeqCst), 1, "connections");
+        assert_eq!(counts[1].load(Ordering::SeqCst), 2, "requests");
     }
 }
