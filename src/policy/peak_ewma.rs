@@ -280,13 +280,16 @@ fn below(x: u32, n: u32) -> u32 {
 /// `e^d >= 1 + 2^-50` beyond, which lifts any load to a larger one. A pick between
 /// backends with equal loads (no requests in flight, equal weights), or where the faster
 /// of the two is also the less loaded, then costs no `exp`.
+///
+/// Which way the answer goes is as random as the draw, so it is computed without a
+/// branch; the one branch, on whether `exp` is needed, is predictable when that rarely or
+/// mostly happens.
 #[inline]
 fn no_dearer(d: f64, load_a: f64, load_b: f64) -> bool {
-    if d <= 0.0 && load_a <= load_b {
-        return true;
-    }
-    if (d == 0.0 || d >= 4.0 * f64::EPSILON) && load_a >= load_b {
-        return false;
+    let yes = (d <= 0.0) & (load_a <= load_b);
+    let no = ((d == 0.0) | (d >= 4.0 * f64::EPSILON)) & (load_a >= load_b);
+    if yes | no {
+        return yes;
     }
     d.exp() * load_a <= load_b
 }
