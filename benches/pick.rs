@@ -47,6 +47,29 @@ fn picks(c: &mut Criterion) {
     bench_policy(c, "least_connections", LeastConnections::new);
     bench_policy(c, "hashing", Hashing::new);
     bench_policy(c, "peak_ewma", PeakEwma::new);
+    bench_sampled_peak_ewma(c);
+}
+
+/// Peak EWMA once its backends have latency samples of their own: in `pick/peak_ewma` all
+/// estimates are the default, so every comparison is settled without `exp`; here two
+/// candidates' estimates differ and some comparisons need it.
+fn bench_sampled_peak_ewma(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pick/peak_ewma_sampled");
+    for n in [10, 10_000] {
+        let backends = set(PeakEwma::new(), n, Echo);
+        let mut balance = Balance::new(backends.clone());
+        for _ in 0..20 * n {
+            futures::executor::block_on(async {
+                let svc = balance.ready().await.unwrap();
+                svc.call(1).await.unwrap()
+            });
+        }
+        let snapshot = backends.snapshot();
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| black_box(snapshot.pick(None)))
+        });
+    }
+    group.finish();
 }
 
 /// A backend that answers at once.

@@ -77,11 +77,18 @@ pub struct PeakEwmaTable {
     loads: Box<[Arc<Load>]>,
 }
 
-/// The candidates, each with all that a pick reads of it in one slot.
+/// The candidates, each with all that a pick reads of it in one slot, and apart what only
+/// samples and rebuilds read: a pick touches 32 bytes per candidate, two slots a cache
+/// line.
 #[derive(Debug)]
 struct Estimates {
     decay_ns: f64,
     slots: Box<[Estimate]>,
+    /// Per slot: when the last sample came (for the moving average's weight), in
+    /// nanoseconds.
+    at: Box<[AtomicU64]>,
+    /// Per slot: the endpoint's id, to carry the estimate over a rebuild.
+    ids: Box<[u64]>,
 }
 
 /// One backend's estimate, kept as a logarithm shifted by time: `ln(rtt) + at / decay`
@@ -89,17 +96,18 @@ struct Estimates {
 /// `e^(-elapsed / decay)`, which leaves this key unchanged: the estimate at any time `t` is
 /// `e^(key - t / decay)`. So two backends compare by their keys alone and a pick reads no
 /// clock; and one atomic holds the whole estimate, so a pick never reads half an update.
+///
+/// Aligned so that a slot never straddles two cache lines: a pick among many backends
+/// then misses the cache once per candidate, not twice.
 #[derive(Debug)]
+#[repr(align(32))]
 struct Estimate {
     key: AtomicU64,
-    /// When the last sample came (for the moving average's weight), in nanoseconds.
-    at: AtomicU64,
     /// A copy of the backend's in-flight count, kept here so that a pick reads one place
     /// per candidate (see `in_flight_changed`).
     in_flight: AtomicUsize,
     weight: f64,
     index: usize,
-    id: u64,
 }
 
 impl Estimate {
@@ -140,7 +148,7 @@ impl Watch for Estimates {
     }
 
     fn request_ended(&self, slot: usize, elapsed: Duration) {
-        let e = &self.slots[slot];
+        let (e, at) = (&self.slots[slot], &self.at[slot]);
         let now = now_ns();
         let rtt = nanos(elapsed);
         let current = e.read(now, self.decay_ns);
@@ -148,7 +156,7 @@ impl Watch for Estimates {
             rtt
         } else {
             // The sample's weight grows with the time since the previous one.
-            let since = now.saturating_sub(e.at.load(Ordering::Relaxed)) as f64;
+            let since = now.saturating_sub(at.load(Ordering::Relaxed)) as f64;
             let kept = (-since / self.decay_ns).exp();
             current * kept + rtt * (1.0 - kept)
         };
@@ -156,7 +164,7 @@ impl Watch for Estimates {
         // lost, which an average can afford better than a lock on every response.
         let next = key(next, now, self.decay_ns);
         e.key.store(next.to_bits(), Ordering::Relaxed);
-        e.at.store(now, Ordering::Relaxed);
+        at.store(now, Ordering::Relaxed);
     }
 }
 
@@ -164,38 +172,42 @@ impl Policy for PeakEwma {
     type Table = PeakEwmaTable;
 
     fn build(&self, endpoints: &[Endpoint], previous: Option<&PeakEwmaTable>) -> PeakEwmaTable {
-        let kept: HashMap<u64, &Estimate> = previous
-            .map(|t| t.estimates.slots.iter().map(|e| (e.id, e)).collect())
+        // Each kept estimate: its key and the time of its last sample.
+        let kept: HashMap<u64, (f64, u64)> = previous
+            .map(|t| {
+                let e = &t.estimates;
+                let kept = e
+                    .slots
+                    .iter()
+                    .zip(&e.at[..])
+                    .map(|(slot, at)| (slot.key(), at.load(Ordering::Relaxed)));
+                e.ids.iter().copied().zip(kept).collect()
+            })
             .unwrap_or_default();
         let now = now_ns();
-        let slots: Box<[Estimate]> = endpoints
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.is_healthy())
-            .map(|(index, e)| {
-                let (key, at) = match kept.get(&e.id()) {
-                    Some(k) => (k.key(), k.at.load(Ordering::Relaxed)),
-                    None => (key(self.default_rtt_ns, now, self.decay_ns), now),
-                };
-                Estimate {
-                    key: AtomicU64::new(key.to_bits()),
-                    at: AtomicU64::new(at),
-                    in_flight: AtomicUsize::new(0),
-                    weight: e.ramped_weight() as f64,
-                    index,
-                    id: e.id(),
-                }
-            })
-            .collect();
+        let healthy = || endpoints.iter().enumerate().filter(|(_, e)| e.is_healthy());
+        let (mut slots, mut at, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for (index, e) in healthy() {
+            let (key, sampled) = kept
+                .get(&e.id())
+                .copied()
+                .unwrap_or_else(|| (key(self.default_rtt_ns, now, self.decay_ns), now));
+            slots.push(Estimate {
+                key: AtomicU64::new(key.to_bits()),
+                in_flight: AtomicUsize::new(0),
+                weight: e.ramped_weight() as f64,
+                index,
+            });
+            at.push(AtomicU64::new(sampled));
+            ids.push(e.id());
+        }
         let estimates = Arc::new(Estimates {
             decay_ns: self.decay_ns,
-            slots,
+            slots: slots.into(),
+            at: at.into(),
+            ids: ids.into(),
         });
-        let loads: Box<[Arc<Load>]> = endpoints
-            .iter()
-            .filter(|e| e.is_healthy())
-            .map(|e| e.load().clone())
-            .collect();
+        let loads: Box<[Arc<Load>]> = healthy().map(|(_, e)| e.load().clone()).collect();
         let watch: Arc<dyn Watch> = estimates.clone();
         // Register, then copy the counts: a change in between is copied twice, not missed.
         for (slot, load) in loads.iter().enumerate() {
@@ -216,15 +228,70 @@ impl Policy for PeakEwma {
         if n <= 1 {
             return slots.first().map(|e| e.index);
         }
-        let a = fastrand::usize(..n);
-        let b = fastrand::usize(..n - 1);
-        let b = if b >= a { b + 1 } else { b };
+        let (a, b) = two_slots(n);
         // cost = rtt × (in flight + 1) / weight, with rtt = e^(key - now / decay), so
         // cost_a <= cost_b  <=>  e^(key_a - key_b) × load_a <= load_b: no clock needed.
         let (a, b) = (&slots[a], &slots[b]);
-        let a_cheaper = (a.key() - b.key()).exp() * a.load() <= b.load();
+        let a_cheaper = no_dearer(a.key() - b.key(), a.load(), b.load());
         Some(if a_cheaper { a.index } else { b.index })
     }
+}
+
+/// Two distinct slots out of `n` (at least 2), every ordered pair equally likely: the
+/// first out of `n`, the second out of the `n - 1` others. Both come from one 64-bit draw,
+/// each half mapped to its range by Lemire's multiply-and-shift, with his rejection step
+/// so that no slot is favoured.
+#[inline]
+fn two_slots(n: usize) -> (usize, usize) {
+    let Ok(n) = u32::try_from(n) else {
+        let a = fastrand::usize(..n);
+        let b = fastrand::usize(..n - 1);
+        return (a, if b >= a { b + 1 } else { b });
+    };
+    let r = fastrand::u64(..);
+    let a = below(r as u32, n);
+    let b = below((r >> 32) as u32, n - 1);
+    let b = if b >= a { b + 1 } else { b };
+    (a as usize, b as usize)
+}
+
+/// A uniform draw below `n` (at least 1) from the random `x`, drawing again only in the
+/// rare case (`n` in 2^32) where `x` falls in the part of its range that would favour
+/// some results (Lemire, "Fast random integer generation in an interval", 2019).
+#[inline]
+fn below(x: u32, n: u32) -> u32 {
+    let mut m = u64::from(x) * u64::from(n);
+    if (m as u32) < n {
+        let threshold = n.wrapping_neg() % n;
+        while (m as u32) < threshold {
+            m = u64::from(fastrand::u32(..)) * u64::from(n);
+        }
+    }
+    (m >> 32) as u32
+}
+
+/// `e^d × load_a <= load_b`: whether the first of two candidates costs no more than the
+/// second, with `d` the difference of their keys and positive finite loads.
+///
+/// `exp` is only needed when `d` and the loads point different ways: for `d <= 0` and
+/// `load_a <= load_b` the answer is yes, and for `d >= 2^-50` (or `d = 0`) and
+/// `load_a >= load_b` (unequal when `d = 0`) it is no, exactly as computing it would say:
+/// `exp` is faithfully rounded (error under one ulp), so `e^d <= 1` for `d <= 0` and
+/// `e^d >= 1 + 2^-50` beyond, which lifts any load to a larger one. A pick between
+/// backends with equal loads (no requests in flight, equal weights), or where the faster
+/// of the two is also the less loaded, then costs no `exp`.
+///
+/// Which way the answer goes is as random as the draw, so it is computed without a
+/// branch; the one branch, on whether `exp` is needed, is predictable when that rarely or
+/// mostly happens.
+#[inline]
+fn no_dearer(d: f64, load_a: f64, load_b: f64) -> bool {
+    let yes = (d <= 0.0) & (load_a <= load_b);
+    let no = ((d == 0.0) | (d >= 4.0 * f64::EPSILON)) & (load_a >= load_b);
+    if yes | no {
+        return yes;
+    }
+    d.exp() * load_a <= load_b
 }
 
 impl Drop for PeakEwmaTable {
@@ -369,6 +436,75 @@ mod tests {
         for (slot, e) in table.estimates.slots.iter().enumerate() {
             assert_eq!(e.in_flight.load(Ordering::SeqCst), eps[slot].in_flight());
         }
+    }
+
+    #[test]
+    fn the_comparison_without_exp_agrees_with_exp() {
+        let tiny = [
+            2f64.powi(-60),
+            2f64.powi(-54),
+            2f64.powi(-53),
+            2f64.powi(-52),
+        ];
+        let mut ds = vec![0.0, 4.0 * f64::EPSILON, 1e-9, 0.5, 1.0, 30.0, 709.0, 800.0];
+        ds.extend(tiny);
+        ds.extend(ds.clone().iter().map(|d| -d));
+        let one_up = f64::from_bits(1f64.to_bits() + 1);
+        let one_down = f64::from_bits(1f64.to_bits() - 1);
+        let loads = [1.0, one_up, one_down, 0.05, 0.5, 2.0, 3.0, 1e6, 1e-9];
+        for d in ds {
+            for la in loads {
+                for lb in loads {
+                    let exact = d.exp() * la <= lb;
+                    assert_eq!(no_dearer(d, la, lb), exact, "d {d:e}, loads {la} {lb}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn two_slots_are_distinct_and_every_pair_equally_likely() {
+        let mut counts = [[0u32; 3]; 3];
+        for _ in 0..60_000 {
+            let (a, b) = two_slots(3);
+            counts[a][b] += 1;
+        }
+        for (a, row) in counts.iter().enumerate() {
+            for (b, &count) in row.iter().enumerate() {
+                if a == b {
+                    assert_eq!(count, 0);
+                } else {
+                    // 10,000 expected; a standard deviation is 91.
+                    assert!((9_500..10_500).contains(&count), "{counts:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn draws_below_a_bound_favour_no_value() {
+        // Without the rejection step, multiply-and-shift maps two 32-bit values of every
+        // four to each multiple of 3 below this bound, and one to every other value.
+        let n = 3 << 30;
+        let draws = 30_000;
+        let multiples_of_3 = (0..draws)
+            .filter(|_| below(fastrand::u32(..), n) % 3 == 0)
+            .count();
+        // A third expected (10,000; a standard deviation is 82), not half.
+        assert!(
+            (9_500..10_500).contains(&multiples_of_3),
+            "{multiples_of_3}"
+        );
+        assert!((0..1000).all(|_| below(fastrand::u32(..), 7) < 7));
+        assert_eq!(below(u32::MAX, 1), 0);
+    }
+
+    #[test]
+    fn a_candidate_is_read_from_one_cache_line() {
+        // Slots a divisor of 64 bytes large, and aligned to their size, share no line.
+        let size = std::mem::size_of::<Estimate>();
+        assert!(size <= 32 && 64 % size == 0, "{size}");
+        assert_eq!(std::mem::align_of::<Estimate>(), size);
     }
 
     #[test]

@@ -136,6 +136,8 @@ impl fmt::Display for Elapsed {
 
 impl std::error::Error for Elapsed {}
 
+/// Reads into the connection's buffer; the first read after the pool (which frees the
+/// buffer of an idle connection) allocates it.
 pub(super) fn poll_read(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     conn.rbuf.reserve(READ_SIZE);
     let read = pin!(conn.io.read_buf(&mut conn.rbuf));
