@@ -33,11 +33,15 @@ use crate::BoxError;
 /// Serves HTTP/1.1 on a listener and, with the `http2` feature, HTTP/2 with prior knowledge
 /// (h2c): a connection that opens with the HTTP/2 preface is served as HTTP/2.
 ///
+/// HTTP/1.1 is served by the proxy's own codec (`h1::serve`), whose connections hold no
+/// buffer while they wait for a request; HTTP/2 by hyper. The service sees a
+/// [`RequestBody`] either way.
+///
 /// Safe defaults for a proxy facing clients:
 /// - a client must send its request headers within `header_read_timeout` (10 s) or the
 ///   connection is closed (slowloris);
 /// - request heads over `max_header_bytes` (64 KiB) are refused with `431`;
-/// - malformed requests get `400` from hyper and only their connection is affected; so do
+/// - malformed requests get `400` and only their connection is affected; so do
 ///   requests that the HTTP/1 codec's rules refuse, which are never passed on: both
 ///   `Content-Length` and `Transfer-Encoding`, two different `Content-Length`s, two `Host`s
 ///   or an invalid one (and `CONNECT` gets `405`); the connection closes after the answer;
@@ -45,9 +49,13 @@ use crate::BoxError;
 /// - TCP_NODELAY on accepted sockets;
 /// - a keep-alive connection with no request for `client_idle_timeout` (60 s) is closed,
 ///   so that idle clients cannot hold every connection;
-/// - a connection is handed to hyper (which allocates its buffers at once) only when the
-///   client has sent something: a silent connection costs a socket and a small task, and
-///   is closed after `header_read_timeout`;
+/// - a connection costs a socket and a small task until the client sends something, and
+///   then only while a request is under way: a waiting connection holds no buffer (a
+///   silent one is closed after `header_read_timeout`);
+/// - HTTP/1.0 clients are answered in HTTP/1.0, and kept only with
+///   `Connection: keep-alive`; `Expect: 100-continue` is answered when the body is first
+///   read; a response whose length is not known is chunked (HTTP/1.1, with trailers when
+///   the client sent `TE: trailers`) or ends with the connection (HTTP/1.0);
 /// - with [`max_connections`](Self::max_connections), at most that many client connections
 ///   at once: at the limit the server stops accepting, and new clients wait in the listen
 ///   backlog until a connection closes (no busy loop, no error for lack of descriptors);
@@ -191,9 +199,9 @@ impl Server {
             let mut watch = stopping.watch().holding(permit);
             let (service, builders) = (service.clone(), builders.clone());
             tokio::spawn(async move {
-                // hyper allocates its buffers as soon as it has the connection: hand it over
-                // once the client has sent something, to the HTTP/2 server if that is its
-                // preface. A client that sends nothing is closed by the header timeout.
+                // Wait for the client's first bytes: HTTP/2 if they are its preface (hyper
+                // allocates its buffers as soon as it has a connection), else HTTP/1. A
+                // client that sends nothing is closed by the header timeout.
                 let sniffed = tokio::select! {
                     sniffed = tokio::time::timeout(head, sniff(&stream)) => sniffed,
                     () = watch.draining() => Ok(None),
