@@ -56,7 +56,7 @@ fn offers_tunnel(value: &[u8]) -> bool {
 }
 
 /// The tokens of a `Connection` value, trimmed, empty ones left out.
-fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)

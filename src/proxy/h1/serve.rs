@@ -24,7 +24,7 @@
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -45,7 +45,7 @@ use super::chunked::Chunk;
 use super::framing::{FramingError, FramingFields, Length};
 use super::incoming::{BodyState, ConnIo, Framing, RequestBody};
 use super::MAX_HEADERS;
-use crate::proxy::headers::HopByHop;
+use crate::proxy::headers::{connection_tokens, HopByHop};
 use crate::proxy::shutdown::Watch;
 use crate::BoxError;
 
@@ -454,7 +454,7 @@ pub(crate) fn parse_request(bytes: &Bytes, max_head: usize) -> Result<Parsed, An
                 .eq_ignore_ascii_case(b"100-continue");
         } else if name == header::TE {
             // `trailers`, perhaps with parameters.
-            trailers |= field.value.split(|&b| b == b',').any(|t| {
+            trailers |= connection_tokens(field.value).any(|t| {
                 let coding = t.split(|&b| b == b';').next().unwrap_or_default();
                 coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
             });
@@ -621,9 +621,7 @@ where
         buf.extend_from_slice(b"\r\n");
     }
     if let Some(n) = length {
-        buf.extend_from_slice(b"content-length: ");
-        buf.extend_from_slice(itoa(n).as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        let _ = write!(buf, "content-length: {n}\r\n");
     }
     if chunked {
         buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -674,7 +672,7 @@ where
                     if data.is_empty() {
                         continue;
                     }
-                    buf.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    let _ = write!(buf, "{:x}\r\n", data.len());
                     gather(conn, &mut buf, data).await?;
                     buf.extend_from_slice(b"\r\n");
                 }
@@ -719,13 +717,7 @@ async fn gather(conn: &ConnIo, buf: &mut Vec<u8>, data: Bytes) -> io::Result<()>
 }
 
 fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
+    connection_tokens(value).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Writes all of `bytes`.
