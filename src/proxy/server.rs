@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::pin;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -17,6 +18,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 #[cfg(feature = "http2")]
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::ReadBuf;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
@@ -158,14 +160,9 @@ impl Server {
         B::Error: Into<BoxError>,
     {
         let stopping = Shutdown::new();
-        let builders = Arc::new(self.builders());
+        // Read by each connection from here: its task is smaller than with a copy.
+        let shared = Arc::new(self.shared());
         let observed = self.observed;
-        let (idle, head) = (self.client_idle_timeout, self.header_read_timeout);
-        let settings = Settings {
-            header_read_timeout: head,
-            idle_timeout: idle,
-            max_head: self.max_header_bytes,
-        };
         let limit = self.max_connections.map(|n| Arc::new(Semaphore::new(n)));
         tokio::pin!(shutdown);
         loop {
@@ -197,31 +194,29 @@ impl Server {
             // The connection's place (its permit) is held by its watch: by the connection,
             // then by the tunnel it may become.
             let mut watch = stopping.watch().holding(permit);
-            let (service, builders) = (service.clone(), builders.clone());
+            let (service, shared) = (service.clone(), shared.clone());
             tokio::spawn(async move {
                 // Wait for the client's first bytes: HTTP/2 if they are its preface (hyper
                 // allocates its buffers as soon as it has a connection), else HTTP/1. A
                 // client that sends nothing is closed by the header timeout.
-                let sniffed = tokio::select! {
-                    sniffed = tokio::time::timeout(head, sniff(&stream)) => sniffed,
-                    () = watch.draining() => Ok(None),
-                };
+                let timeout = shared.settings.header_read_timeout;
+                let sniffed = sniff(&stream, &mut watch, timeout).await;
                 match sniffed {
-                    Ok(Some(true)) => {
+                    Some(true) => {
                         // Boxed, as the HTTP/1 connection below: the task of a connection
                         // that has sent nothing yet stays small.
-                        let result = Box::pin(serve_http2(
-                            &builders, stream, service, peer, observed, watch, idle,
-                        ))
-                        .await;
+                        let result =
+                            Box::pin(serve_http2(&shared, stream, service, peer, observed, watch))
+                                .await;
                         if let Err(error) = result {
                             // h2 answered a malformed request itself.
                             tracing::debug!(%peer, %error, "client connection ended with an error");
                         }
                     }
-                    Ok(Some(false)) => {
+                    Some(false) => {
                         let service = connection_service(service, peer, observed, Http1);
                         let mut cut = watch.clone();
+                        let settings = shared.settings;
                         let conn = Box::pin(serve_connection(stream, service, settings, watch));
                         let answered = tokio::select! {
                             biased;
@@ -234,7 +229,7 @@ impl Server {
                             tracing::debug!(%peer, status = answered.status(), "answered a malformed request");
                         }
                     }
-                    Ok(None) | Err(_) => {
+                    None => {
                         tracing::debug!(%peer, "client sent nothing; closing");
                         return;
                     }
@@ -248,14 +243,15 @@ impl Server {
     }
 }
 
-/// The connection builders of a [`Server`], shared by its connections.
-struct Builders {
+/// What the connections of a [`Server`] share: the HTTP/1 settings and the HTTP/2 builder.
+struct Shared {
+    settings: Settings,
     #[cfg(feature = "http2")]
     http2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
 }
 
 impl Server {
-    fn builders(&self) -> Builders {
+    fn shared(&self) -> Shared {
         #[cfg(feature = "http2")]
         let http2 = {
             let mut http2 =
@@ -266,7 +262,12 @@ impl Server {
                 .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
             http2
         };
-        Builders {
+        Shared {
+            settings: Settings {
+                header_read_timeout: self.header_read_timeout,
+                idle_timeout: self.client_idle_timeout,
+                max_head: self.max_header_bytes,
+            },
             #[cfg(feature = "http2")]
             http2,
         }
@@ -279,36 +280,49 @@ const PREFACE_START: &[u8] = b"PRI ";
 
 /// Waits for the client's first bytes, looked at without reading them: `Some(true)` if they
 /// are the HTTP/2 preface (with the `http2` feature), `Some(false)` for anything else, `None`
-/// if the client closed or the socket failed first. (A peek, not `readable()`, which may
-/// report a socket readable that is not.)
-async fn sniff(stream: &TcpStream) -> Option<bool> {
+/// if the client closed, the socket failed, `timeout` passed or the shutdown began first.
+/// (A peek, not `readable()`, which may report a socket readable that is not.)
+///
+/// The task of a connection that has sent nothing yet waits here, so this holds no more
+/// than it must: one timer, the shutdown's wait, and no peek future between polls.
+async fn sniff(stream: &TcpStream, watch: &mut Watch, timeout: Duration) -> Option<bool> {
+    let mut timer = pin!(tokio::time::sleep(timeout));
+    let mut draining = pin!(watch.draining());
     let mut start = [0u8; PREFACE_START.len()];
     // Clients send the preface in one write. A first segment of a byte or three that may
     // begin it (`P`, `PR`, `PRI`) is rare: a peek returns it again at once, and cannot
     // tell whether more is coming or the client has closed, so look again for up to
     // 100 ms, then leave it to HTTP/1 (which answers or closes as for any short request).
     for _ in 0..20 {
-        let n = stream.peek(&mut start).await.ok().filter(|n| *n > 0)?;
+        let n = std::future::poll_fn(|cx| {
+            if let Poll::Ready(peeked) = stream.poll_peek(cx, &mut ReadBuf::new(&mut start)) {
+                return Poll::Ready(peeked.ok().filter(|n| *n > 0));
+            }
+            if timer.as_mut().poll(cx).is_ready() || draining.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await?;
         if !cfg!(feature = "http2") || start[..n] != PREFACE_START[..n] {
             return Some(false);
         }
         if n == start.len() {
             return Some(true);
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        Box::pin(tokio::time::sleep(Duration::from_millis(5))).await;
     }
     Some(false)
 }
 
 #[cfg(feature = "http2")]
 async fn serve_http2<S, B>(
-    builders: &Builders,
+    shared: &Shared,
     stream: TcpStream,
     service: S,
     peer: SocketAddr,
     observed: bool,
     watch: Watch,
-    idle: Duration,
 ) -> hyper::Result<()>
 where
     S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
@@ -332,7 +346,8 @@ where
             Ok::<_, Infallible>(response.map(|body| GuardedBody::new(body, guard)))
         }
     });
-    let conn = builders
+    let idle = shared.settings.idle_timeout;
+    let conn = shared
         .http2
         .serve_connection(TokioIo::new(stream), hyper_service);
     let mut conn = std::pin::pin!(conn);
@@ -349,13 +364,12 @@ where
 
 #[cfg(not(feature = "http2"))]
 async fn serve_http2<S>(
-    _: &Builders,
+    _: &Shared,
     _: TcpStream,
     _: S,
     _: SocketAddr,
     _: bool,
     _: Watch,
-    _: Duration,
 ) -> hyper::Result<()> {
     Ok(())
 }

@@ -83,9 +83,13 @@ impl Watch {
     /// It is polled only when the shutdown wakes it ([`WhenWoken`]), not on every wakeup of
     /// the connection's task.
     fn reached(&mut self, phase: Phase) -> WhenWoken<impl Future<Output = ()> + '_> {
+        // `changed()` in a loop, not `wait_for`: every connection holds this future for its
+        // life, and it is 60 bytes smaller so.
         WhenWoken::new(async move {
-            if self.phase.wait_for(|p| *p >= phase).await.is_err() {
-                std::future::pending::<()>().await;
+            while *self.phase.borrow_and_update() < phase {
+                if self.phase.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
             }
         })
     }
@@ -98,13 +102,13 @@ impl Watch {
 
     /// Completes when the shutdown begins: a connection that has not sent a request yet
     /// closes then.
-    pub(crate) async fn draining(&mut self) {
-        self.reached(Phase::Draining).await;
+    pub(crate) fn draining(&mut self) -> impl Future<Output = ()> + '_ {
+        self.reached(Phase::Draining)
     }
 
     /// Completes when the time to finish is up: a tunnel closes then.
-    pub(crate) async fn cut(&mut self) {
-        self.reached(Phase::Cut).await;
+    pub(crate) fn cut(&mut self) -> impl Future<Output = ()> + '_ {
+        self.reached(Phase::Cut)
     }
 
     /// Serves a client connection (hyper's HTTP/2): `graceful` is called on it when the shutdown begins (no
@@ -142,9 +146,8 @@ pin_project! {
     struct WhenWoken<F> {
         #[pin]
         inner: F,
+        // Its waker, for `inner`.
         flag: Arc<Flag>,
-        // `flag` as a waker, for `inner`.
-        waker: Waker,
         // The task's waker last given to `flag`, to see without a lock that it is the same.
         task: Option<Waker>,
     }
@@ -164,7 +167,6 @@ impl<F> WhenWoken<F> {
         });
         WhenWoken {
             inner,
-            waker: Waker::from(flag.clone()),
             flag,
             task: None,
         }
@@ -185,7 +187,10 @@ impl<F: Future> Future for WhenWoken<F> {
         if !this.flag.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
-        this.inner.poll(&mut Context::from_waker(this.waker))
+        // Made here, not kept: `inner` is polled seldom, and the future is held for as long
+        // as a connection lives.
+        let waker = Waker::from(this.flag.clone());
+        this.inner.poll(&mut Context::from_waker(&waker))
     }
 }
 

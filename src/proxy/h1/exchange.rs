@@ -3,22 +3,19 @@
 //! request itself.
 
 use std::fmt;
-use std::future::Future;
 use std::io;
-use std::pin::pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::{Response, StatusCode};
 use http_body::Body;
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::body::UpstreamBody;
 use super::encode::{Head, Sender};
 use super::parse::{parse_head, Parsed};
 use super::pool::{Conn, Pool};
-use super::READ_SIZE;
+use super::read;
 use crate::BoxError;
 
 /// Why an exchange failed. (The request body comes back with it when the request may be
@@ -136,10 +133,12 @@ impl fmt::Display for Elapsed {
 
 impl std::error::Error for Elapsed {}
 
-/// Reads into the connection's buffer; the first read after the pool (which frees the
-/// buffer of an idle connection) allocates it.
+/// Reads what has arrived into the connection's buffer: one waiting for its response
+/// holds no buffer until bytes come, and then one of their size.
 pub(super) fn poll_read(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-    conn.rbuf.reserve(READ_SIZE);
-    let read = pin!(conn.io.read_buf(&mut conn.rbuf));
-    read.poll(cx)
+    let rbuf = &mut conn.rbuf;
+    read::poll_read_with(&conn.io, cx, |bytes| {
+        rbuf.extend_from_slice(bytes);
+        bytes.len()
+    })
 }

@@ -17,11 +17,9 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
 use super::chunked::{decode_chunk, Chunk};
+use super::read;
 use crate::proxy::error::ClientBodyError;
 use crate::BoxError;
-
-/// The most read for a body at once.
-const BODY_READ: u64 = 16 * 1024;
 
 /// A client connection of the HTTP/1 server, shared with the body of the request it is
 /// reading.
@@ -190,25 +188,18 @@ impl Http1Body {
 
     /// Reads more of the body into `buf`.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let want = match self.framing {
-            Framing::Length(n) => n.min(BODY_READ),
-            Framing::Chunked(_) => BODY_READ,
-        };
-        loop {
-            ready!(self.conn.io.poll_read_ready(cx))?;
-            self.buf.reserve(want as usize);
-            match self.conn.io.try_read_buf(&mut self.buf) {
-                Ok(0) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "client closed before the end of the request body",
-                    )))
-                }
-                Ok(_) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        let buf = &mut self.buf;
+        let n = ready!(read::poll_read_with(&self.conn.io, cx, |bytes| {
+            buf.extend_from_slice(bytes);
+            bytes.len()
+        }))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed before the end of the request body",
+            )));
         }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {

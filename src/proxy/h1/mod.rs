@@ -22,7 +22,8 @@
 //! - `body`: [`UpstreamBody`], the response body read from the connection;
 //! - `exchange`: one request and response on a connection;
 //! - `serve`: the server side, one client connection's requests and responses;
-//! - `incoming`: [`RequestBody`], a request body read from the client's connection.
+//! - `incoming`: [`RequestBody`], a request body read from the client's connection;
+//! - `read`: reading a socket, client or upstream, through the thread's scratch buffer.
 //!
 //! A connection is pooled again only when the response ended cleanly, the request body
 //! was sent in full, and neither side asked to close.
@@ -37,6 +38,7 @@ pub mod fuzz;
 mod incoming;
 mod parse;
 mod pool;
+mod read;
 mod request;
 mod serve;
 
@@ -54,5 +56,3 @@ pub(crate) use self::serve::{
 const MAX_HEAD: usize = 64 * 1024;
 /// Fields per response head (and trailer section).
 const MAX_HEADERS: usize = 100;
-/// Read buffer reserve per read.
-const READ_SIZE: usize = 8 * 1024;

@@ -9,11 +9,6 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-/// Idle connections at the top of the pool (the most recently used) that keep their read
-/// buffer: the next requests take these (the pool is a stack), so their buffers are not
-/// freed and allocated again around every request. Below, idle connections hold none.
-const WARM: usize = 4;
-
 /// Idle connections to one backend, most recently used last.
 #[derive(Debug)]
 pub(crate) struct Pool {
@@ -49,14 +44,11 @@ impl Pool {
         if !conn.park() {
             return;
         }
+        // Empty, but it may share an allocation with the last response's bytes.
+        conn.rbuf = BytesMut::new();
         let mut idle = self.lock();
         if idle.len() < self.max_idle {
             idle.push(conn);
-            // The one that sinks below the warm top frees its buffer (8 KiB): thousands of
-            // idle connections would each hold one otherwise.
-            if let Some(sunk) = idle.len().checked_sub(WARM + 1) {
-                idle[sunk].rbuf = BytesMut::new();
-            }
         }
     }
 
@@ -68,8 +60,8 @@ impl Pool {
 /// An open connection to a backend.
 ///
 /// An idle one (in the pool) holds its socket, its timer and nothing else: no waker of the
-/// task that used it last (see [`Conn::park`]), and no read buffer unless it is one of the
-/// few most recently used ([`WARM`]); the first read of its next exchange allocates one.
+/// task that used it last (see [`Conn::park`]), and no read buffer: reads go through the
+/// thread's scratch buffer, and take memory only for the bytes that came.
 pub(crate) struct Conn {
     pub(super) io: TcpStream,
     /// Bytes read and not yet consumed; no allocation until the first read.
@@ -222,10 +214,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn idle_connections_below_the_warm_top_hold_no_read_buffer_and_are_reused() {
+    async fn idle_connections_hold_no_read_buffer_and_are_reused() {
         let (addr, counts) = backend().await;
         let pool = Arc::new(Pool::new(64));
-        let n = WARM + 2;
+        let n = 6;
         for _ in 0..n {
             let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
             assert_eq!(conn.rbuf.capacity(), 0);
@@ -235,10 +227,9 @@ mod tests {
             let idle = pool.lock();
             let capacities: Vec<usize> = idle.iter().map(|c| c.rbuf.capacity()).collect();
             assert_eq!(capacities.len(), n);
-            assert!(capacities[..2].iter().all(|&c| c == 0), "{capacities:?}");
-            assert!(capacities[2..].iter().all(|&c| c > 0), "{capacities:?}");
+            assert!(capacities.iter().all(|&c| c == 0), "{capacities:?}");
         }
-        // Every one takes a request again, those without a buffer too.
+        // Every one takes a request again.
         let conns: Vec<Conn> = std::iter::from_fn(|| pool.lock().pop()).collect();
         assert_eq!(conns.len(), n);
         for conn in conns {

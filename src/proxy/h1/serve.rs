@@ -28,7 +28,7 @@ use std::io::{self, IoSlice, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -44,14 +44,11 @@ use tokio::time::Instant;
 use super::chunked::Chunk;
 use super::framing::{FramingError, FramingFields, Length};
 use super::incoming::{BodyState, ConnIo, Framing, RequestBody};
+use super::read;
 use super::MAX_HEADERS;
 use crate::proxy::headers::{connection_tokens, HopByHop};
 use crate::proxy::shutdown::Watch;
 use crate::BoxError;
-
-/// The size of each thread's scratch read buffer: a request head within it arrives in one
-/// read, as most do.
-const SCRATCH: usize = 16 * 1024;
 
 /// The largest response head and body bytes gathered into one write.
 const WRITE_GATHER: usize = 64 * 1024;
@@ -104,87 +101,107 @@ pub(crate) enum Answered {
     TooLarge,
 }
 
-thread_local! {
-    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
-}
-
 /// Serves the HTTP/1 connection `io` (whose first bytes have arrived) with `service` until
 /// the client closes, a timeout, an error, or the shutdown `watch` asks it to finish.
 /// Returns what the server answered itself, if it ended so.
-pub(crate) async fn serve_connection<S, B>(
+///
+/// The returned future is what a connection holds for its life, so it is kept small: an
+/// async block rather than an async fn (which keeps a second copy of each argument,
+/// rust-lang/rust#62958), and no value held across an await that is not needed after it.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn serve_connection<S, B>(
     io: TcpStream,
     service: S,
     settings: Settings,
     watch: Watch,
-) -> Option<Answered>
+) -> impl Future<Output = Option<Answered>>
 where
     S: hyper::service::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let conn = Arc::new(ConnIo::new(io));
-    let mut pending = BytesMut::new();
-    // One timer for the connection's life, moved on lazily (moving a registered deadline
-    // later is one atomic operation; a new timer per request is an insert and a removal).
-    let mut timer = pin!(tokio::time::sleep(settings.header_read_timeout));
-    // One wait for the shutdown for the connection's life: registered once, it is cheap to
-    // look at again (a new wait per request cost about 370 instructions).
-    let mut waiting = watch.clone();
-    let mut shutdown = Shutdown {
-        draining: pin!(waiting.draining()),
-        begun: false,
-    };
-    let mut first = true;
-    loop {
-        let bytes = match read_head(
-            &conn,
-            &mut pending,
-            first,
-            &settings,
-            &mut shutdown,
-            timer.as_mut(),
-        )
-        .await
-        {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return None,
-            Err(answer) => return answer_and_close(&conn, answer).await,
+    async move {
+        let conn = Arc::new(ConnIo::new(io));
+        let mut pending = BytesMut::new();
+        // One timer for the connection's life, moved on lazily (moving a registered deadline
+        // later is one atomic operation; a new timer per request is an insert and a removal).
+        let mut timer = pin!(tokio::time::sleep(settings.header_read_timeout));
+        // One wait for the shutdown for the connection's life: registered once, it is cheap to
+        // look at again (a new wait per request cost about 370 instructions).
+        let mut waiting = watch.clone();
+        let mut shutdown = Shutdown {
+            draining: pin!(waiting.draining()),
+            begun: false,
         };
-        first = false;
-        let (request, info, rest) = match build_request(bytes, &conn, &watch, settings.max_head) {
-            Ok(built) => built,
-            Err(answer) => return answer_and_close(&conn, answer).await,
-        };
-        pending = rest;
-        // Boxed: the connection's future stays small while it waits for a request.
-        let Ok(response) = Box::pin(service.call(request)).await;
-        let keep_alive = info.keep_alive && !info.refused && !shutdown.begun().await;
-        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        conn.responding();
-        let written = Box::pin(write_response(&conn, response, &info, keep_alive)).await;
-        let Ok(keep_alive) = written else {
-            return None;
-        };
-        if switching {
-            if let Some(upgrade) = info.upgrade {
-                hand_over(conn, pending, upgrade);
+        let mut first = true;
+        let answer = loop {
+            let bytes = match read_head(
+                &conn,
+                &mut pending,
+                first,
+                &settings,
+                &mut shutdown,
+                timer.as_mut(),
+            )
+            .await
+            {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => return None,
+                Err(answer) => break answer,
+            };
+            first = false;
+            let (request, info, rest) = match build_request(bytes, &conn, &watch, settings.max_head)
+            {
+                Ok(built) => built,
+                Err(answer) => break answer,
+            };
+            pending = rest;
+            // The call and the response's writing in one box: the connection's future stays
+            // small while it waits for a request, and allocates once per request.
+            let call = service.call(request);
+            let exchange = Box::pin(async {
+                // The response and whether the shutdown has begun, in one await: a
+                // response held across a second would take its size twice in this future.
+                let (Ok(response), begun) = {
+                    let mut call = pin!(call);
+                    std::future::poll_fn(|cx| {
+                        let response = ready!(call.as_mut().poll(cx));
+                        Poll::Ready((response, shutdown.poll_begun(cx)))
+                    })
+                    .await
+                };
+                let keep_alive = info.keep_alive && !info.refused && !begun;
+                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                conn.responding();
+                let written = write_response(&conn, response, &info, keep_alive).await;
+                written.map(|keep_alive| (keep_alive, switching))
+            });
+            let Ok((keep_alive, switching)) = exchange.await else {
+                return None;
+            };
+            if switching {
+                if let Some(upgrade) = info.upgrade {
+                    hand_over(conn, pending, upgrade);
+                }
+                return None;
             }
-            return None;
-        }
-        if !keep_alive {
-            return None;
-        }
-        match conn.take_body_state() {
-            BodyState::Reading if !info.body => {}
-            // What came after the body: the next request, perhaps.
-            BodyState::Done(rest) => pending = rest,
-            // A body not read to its end leaves the connection at an unknown point.
-            BodyState::Reading | BodyState::Broken => return None,
-        }
-        if pending.is_empty() {
-            // Waiting without a buffer.
-            pending = BytesMut::new();
-        }
+            if !keep_alive {
+                return None;
+            }
+            match conn.take_body_state() {
+                BodyState::Reading if !info.body => {}
+                // What came after the body: the next request, perhaps.
+                BodyState::Done(rest) => pending = rest,
+                // A body not read to its end leaves the connection at an unknown point.
+                BodyState::Reading | BodyState::Broken => return None,
+            }
+            if pending.is_empty() {
+                // Waiting without a buffer.
+                pending = BytesMut::new();
+            }
+        };
+        // Boxed: seldom taken, and the future that waits for requests would grow by it.
+        Box::pin(answer_and_close(&conn, answer)).await
     }
 }
 
@@ -206,10 +223,6 @@ impl<F: std::ops::DerefMut<Target: Future<Output = ()>>> Shutdown<F> {
             self.begun = self.draining.as_mut().poll(cx).is_ready();
         }
         self.begun
-    }
-
-    async fn begun(&mut self) -> bool {
-        std::future::poll_fn(|cx| Poll::Ready(self.poll_begun(cx))).await
     }
 }
 
@@ -304,10 +317,9 @@ async fn read_head(
             timer.as_mut().reset(deadline);
         }
         let ready = {
-            let mut readable = pin!(conn.io.readable());
             let idle = !started;
             std::future::poll_fn(|cx| {
-                if let Poll::Ready(ready) = readable.as_mut().poll(cx) {
+                if let Poll::Ready(ready) = conn.io.poll_read_ready(cx) {
                     return Poll::Ready(ready.is_ok());
                 }
                 // The timer fires at the deadline it was last set to, perhaps earlier than
@@ -329,9 +341,8 @@ async fn read_head(
         if !ready {
             return Ok(None);
         }
-        let read = SCRATCH_BUF.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            match conn.io.try_read(&mut scratch) {
+        let read = read::with_scratch(|scratch| {
+            match read::try_read(&conn.io, scratch) {
                 Ok(0) => Read::Closed,
                 Ok(n) if pending.is_empty() && has_head_end(&scratch[..n]) => {
                     Read::Head(Bytes::copy_from_slice(&scratch[..n]))
@@ -721,32 +732,44 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
 }
 
 /// Writes all of `bytes`.
+///
+/// Waits with `poll_write_ready`, not `writable()`: its future would add 200 bytes to every
+/// response's.
 pub(crate) async fn write_all(io: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        match io.try_write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
-            Err(e) => return Err(e),
+    std::future::poll_fn(|cx| {
+        while !bytes.is_empty() {
+            ready!(io.poll_write_ready(cx))?;
+            match io.try_write(bytes) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
-    }
-    Ok(())
+        Poll::Ready(Ok(()))
+    })
+    .await
 }
 
 /// Writes all of `a`, then all of `b`.
 async fn write_vectored_all(io: &TcpStream, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
-    while !a.is_empty() {
-        match io.try_write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) if n < a.len() => a = &a[n..],
-            Ok(n) => {
-                b = &b[n - a.len()..];
-                a = &[];
+    std::future::poll_fn(|cx| {
+        while !a.is_empty() {
+            ready!(io.poll_write_ready(cx))?;
+            match io.try_write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) if n < a.len() => a = &a[n..],
+                Ok(n) => {
+                    b = &b[n - a.len()..];
+                    a = &[];
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => io.writable().await?,
-            Err(e) => return Err(e),
         }
-    }
+        Poll::Ready(Ok(()))
+    })
+    .await?;
     write_all(io, b).await
 }
 
