@@ -1,9 +1,13 @@
 //! The proxy's own HTTP/1 server (`proxy::h1::serve`) on the wire: `Expect: 100-continue`,
 //! HTTP/1.0 keep-alive, pipelined requests with bodies, and how a response of unknown
-//! length is framed for each client version.
+//! length is framed for each client version, and bodies in pieces larger than one write.
 
 mod support;
 
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -151,4 +155,74 @@ async fn a_body_of_unknown_length_goes_chunked_to_http11_and_until_the_close_to_
     assert!(lower.contains("connection: close\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\nfirst;last"), "{answer}");
     proxy.shutdown().await.unwrap();
+}
+
+/// Serves `pieces` as one response body on a `proxy::Server` of its own, with its length
+/// or without; answers the address and a way to stop it.
+async fn serve_pieces(
+    pieces: Vec<Vec<u8>>,
+    with_length: bool,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    use futures::StreamExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = tower::service_fn(move |_req: Request<tower_lb::proxy::RequestBody>| {
+        let pieces = pieces.clone();
+        async move {
+            let total: usize = pieces.iter().map(Vec::len).sum();
+            let frames = futures::stream::iter(pieces)
+                .map(|p| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(p))));
+            let mut response = Response::new(StreamBody::new(frames));
+            if with_length {
+                response
+                    .headers_mut()
+                    .insert("content-length", total.to_string().parse().unwrap());
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        tower_lb::proxy::Server::new()
+            .serve(listener, service, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (addr, stop, server)
+}
+
+#[tokio::test]
+async fn pieces_larger_than_a_gathered_write_arrive_whole_and_in_order() {
+    // Small pieces are gathered into one write; one that does not fit goes out after
+    // what is gathered, without a copy. Chunked and length-framed, twice on a connection.
+    let pieces: Vec<Vec<u8>> = [10usize, 100_000, 5, 70_000, 65_536, 1]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n).map(|j| ((i * 7 + j) % 251) as u8).collect())
+        .collect();
+    let expected: Vec<u8> = pieces.concat();
+    for with_length in [false, true] {
+        let (addr, stop, server) = serve_pieces(pieces.clone(), with_length).await;
+        let mut client = Client::connect(addr).await;
+        for _ in 0..2 {
+            let res = client.send(Request::get("/").body(empty()).unwrap()).await;
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(
+                res.headers().contains_key("transfer-encoding"),
+                !with_length,
+                "{:?}",
+                res.headers()
+            );
+            let body = within(res.into_body().collect()).await.unwrap().to_bytes();
+            assert_eq!(body.len(), expected.len());
+            assert!(body == expected, "the body differs");
+        }
+        let _ = stop.send(());
+        within(server).await.unwrap().unwrap();
+    }
 }

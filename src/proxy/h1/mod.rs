@@ -23,6 +23,7 @@
 //! - `exchange`: one request and response on a connection;
 //! - `serve`: the server side, one client connection's requests and responses;
 //! - `incoming`: [`RequestBody`], a request body read from the client's connection;
+//! - `write`: the response to a client, its head and its body;
 //! - `read`: reading a socket, client or upstream, through the thread's scratch buffer.
 //!
 //! A connection is pooled again only when the response ended cleanly, the request body
@@ -41,6 +42,7 @@ mod pool;
 mod read;
 mod request;
 mod serve;
+mod write;
 
 pub use self::body::UpstreamBody;
 pub(crate) use self::encode::{encode_head, Head};

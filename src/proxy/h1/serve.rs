@@ -21,22 +21,20 @@
 //! and `header_read_timeout` from that byte to the end of the head; a head over
 //! `max_head` bytes is answered `431`.
 
-use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::{self, IoSlice, Write as _};
+use std::io;
 use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -45,13 +43,11 @@ use super::chunked::Chunk;
 use super::framing::{FramingError, FramingFields, Length};
 use super::incoming::{BodyState, ConnIo, Framing, RequestBody};
 use super::read;
+use super::write::{write_response, write_static, WriteResponse};
 use super::MAX_HEADERS;
 use crate::proxy::headers::{connection_tokens, HopByHop};
 use crate::proxy::shutdown::Watch;
 use crate::BoxError;
-
-/// The largest response head and body bytes gathered into one write.
-const WRITE_GATHER: usize = 64 * 1024;
 
 /// The settings of a connection.
 #[derive(Debug, Clone, Copy)]
@@ -158,23 +154,14 @@ where
             pending = rest;
             // The call and the response's writing in one box: the connection's future stays
             // small while it waits for a request, and allocates once per request.
-            let call = service.call(request);
-            let exchange = Box::pin(async {
-                // The response and whether the shutdown has begun, in one await: a
-                // response held across a second would take its size twice in this future.
-                let (Ok(response), begun) = {
-                    let mut call = pin!(call);
-                    std::future::poll_fn(|cx| {
-                        let response = ready!(call.as_mut().poll(cx));
-                        Poll::Ready((response, shutdown.poll_begun(cx)))
-                    })
-                    .await
-                };
-                let keep_alive = info.keep_alive && !info.refused && !begun;
-                let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                conn.responding();
-                let written = write_response(&conn, response, &info, keep_alive).await;
-                written.map(|keep_alive| (keep_alive, switching))
+            let exchange = Box::pin(Exchange {
+                conn: &conn,
+                info: &info,
+                shutdown: &mut shutdown,
+                switching: false,
+                step: Step::Calling {
+                    call: service.call(request),
+                },
             });
             let Ok((keep_alive, switching)) = exchange.await else {
                 return None;
@@ -205,8 +192,61 @@ where
     }
 }
 
+pin_project! {
+    /// One request's call, then the writing of its response.
+    struct Exchange<'a, F, W, D> {
+        conn: &'a ConnIo,
+        info: &'a Info,
+        shutdown: &'a mut Shutdown<D>,
+        switching: bool,
+        #[pin]
+        step: Step<F, W>,
+    }
+}
+
+pin_project! {
+    #[project = StepProj]
+    enum Step<F, W> {
+        Calling { #[pin] call: F },
+        Writing { #[pin] write: W },
+    }
+}
+
+impl<'a, F, B, D> Future for Exchange<'a, F, WriteResponse<'a, B>, D>
+where
+    F: Future<Output = Result<Response<B>, Infallible>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+    D: std::ops::DerefMut<Target: Future<Output = ()>>,
+{
+    /// Whether the connection can take another request, and whether it switched protocols.
+    type Output = io::Result<(bool, bool)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.step.as_mut().project() {
+                StepProj::Calling { call } => {
+                    let Ok(response) = ready!(call.poll(cx));
+                    let info = *this.info;
+                    let begun = this.shutdown.poll_begun(cx);
+                    let keep_alive = info.keep_alive && !info.refused && !begun;
+                    *this.switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    this.conn.responding();
+                    let write = write_response(&this.conn.io, response, info, keep_alive);
+                    this.step.set(Step::Writing { write });
+                }
+                StepProj::Writing { write } => {
+                    let keep_alive = ready!(write.poll(cx))?;
+                    return Poll::Ready(Ok((keep_alive, *this.switching)));
+                }
+            }
+        }
+    }
+}
+
 async fn answer_and_close(conn: &ConnIo, answer: Answered) -> Option<Answered> {
-    let _ = write_all(&conn.io, answer.response()).await;
+    let _ = write_static(&conn.io, answer.response()).await;
     Some(answer)
 }
 
@@ -383,13 +423,13 @@ enum Read {
 }
 
 /// What the response to a request depends on.
-struct Info {
+pub(super) struct Info {
     /// The client lets the connection stay open.
     keep_alive: bool,
-    head_request: bool,
+    pub(super) head_request: bool,
     /// The client takes trailers (`TE: trailers`).
-    trailers: bool,
-    http10: bool,
+    pub(super) trailers: bool,
+    pub(super) http10: bool,
     /// The request has a body to read to its end before the next.
     body: bool,
     /// Refused by the framing rules: the connection closes after the answer.
@@ -568,233 +608,8 @@ fn build_request(
     Ok((request, info, rest))
 }
 
-/// Writes `response`, to the request described by `info`. Returns whether the connection
-/// can take another request; `Err` if it failed (the client went away, or the body broke
-/// off, which the client sees as a response cut short).
-async fn write_response<B>(
-    conn: &ConnIo,
-    response: Response<B>,
-    info: &Info,
-    mut keep_alive: bool,
-) -> io::Result<bool>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let (parts, body) = response.into_parts();
-    let status = parts.status;
-    let no_body = info.head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let headers = &parts.headers;
-    let (mut has_length, mut has_date) = (false, false);
-    for (name, value) in headers {
-        if name == header::CONTENT_LENGTH {
-            has_length = true;
-        } else if name == header::DATE {
-            has_date = true;
-        } else if name == header::CONNECTION && has_token(value.as_bytes(), b"close") {
-            keep_alive = false;
-        }
-    }
-    // How the body goes: as it is (its length given), chunked, or until the close.
-    let mut chunked = false;
-    let mut length = None;
-    if !no_body && !has_length && status != StatusCode::SWITCHING_PROTOCOLS {
-        match body.size_hint().exact() {
-            Some(n) => length = Some(n),
-            None if info.http10 => keep_alive = false,
-            None => chunked = true,
-        }
-    }
-
-    let mut buf = Vec::with_capacity(256);
-    // An HTTP/1.0 client is answered in its version, as hyper and nginx do.
-    buf.extend_from_slice(if info.http10 {
-        b"HTTP/1.0 "
-    } else {
-        b"HTTP/1.1 "
-    });
-    buf.extend_from_slice(status.as_str().as_bytes());
-    buf.push(b' ');
-    buf.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    buf.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        if name == header::TRANSFER_ENCODING
-            || (name == header::CONTENT_LENGTH && status == StatusCode::SWITCHING_PROTOCOLS)
-        {
-            continue;
-        }
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
-    }
-    if let Some(n) = length {
-        let _ = write!(buf, "content-length: {n}\r\n");
-    }
-    if chunked {
-        buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    if !has_date {
-        buf.extend_from_slice(b"date: ");
-        DATE.with(|date| buf.extend_from_slice(date.borrow_mut().now()));
-        buf.extend_from_slice(b"\r\n");
-    }
-    if !keep_alive && status != StatusCode::SWITCHING_PROTOCOLS {
-        if !headers.contains_key(header::CONNECTION) {
-            buf.extend_from_slice(b"connection: close\r\n");
-        }
-    } else if info.http10 {
-        buf.extend_from_slice(b"connection: keep-alive\r\n");
-    }
-    buf.extend_from_slice(b"\r\n");
-
-    if no_body || status == StatusCode::SWITCHING_PROTOCOLS {
-        write_all(&conn.io, &buf).await?;
-        return Ok(keep_alive);
-    }
-    let mut body = pin!(body);
-    loop {
-        // Gather what is ready into one write; write when the body waits.
-        let frame = match body.as_mut().frame().now_or_never() {
-            Some(frame) => frame,
-            None => {
-                if !buf.is_empty() {
-                    write_all(&conn.io, &buf).await?;
-                    buf.clear();
-                }
-                body.as_mut().frame().await
-            }
-        };
-        match frame {
-            None => break,
-            Some(Err(error)) => {
-                let error: BoxError = error.into();
-                tracing::debug!(%error, "response body failed; closing the connection");
-                if !buf.is_empty() {
-                    let _ = write_all(&conn.io, &buf).await;
-                }
-                return Err(io::Error::other(error));
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) if chunked => {
-                    if data.is_empty() {
-                        continue;
-                    }
-                    let _ = write!(buf, "{:x}\r\n", data.len());
-                    gather(conn, &mut buf, data).await?;
-                    buf.extend_from_slice(b"\r\n");
-                }
-                Ok(data) => gather(conn, &mut buf, data).await?,
-                Err(frame) => {
-                    if let (Ok(fields), true, true) =
-                        (frame.into_trailers(), chunked, info.trailers)
-                    {
-                        buf.extend_from_slice(b"0\r\n");
-                        for (name, value) in &fields {
-                            buf.extend_from_slice(name.as_str().as_bytes());
-                            buf.extend_from_slice(b": ");
-                            buf.extend_from_slice(value.as_bytes());
-                            buf.extend_from_slice(b"\r\n");
-                        }
-                        buf.extend_from_slice(b"\r\n");
-                        chunked = false;
-                    }
-                }
-            },
-        }
-    }
-    if chunked {
-        buf.extend_from_slice(b"0\r\n\r\n");
-    }
-    if !buf.is_empty() {
-        write_all(&conn.io, &buf).await?;
-    }
-    Ok(keep_alive)
-}
-
-/// Adds `data` to the write in `buf`; a large piece goes out with what is gathered, without
-/// a copy.
-async fn gather(conn: &ConnIo, buf: &mut Vec<u8>, data: Bytes) -> io::Result<()> {
-    if buf.len() + data.len() <= WRITE_GATHER {
-        buf.extend_from_slice(&data);
-        return Ok(());
-    }
-    write_vectored_all(&conn.io, buf, &data).await?;
-    buf.clear();
-    Ok(())
-}
-
-fn has_token(value: &[u8], token: &[u8]) -> bool {
+pub(super) fn has_token(value: &[u8], token: &[u8]) -> bool {
     connection_tokens(value).any(|t| t.eq_ignore_ascii_case(token))
-}
-
-/// Writes all of `bytes`.
-///
-/// Waits with `poll_write_ready`, not `writable()`: its future would add 200 bytes to every
-/// response's.
-pub(crate) async fn write_all(io: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    std::future::poll_fn(|cx| {
-        while !bytes.is_empty() {
-            ready!(io.poll_write_ready(cx))?;
-            match io.try_write(bytes) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        Poll::Ready(Ok(()))
-    })
-    .await
-}
-
-/// Writes all of `a`, then all of `b`.
-async fn write_vectored_all(io: &TcpStream, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
-    std::future::poll_fn(|cx| {
-        while !a.is_empty() {
-            ready!(io.poll_write_ready(cx))?;
-            match io.try_write_vectored(&[IoSlice::new(a), IoSlice::new(b)]) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) if n < a.len() => a = &a[n..],
-                Ok(n) => {
-                    b = &b[n - a.len()..];
-                    a = &[];
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        Poll::Ready(Ok(()))
-    })
-    .await?;
-    write_all(io, b).await
-}
-
-/// The `Date` of responses, formatted once a second.
-struct CachedDate {
-    second: u64,
-    text: String,
-}
-
-thread_local! {
-    static DATE: RefCell<CachedDate> = const { RefCell::new(CachedDate { second: u64::MAX, text: String::new() }) };
-}
-
-impl CachedDate {
-    fn now(&mut self) -> &[u8] {
-        let now = SystemTime::now();
-        let second = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if second != self.second {
-            self.second = second;
-            self.text = httpdate::fmt_http_date(now);
-        }
-        self.text.as_bytes()
-    }
 }
 
 /// What the server makes of `input` as one connection's bytes, without a socket: how many
