@@ -157,34 +157,46 @@ async fn a_body_of_unknown_length_goes_chunked_to_http11_and_until_the_close_to_
     proxy.shutdown().await.unwrap();
 }
 
-/// Serves `pieces` as one response body on a `proxy::Server` of its own, with its length
-/// or without; answers the address and a way to stop it.
-async fn serve_pieces(
-    pieces: Vec<Vec<u8>>,
-    with_length: bool,
-) -> (
+/// A `proxy::Server` of its own serving `service`: its address, a way to stop it, and
+/// its task.
+type Served = (
     std::net::SocketAddr,
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<std::io::Result<()>>,
-) {
-    use futures::StreamExt;
+);
+
+async fn serve_with<S, B>(service: S) -> Served
+where
+    S: tower::Service<
+            Request<tower_lb::proxy::RequestBody>,
+            Response = Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on(listener, service)
+}
+
+/// As `serve_with`, on `listener`.
+fn serve_on<S, B>(listener: tokio::net::TcpListener, service: S) -> Served
+where
+    S: tower::Service<
+            Request<tower_lb::proxy::RequestBody>,
+            Response = Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let addr = listener.local_addr().unwrap();
-    let service = tower::service_fn(move |_req: Request<tower_lb::proxy::RequestBody>| {
-        let pieces = pieces.clone();
-        async move {
-            let total: usize = pieces.iter().map(Vec::len).sum();
-            let frames = futures::stream::iter(pieces)
-                .map(|p| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(p))));
-            let mut response = Response::new(StreamBody::new(frames));
-            if with_length {
-                response
-                    .headers_mut()
-                    .insert("content-length", total.to_string().parse().unwrap());
-            }
-            Ok::<_, std::convert::Infallible>(response)
-        }
-    });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         tower_lb::proxy::Server::new()
@@ -196,15 +208,52 @@ async fn serve_pieces(
     (addr, stop, server)
 }
 
+/// Serves `pieces` as one response body, with its length or without.
+async fn serve_pieces(pieces: Vec<Vec<u8>>, with_length: bool) -> Served {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_pieces_on(listener, pieces, with_length)
+}
+
+fn serve_pieces_on(
+    listener: tokio::net::TcpListener,
+    pieces: Vec<Vec<u8>>,
+    with_length: bool,
+) -> Served {
+    use futures::StreamExt;
+    serve_on(
+        listener,
+        tower::service_fn(move |_req: Request<tower_lb::proxy::RequestBody>| {
+            let pieces = pieces.clone();
+            async move {
+                let total: usize = pieces.iter().map(Vec::len).sum();
+                let frames = futures::stream::iter(pieces)
+                    .map(|p| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(p))));
+                let mut response = Response::new(StreamBody::new(frames));
+                if with_length {
+                    response
+                        .headers_mut()
+                        .insert("content-length", total.to_string().parse().unwrap());
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        }),
+    )
+}
+
+/// Pieces of these sizes (`i`-th piece's bytes counting from `7 * i`, modulo 251).
+fn pieces(sizes: &[usize]) -> Vec<Vec<u8>> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n).map(|j| ((i * 7 + j) % 251) as u8).collect())
+        .collect()
+}
+
 #[tokio::test]
 async fn pieces_larger_than_a_gathered_write_arrive_whole_and_in_order() {
     // Small pieces are gathered into one write; one that does not fit goes out after
     // what is gathered, without a copy. Chunked and length-framed, twice on a connection.
-    let pieces: Vec<Vec<u8>> = [10usize, 100_000, 5, 70_000, 65_536, 1]
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| (0..n).map(|j| ((i * 7 + j) % 251) as u8).collect())
-        .collect();
+    let pieces = pieces(&[10, 100_000, 5, 70_000, 65_536, 1]);
     let expected: Vec<u8> = pieces.concat();
     for with_length in [false, true] {
         let (addr, stop, server) = serve_pieces(pieces.clone(), with_length).await;
@@ -225,4 +274,90 @@ async fn pieces_larger_than_a_gathered_write_arrive_whole_and_in_order() {
         let _ = stop.send(());
         within(server).await.unwrap().unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_client_with_a_small_window_gets_large_pieces_whole() {
+    // The client takes 4 KiB at a time: the server's writes of what it gathered (up to
+    // 64 KiB of small pieces) and of a large piece stop part way, again and again, and go
+    // on where they stopped.
+    let pieces = pieces(&[3, 200_000, 7, 90_000, 16_000, 16_000, 16_000, 16_000, 5]);
+    let expected = pieces.concat();
+    // Small buffers on both sides (an accepted socket takes its listener's).
+    let listening = tokio::net::TcpSocket::new_v4().unwrap();
+    listening.set_send_buffer_size(4096).unwrap();
+    listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (addr, stop, server) = serve_pieces_on(listening.listen(16).unwrap(), pieces, false);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let res = within(
+        sender.send_request(
+            Request::get("/")
+                .header("host", "x")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(res.headers().contains_key("transfer-encoding"));
+    let body = within(res.into_body().collect()).await.unwrap().to_bytes();
+    assert_eq!(body.len(), expected.len());
+    assert!(body == expected, "the body differs");
+    let _ = stop.send(());
+    within(server).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_body_that_fails_cuts_the_response_short_and_closes() {
+    // What was gathered goes out, the terminating chunk does not, and the connection
+    // closes: the client cannot take the response for a whole one.
+    let (addr, stop, server) = serve_with(tower::service_fn(
+        |_req: Request<tower_lb::proxy::RequestBody>| async {
+            let frames = futures::stream::iter([
+                Ok(Frame::data(Bytes::from_static(b"0123456789"))),
+                Err(std::io::Error::other("the body broke off")),
+            ]);
+            Ok::<_, std::convert::Infallible>(Response::new(StreamBody::new(frames)))
+        },
+    ))
+    .await;
+    let answer = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\na\r\n0123456789\r\n"),
+        "{answer:?}"
+    );
+    let _ = stop.send(());
+    within(server).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_closing_connection_says_close_whatever_the_service_set() {
+    let (addr, stop, server) = serve_with(tower::service_fn(
+        |_req: Request<tower_lb::proxy::RequestBody>| async {
+            let mut response = Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")));
+            response
+                .headers_mut()
+                .insert("connection", "keep-alive".parse().unwrap());
+            Ok::<_, std::convert::Infallible>(response)
+        },
+    ))
+    .await;
+    let answer = raw(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("\r\nconnection: close\r\n"), "{answer}");
+    assert!(!lower.contains("keep-alive"), "{answer}");
+    let _ = stop.send(());
+    within(server).await.unwrap().unwrap();
 }

@@ -55,6 +55,11 @@ fn offers_tunnel(value: &[u8]) -> bool {
     })
 }
 
+/// Whether the `Connection` value `value` has `token` (any case).
+pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
+    connection_tokens(value).any(|t| t.eq_ignore_ascii_case(token))
+}
+
 /// The tokens of a `Connection` value, trimmed, empty ones left out.
 pub(crate) fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value

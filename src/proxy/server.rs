@@ -3,8 +3,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::pin;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -310,6 +310,7 @@ async fn sniff(stream: &TcpStream, watch: &mut Watch, timeout: Duration) -> Opti
         if n == start.len() {
             return Some(true);
         }
+        // Boxed (rare); the timeout and the shutdown are looked at again after it.
         Box::pin(tokio::time::sleep(Duration::from_millis(5))).await;
     }
     Some(false)

@@ -84,7 +84,7 @@ impl Watch {
     /// the connection's task.
     fn reached(&mut self, phase: Phase) -> WhenWoken<impl Future<Output = ()> + '_> {
         // `changed()` in a loop, not `wait_for`: every connection holds this future for its
-        // life, and it is 60 bytes smaller so.
+        // life, and `wait_for` adds a layer of state around the same wait.
         WhenWoken::new(async move {
             while *self.phase.borrow_and_update() < phase {
                 if self.phase.changed().await.is_err() {

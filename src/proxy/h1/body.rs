@@ -11,8 +11,8 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::chunked::{decode_chunk, Chunk};
 use super::encode::Sender;
-use super::exchange::poll_read;
 use super::pool::{Conn, Pool};
+use super::read;
 use crate::BoxError;
 
 /// How the rest of a response body is delimited.
@@ -150,7 +150,11 @@ where
                 }
                 // Need more bytes.
                 Some(Err(())) => {
-                    let n = match ready!(poll_read(conn, cx)) {
+                    let want = match this.framing {
+                        Framing::Length(n) => n.min(read::BODY_READ as u64) as usize,
+                        _ => read::BODY_READ,
+                    };
+                    let n = match ready!(read::poll_read_buf(&conn.io, cx, &mut conn.rbuf, want)) {
                         Ok(n) => n,
                         Err(e) => {
                             this.conn = None;

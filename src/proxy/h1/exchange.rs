@@ -133,9 +133,9 @@ impl fmt::Display for Elapsed {
 
 impl std::error::Error for Elapsed {}
 
-/// Reads what has arrived into the connection's buffer: one waiting for its response
+/// Reads what has arrived into the connection's buffer: one waiting for its response head
 /// holds no buffer until bytes come, and then one of their size.
-pub(super) fn poll_read(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+fn poll_read(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     let rbuf = &mut conn.rbuf;
     read::poll_read_with(&conn.io, cx, |bytes| {
         rbuf.extend_from_slice(bytes);

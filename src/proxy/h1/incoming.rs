@@ -20,7 +20,6 @@ use super::chunked::{decode_chunk, Chunk};
 use super::read;
 use crate::proxy::error::ClientBodyError;
 use crate::BoxError;
-
 /// A client connection of the HTTP/1 server, shared with the body of the request it is
 /// reading.
 #[derive(Debug)]
@@ -188,11 +187,11 @@ impl Http1Body {
 
     /// Reads more of the body into `buf`.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let buf = &mut self.buf;
-        let n = ready!(read::poll_read_with(&self.conn.io, cx, |bytes| {
-            buf.extend_from_slice(bytes);
-            bytes.len()
-        }))?;
+        let want = match self.framing {
+            Framing::Length(n) => n.min(read::BODY_READ as u64) as usize,
+            Framing::Chunked(_) => read::BODY_READ,
+        };
+        let n = ready!(read::poll_read_buf(&self.conn.io, cx, &mut self.buf, want))?;
         if n == 0 {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -205,6 +204,12 @@ impl Http1Body {
     fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
         loop {
+            // Before waiting to write: once the response is being written, its writer is
+            // the one to be woken when the socket takes more (tokio wakes one writer).
+            if self.conn.lock().responding {
+                self.continue_pending = false;
+                return Poll::Ready(Ok(()));
+            }
             ready!(self.conn.io.poll_write_ready(cx))?;
             let shared = self.conn.lock();
             if shared.responding {

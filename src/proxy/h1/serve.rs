@@ -45,7 +45,7 @@ use super::incoming::{BodyState, ConnIo, Framing, RequestBody};
 use super::read;
 use super::write::{write_response, write_static, WriteResponse};
 use super::MAX_HEADERS;
-use crate::proxy::headers::{connection_tokens, HopByHop};
+use crate::proxy::headers::{connection_tokens, has_token, HopByHop};
 use crate::proxy::shutdown::Watch;
 use crate::BoxError;
 
@@ -123,7 +123,7 @@ where
         // later is one atomic operation; a new timer per request is an insert and a removal).
         let mut timer = pin!(tokio::time::sleep(settings.header_read_timeout));
         // One wait for the shutdown for the connection's life: registered once, it is cheap to
-        // look at again (a new wait per request cost about 370 instructions).
+        // look at again, where a new wait per request is registered and removed each time.
         let mut waiting = watch.clone();
         let mut shutdown = Shutdown {
             draining: pin!(waiting.draining()),
@@ -154,7 +154,7 @@ where
             pending = rest;
             // The call and the response's writing in one box: the connection's future stays
             // small while it waits for a request, and allocates once per request.
-            let exchange = Box::pin(Exchange {
+            let respond = Box::pin(Respond {
                 conn: &conn,
                 info: &info,
                 shutdown: &mut shutdown,
@@ -163,7 +163,7 @@ where
                     call: service.call(request),
                 },
             });
-            let Ok((keep_alive, switching)) = exchange.await else {
+            let Ok((keep_alive, switching)) = respond.await else {
                 return None;
             };
             if switching {
@@ -194,7 +194,7 @@ where
 
 pin_project! {
     /// One request's call, then the writing of its response.
-    struct Exchange<'a, F, W, D> {
+    struct Respond<'a, F, W, D> {
         conn: &'a ConnIo,
         info: &'a Info,
         shutdown: &'a mut Shutdown<D>,
@@ -212,7 +212,7 @@ pin_project! {
     }
 }
 
-impl<'a, F, B, D> Future for Exchange<'a, F, WriteResponse<'a, B>, D>
+impl<'a, F, B, D> Future for Respond<'a, F, WriteResponse<'a, B>, D>
 where
     F: Future<Output = Result<Response<B>, Infallible>>,
     B: Body<Data = Bytes>,
@@ -322,8 +322,8 @@ fn has_head_end(buf: &[u8]) -> bool {
     // Empty lines before the request line are skipped (RFC 9112 §2.2), as httparse does.
     let start = buf.iter().position(|&b| b != b'\r' && b != b'\n');
     let buf = &buf[start.unwrap_or(buf.len())..];
-    // Each line's end, and what follows it (`memmem::find` builds a searcher per call:
-    // about 130 instructions before its first byte, three times per request).
+    // Each line's end, and what follows it (`memmem::find` would build a searcher per call,
+    // several times per request).
     memchr::memchr_iter(b'\n', buf)
         .any(|i| matches!(&buf[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
 }
@@ -609,10 +609,6 @@ fn build_request(
         upgrade,
     };
     Ok((request, info, rest))
-}
-
-pub(super) fn has_token(value: &[u8], token: &[u8]) -> bool {
-    connection_tokens(value).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// What the server makes of `input` as one connection's bytes, without a socket: how many
