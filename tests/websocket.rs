@@ -4,11 +4,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,6 +14,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use support::process::Running;
 use support::{config, empty, get, nothing_in_flight, proxy, tempdir, within, Backend, Client};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -413,102 +411,6 @@ async fn upgrades_pass_through_the_axum_embedding() {
 
 // The standalone binary as a process: SIGTERM with a tunnel open.
 
-/// The example binary (built by `cargo test`; see tests/standalone.rs for the same rule).
-fn example() -> PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir
-        .join("examples")
-        .join(format!("standalone{}", std::env::consts::EXE_SUFFIX));
-    BUILD.call_once(|| {
-        let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let sources = [root.join("src"), root.join("examples")];
-        if built.is_none_or(|built| sources.iter().any(|s| newer_than(s, built))) {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--example", "standalone"])
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
-    });
-    path
-}
-
-fn newer_than(path: &Path, time: std::time::SystemTime) -> bool {
-    let Ok(meta) = std::fs::metadata(path) else {
-        return false;
-    };
-    if meta.is_dir() {
-        std::fs::read_dir(path)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|entry| newer_than(&entry.path(), time))
-    } else {
-        meta.modified().is_ok_and(|m| m > time)
-    }
-}
-
-/// The proxy process and its stderr lines.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(config: &Path) -> Running {
-        let mut child = Command::new(example())
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Running { child, lines }
-    }
-
-    /// Waits for a log line containing `text`; returns it.
-    fn wait_for(&mut self, text: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(20)) {
-                Ok(line) if line.contains(text) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no log line with {text:?}"),
-            }
-        }
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the proxy did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_keeps_a_tunnel_until_shutdown_timeout_then_closes_it_and_exits_0() {
     let backend = WsBackend::start().await;
@@ -522,23 +424,13 @@ async fn sigterm_keeps_a_tunnel_until_shutdown_timeout_then_closes_it_and_exits_
     );
     std::fs::write(&path, config).unwrap();
     let mut proxy = Running::start(&path);
-    let line = proxy.wait_for("listening on http://");
-    let addr: SocketAddr = line
-        .rsplit("http://")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let addr = proxy.listening();
+    // Perhaps logged before the address: wait_for takes it from the lines read already.
     proxy.wait_for("backend is healthy");
 
     let (mut ws, _) = connect(addr, "/").await;
     echo(&mut ws, Message::text("before")).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &proxy.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    proxy.signal("TERM");
     let signalled = Instant::now();
     proxy.wait_for("shutting down");
 

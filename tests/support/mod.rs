@@ -2,6 +2,8 @@
 //! chosen 127.0.0.x address, and a proxy started from a configuration.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod process;
+
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
