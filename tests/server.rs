@@ -157,32 +157,19 @@ async fn a_body_of_unknown_length_goes_chunked_to_http11_and_until_the_close_to_
     proxy.shutdown().await.unwrap();
 }
 
-/// A `proxy::Server` of its own serving `service`: its address, a way to stop it, and
-/// its task.
+/// A `proxy::Server` of its own: its address, a way to stop it, and its task.
 type Served = (
     std::net::SocketAddr,
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<std::io::Result<()>>,
 );
 
-async fn serve_with<S, B>(service: S) -> Served
-where
-    S: tower::Service<
-            Request<tower_lb::proxy::RequestBody>,
-            Response = Response<B>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    serve_on(listener, service)
+/// A listener on 127.0.0.1, port 0.
+async fn listener() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
 }
 
-/// As `serve_with`, on `listener`.
+/// Serves `service` on `listener` with a `proxy::Server` of its own.
 fn serve_on<S, B>(listener: tokio::net::TcpListener, service: S) -> Served
 where
     S: tower::Service<
@@ -210,8 +197,7 @@ where
 
 /// Serves `pieces` as one response body, with its length or without.
 async fn serve_pieces(pieces: Vec<Vec<u8>>, with_length: bool) -> Served {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    serve_pieces_on(listener, pieces, with_length)
+    serve_pieces_on(listener().await, pieces, with_length)
 }
 
 fn serve_pieces_on(
@@ -238,6 +224,17 @@ fn serve_pieces_on(
             }
         }),
     )
+}
+
+/// Reads the body of `res` and compares it with `expected`.
+async fn assert_body<B>(res: Response<B>, expected: &[u8])
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let body = within(res.into_body().collect()).await.unwrap().to_bytes();
+    assert_eq!(body.len(), expected.len());
+    assert!(body == expected, "the body differs");
 }
 
 /// Pieces of these sizes (`i`-th piece's bytes counting from `7 * i`, modulo 251).
@@ -267,9 +264,7 @@ async fn pieces_larger_than_a_gathered_write_arrive_whole_and_in_order() {
                 "{:?}",
                 res.headers()
             );
-            let body = within(res.into_body().collect()).await.unwrap().to_bytes();
-            assert_eq!(body.len(), expected.len());
-            assert!(body == expected, "the body differs");
+            assert_body(res, &expected).await;
         }
         let _ = stop.send(());
         within(server).await.unwrap().unwrap();
@@ -307,9 +302,7 @@ async fn a_client_with_a_small_window_gets_large_pieces_whole() {
     .await
     .unwrap();
     assert!(res.headers().contains_key("transfer-encoding"));
-    let body = within(res.into_body().collect()).await.unwrap().to_bytes();
-    assert_eq!(body.len(), expected.len());
-    assert!(body == expected, "the body differs");
+    assert_body(res, &expected).await;
     let _ = stop.send(());
     within(server).await.unwrap().unwrap();
 }
@@ -318,16 +311,16 @@ async fn a_client_with_a_small_window_gets_large_pieces_whole() {
 async fn a_body_that_fails_cuts_the_response_short_and_closes() {
     // What was gathered goes out, the terminating chunk does not, and the connection
     // closes: the client cannot take the response for a whole one.
-    let (addr, stop, server) = serve_with(tower::service_fn(
-        |_req: Request<tower_lb::proxy::RequestBody>| async {
+    let (addr, stop, server) = serve_on(
+        listener().await,
+        tower::service_fn(|_req: Request<tower_lb::proxy::RequestBody>| async {
             let frames = futures::stream::iter([
                 Ok(Frame::data(Bytes::from_static(b"0123456789"))),
                 Err(std::io::Error::other("the body broke off")),
             ]);
             Ok::<_, std::convert::Infallible>(Response::new(StreamBody::new(frames)))
-        },
-    ))
-    .await;
+        }),
+    );
     let answer = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
@@ -340,16 +333,16 @@ async fn a_body_that_fails_cuts_the_response_short_and_closes() {
 
 #[tokio::test]
 async fn a_closing_connection_says_close_whatever_the_service_set() {
-    let (addr, stop, server) = serve_with(tower::service_fn(
-        |_req: Request<tower_lb::proxy::RequestBody>| async {
+    let (addr, stop, server) = serve_on(
+        listener().await,
+        tower::service_fn(|_req: Request<tower_lb::proxy::RequestBody>| async {
             let mut response = Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")));
             response
                 .headers_mut()
                 .insert("connection", "keep-alive".parse().unwrap());
             Ok::<_, std::convert::Infallible>(response)
-        },
-    ))
-    .await;
+        }),
+    );
     let answer = raw(
         addr,
         b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
