@@ -27,7 +27,7 @@ thread_local! {
 }
 
 /// Runs `f` with this thread's scratch buffer (`f` must not call it again).
-pub(super) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH_BUF.with(|scratch| f(&mut scratch.borrow_mut()))
 }
 
@@ -38,7 +38,7 @@ pub(super) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 /// making a system call that fails with `WouldBlock` (`try_read` alone keeps the socket
 /// marked readable until one does). The readiness is the one seen before the read, so
 /// bytes that arrived during it are not missed: they mark the socket readable again.
-pub(super) fn try_read(io: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+fn try_read(io: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let room = buf.len();
     read_clearing(io, room, || io.try_read(buf))
 }

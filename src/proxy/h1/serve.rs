@@ -359,52 +359,28 @@ async fn read_head(
             // Only ever moved on lazily: a deadline sooner than the timer's sets it now.
             timer.as_mut().reset(deadline);
         }
-        let ready = {
-            let idle = !started;
-            std::future::poll_fn(|cx| {
-                if let Poll::Ready(ready) = conn.io.poll_read_ready(cx) {
-                    return Poll::Ready(ready.is_ok());
-                }
-                // The timer fires at the deadline it was last set to, perhaps earlier than
-                // this one; then it is moved on.
-                while timer.as_mut().poll(cx).is_ready() {
-                    if Instant::now() >= deadline {
-                        return Poll::Ready(false);
-                    }
-                    timer.as_mut().reset(deadline);
-                }
-                // Between requests, the shutdown closes the connection at once.
-                if idle && shutdown.poll_begun(cx) {
-                    return Poll::Ready(false);
-                }
-                Poll::Pending
-            })
-            .await
-        };
-        if !ready {
-            return Ok(None);
-        }
-        let read = read::with_scratch(|scratch| {
-            match read::try_read(&conn.io, scratch) {
-                Ok(0) => Read::Closed,
-                Ok(n) if pending.is_empty() && has_head_end(&scratch[..n]) => {
-                    Read::Head(Bytes::copy_from_slice(&scratch[..n]))
-                }
-                Ok(n) => {
-                    pending.extend_from_slice(&scratch[..n]);
-                    if has_head_end(pending) {
-                        Read::Head(std::mem::take(pending).freeze())
-                    } else if is_malformed(pending) {
-                        // Answered at once, as hyper does, not when the head would end.
-                        Read::Malformed
-                    } else {
-                        Read::More
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read::More,
-                Err(_) => Read::Closed,
+        let idle = !started;
+        let read = std::future::poll_fn(|cx| {
+            if let Poll::Ready(read) =
+                read::poll_read_with(&conn.io, cx, |bytes| take_read(bytes, pending))
+            {
+                return Poll::Ready(read.unwrap_or(Read::Closed));
             }
-        });
+            // The timer fires at the deadline it was last set to, perhaps earlier than this
+            // one; then it is moved on.
+            while timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= deadline {
+                    return Poll::Ready(Read::Closed);
+                }
+                timer.as_mut().reset(deadline);
+            }
+            // Between requests, the shutdown closes the connection at once.
+            if idle && shutdown.poll_begun(cx) {
+                return Poll::Ready(Read::Closed);
+            }
+            Poll::Pending
+        })
+        .await;
         match read {
             Read::Closed => return Ok(None),
             Read::Malformed => return Err(Answered::BadRequest),
@@ -418,11 +394,32 @@ async fn read_head(
     }
 }
 
+/// What a read brought to the head being read.
 enum Read {
+    /// The end of the stream, a failed socket, a timeout or the shutdown: close quietly.
     Closed,
     Malformed,
     Head(Bytes),
     More,
+}
+
+/// Adds `bytes`, just read, to the head in `pending` (empty: the client closed).
+fn take_read(bytes: &[u8], pending: &mut BytesMut) -> Read {
+    if bytes.is_empty() {
+        Read::Closed
+    } else if pending.is_empty() && has_head_end(bytes) {
+        Read::Head(Bytes::copy_from_slice(bytes))
+    } else {
+        pending.extend_from_slice(bytes);
+        if has_head_end(pending) {
+            Read::Head(std::mem::take(pending).freeze())
+        } else if is_malformed(pending) {
+            // Answered at once, as hyper does, not when the head would end.
+            Read::Malformed
+        } else {
+            Read::More
+        }
+    }
 }
 
 /// What the response to a request depends on.
