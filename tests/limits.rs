@@ -153,3 +153,44 @@ async fn idle_and_header_timeouts_are_separate() {
     assert!(went_idle.elapsed() >= Duration::from_millis(1500));
     let _ = stop.send(());
 }
+
+#[tokio::test]
+async fn shutdown_closes_at_once_connections_without_a_request() {
+    // The header timeout (30 s) and the idle timeout (60 s) would close these much later,
+    // and the shutdown would wait for them until its own timeout (30 s).
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = tower::service_fn(|_: Request<tower_lb::proxy::RequestBody>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let server = tower_lb::proxy::Server::new()
+        .header_read_timeout(Duration::from_secs(30))
+        .client_idle_timeout(Duration::from_secs(60))
+        .shutdown_timeout(Duration::from_secs(30));
+    let server = tokio::spawn(async move {
+        server
+            .serve(listener, service, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    // One that has sent nothing, one between requests.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(GET).await.unwrap();
+    assert!(within(response(&mut kept))
+        .await
+        .starts_with("HTTP/1.1 200"));
+
+    let started = Instant::now();
+    let _ = stop.send(());
+    assert!(within(closed_within(&mut silent, Duration::from_secs(5))).await);
+    assert!(within(closed_within(&mut kept, Duration::from_secs(5))).await);
+    within(server).await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
