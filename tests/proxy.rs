@@ -371,6 +371,33 @@ async fn hop_by_hop_headers_are_removed_both_ways_and_forwarded_for_appended() {
     proxy.shutdown().await.unwrap();
 }
 
+/// The codec keeps the parts of each message it is done with for the next one: nothing of
+/// one request or response may reach the next, on the same connection or another.
+#[tokio::test]
+async fn no_field_of_one_message_reaches_the_next() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    for (i, from) in ["127.0.0.7", "127.0.0.8"].into_iter().enumerate() {
+        let mut client = Client::connect_from(proxy.local_addr(), from.parse().unwrap()).await;
+        let req = Request::get("/hop")
+            .header("x-first", "1")
+            .body(empty())
+            .unwrap();
+        let res = client.send(req).await;
+        assert_eq!(res.headers()["x-kept"], "1");
+        let res = client.send(Request::get("/").body(empty()).unwrap()).await;
+        assert!(!res.headers().contains_key("x-kept"), "response {i} kept x-kept");
+        let seen = b.seen();
+        let (first, second) = (&seen[2 * i], &seen[2 * i + 1]);
+        assert_eq!(first["x-first"], "1");
+        assert!(!second.contains_key("x-first"), "request {i} kept x-first");
+        assert_eq!(first["x-forwarded-for"], from);
+        assert_eq!(second["x-forwarded-for"], from);
+    }
+    assert_eq!(b.paths(), ["/hop", "/", "/hop", "/"]);
+    proxy.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn eight_mib_stream_each_way_without_buffering() {
     let b = Backend::start().await;

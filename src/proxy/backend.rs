@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::error::{BackendError, ConnectError, ResponseTimeout};
-use super::h1::{encode_head, exchange, Conn, Elapsed, Head, Pool, UpstreamBody};
+use super::h1::{encode_head, exchange, keep_request, Conn, Elapsed, Head, Pool, UpstreamBody};
 use super::replay::{self, ReplayBody};
 use super::upgrade::Upgrade;
 use super::{peer_ip, socket_target};
@@ -240,7 +240,7 @@ where
             match &mut self.conn {
                 State::Ready(_) => return Poll::Ready(Ok(())),
                 State::None => {
-                    self.conn = match self.shared.pool.checkout(cx) {
+                    self.conn = match self.shared.pool.checkout() {
                         Some(conn) => State::Ready(conn),
                         None => State::Connecting(SyncWrapper::new(Box::pin(
                             self.shared.clone().connect(),
@@ -269,13 +269,18 @@ where
         // gives the backend its `Host`: see `encode_head`.
         let request = replay::prepare(request);
         let head = encode_head(&request, &self.shared.host, peer_ip(&request));
-        if head.upgrade {
-            let mut request = request;
-            let upgrade = Upgrade::take(&mut request, self.shared.settings.tunnel_idle_timeout);
-            let sent = send(self.shared.clone(), conn, head, request.into_body());
-            return ResponseFuture::new(upgrade.after::<B, _, _>(sent));
+        let mut request = request;
+        let upgrade = head
+            .upgrade
+            .then(|| Upgrade::take(&mut request, self.shared.settings.tunnel_idle_timeout));
+        // The head is in `head`: the parts go back to the codec for the next request.
+        let (parts, body) = request.into_parts();
+        keep_request(parts);
+        let sent = send(self.shared.clone(), conn, head, body);
+        match upgrade {
+            Some(upgrade) => ResponseFuture::new(upgrade.after::<B, _, _>(sent)),
+            None => ResponseFuture::new(sent),
         }
-        ResponseFuture::new(send(self.shared.clone(), conn, head, request.into_body()))
     }
 }
 

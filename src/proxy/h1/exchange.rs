@@ -66,7 +66,7 @@ where
     })
     .await;
     let parsed = match parsed {
-        Ok(parsed) if parsed.status == StatusCode::SWITCHING_PROTOCOLS && !head.upgrade => {
+        Ok(parsed) if parsed.parts.status == StatusCode::SWITCHING_PROTOCOLS && !head.upgrade => {
             let error = "101 to a request that asked for no upgrade".into();
             return Err((ExchangeError { error, reused }, None));
         }
@@ -74,10 +74,6 @@ where
         Err(error) => return Err(fail(error, &mut sender, &conn)),
     };
     sender.ended = None;
-    let mut response = Response::new(());
-    *response.status_mut() = parsed.status;
-    *response.version_mut() = parsed.version;
-    *response.headers_mut() = parsed.headers;
     let body = UpstreamBody {
         conn: Some(conn),
         framing: parsed.framing,
@@ -85,7 +81,7 @@ where
         sender,
         pool,
     };
-    Ok(response.map(|()| body).map(UpstreamBody::settle))
+    Ok(Response::from_parts(parsed.parts, body).map(UpstreamBody::settle))
 }
 
 /// Writes what it can of the request and reads until a response head is complete. Write

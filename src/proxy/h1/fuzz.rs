@@ -58,8 +58,8 @@ pub fn parse_response_head(
         Framing::Close => "close".to_owned(),
     };
     Ok(Some(ResponseHead {
-        status: p.status,
-        headers: p.headers,
+        status: p.parts.status,
+        headers: p.parts.headers,
         framing,
         keep_alive: p.keep_alive,
     }))

@@ -40,6 +40,7 @@ mod incoming;
 mod parse;
 mod pool;
 mod read;
+mod recycle;
 mod request;
 mod serve;
 mod write;
@@ -49,6 +50,7 @@ pub(crate) use self::encode::{encode_head, Head};
 pub(crate) use self::exchange::{exchange, Elapsed};
 pub use self::incoming::RequestBody;
 pub(crate) use self::pool::{Conn, Pool};
+pub(crate) use self::recycle::keep_request;
 pub(crate) use self::request::{check_request, Refusal};
 pub(crate) use self::serve::{
     serve_connection, FramingRefused, OnClientUpgrade, Settings, Upgraded,

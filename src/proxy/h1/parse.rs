@@ -5,8 +5,8 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{StatusCode, Version};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{response, StatusCode, Version};
 
 use super::body::Framing;
 use super::chunked::Chunk;
@@ -18,9 +18,8 @@ use crate::BoxError;
 /// A response head, ready to forward.
 #[derive(Debug)]
 pub(crate) struct Parsed {
-    pub(crate) status: StatusCode,
-    pub(crate) version: Version,
-    pub(crate) headers: HeaderMap,
+    /// Status, version and fields (no extensions).
+    pub(crate) parts: response::Parts,
     pub(crate) framing: Framing,
     pub(crate) keep_alive: bool,
 }
@@ -115,7 +114,11 @@ pub(crate) fn parse_head(
         };
 
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
+        let mut parts = super::recycle::response_parts();
+        parts.status = status;
+        parts.version = version;
+        let headers = &mut parts.headers;
+        headers.reserve(spans.len());
         for (name, start, end) in spans {
             headers.append(
                 name,
@@ -126,9 +129,7 @@ pub(crate) fn parse_head(
             headers.insert(header::CONNECTION, CONNECTION_UPGRADE);
         }
         return Ok(Some(Parsed {
-            status,
-            version,
-            headers,
+            parts,
             framing,
             keep_alive: !close,
         }));
@@ -146,8 +147,8 @@ mod tests {
             &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-A\r\nX-A: 1\r\nContent-Length: 0\r\nSec-WebSocket-Accept: a\r\n\r\n\x81\x00"[..],
         );
         let p = parse_head(&mut buf, false).unwrap().unwrap();
-        assert_eq!(p.status, 101);
-        let mut names: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(p.parts.status, 101);
+        let mut names: Vec<&str> = p.parts.headers.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(
             names,
@@ -158,7 +159,7 @@ mod tests {
                 "upgrade"
             ]
         );
-        assert_eq!(p.headers["connection"], "upgrade");
+        assert_eq!(p.parts.headers["connection"], "upgrade");
         assert_eq!(p.framing, Framing::Close);
         assert!(!p.keep_alive);
         assert_eq!(&buf[..], b"\x81\x00");
@@ -170,9 +171,9 @@ mod tests {
             &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: b\r\n\r\nabc"[..],
         );
         let p = parse_head(&mut buf, false).unwrap().unwrap();
-        assert_eq!(p.status, 200);
+        assert_eq!(p.parts.status, 200);
         assert_eq!(p.framing, Framing::Length(3));
-        assert_eq!(p.headers["x-a"], "b");
+        assert_eq!(p.parts.headers["x-a"], "b");
         assert!(p.keep_alive);
         assert_eq!(&buf[..], b"abc");
 
@@ -195,7 +196,7 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nUpgrade: h2c\r\nX-Kept: 1\r\nContent-Length: 0\r\n\r\n"[..],
         );
         let p = parse_head(&mut buf, false).unwrap().unwrap();
-        let mut names: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+        let mut names: Vec<&str> = p.parts.headers.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["content-length", "x-kept"]);
         assert!(p.keep_alive);
@@ -220,7 +221,7 @@ mod tests {
         );
         let p = parse_head(&mut buf, false).unwrap().unwrap();
         assert_eq!(p.framing, Framing::Chunked(Chunk::Size));
-        assert!(!p.headers.contains_key("content-length"));
+        assert!(!p.parts.headers.contains_key("content-length"));
         assert!(!p.keep_alive);
 
         // The framing rules of requests hold for responses: chunked twice, or

@@ -31,8 +31,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{request, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
@@ -43,6 +43,7 @@ use super::chunked::Chunk;
 use super::framing::{FramingError, FramingFields, Length};
 use super::incoming::{BodyState, ConnIo, Framing, RequestBody};
 use super::read;
+use super::recycle;
 use super::write::{write_response, write_static, WriteResponse};
 use super::MAX_HEADERS;
 use crate::proxy::headers::{connection_tokens, has_token, HopByHop};
@@ -442,10 +443,9 @@ pub(super) struct Info {
 pub(crate) struct Parsed {
     /// The head's length in its bytes.
     pub(crate) len: usize,
-    method: Method,
-    uri: Uri,
+    /// Method, target, version and fields (the other parts empty).
+    parts: request::Parts,
     http10: bool,
-    headers: HeaderMap,
     /// The framing of its body, or why the rules refuse it.
     pub(crate) framing: Result<Length, FramingError>,
     close: bool,
@@ -479,7 +479,16 @@ pub(crate) fn parse_request(bytes: &Bytes, max_head: usize) -> Result<Parsed, An
     let uri = Uri::from_maybe_shared(target).map_err(|_| Answered::BadRequest)?;
     let http10 = parsed.version != Some(1);
 
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut parts = recycle::request_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = if http10 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let headers = &mut parts.headers;
+    headers.reserve(parsed.headers.len());
     let mut framing = FramingFields::default();
     let (mut close, mut keep_alive_token) = (false, false);
     let (mut expect, mut trailers, mut upgrade_fields) = (false, false, 0u8);
@@ -514,10 +523,8 @@ pub(crate) fn parse_request(bytes: &Bytes, max_head: usize) -> Result<Parsed, An
     }
     Ok(Parsed {
         len,
-        method,
-        uri,
+        parts,
         http10,
-        headers,
         framing: framing.request(http10),
         close,
         keep_alive_token,
@@ -538,10 +545,8 @@ fn build_request(
 ) -> Result<(Request<RequestBody>, Info, BytesMut), Answered> {
     let Parsed {
         len,
-        method,
-        uri,
+        parts,
         http10,
-        headers,
         framing,
         close,
         keep_alive_token,
@@ -572,15 +577,7 @@ fn build_request(
         ),
         None => RequestBody::empty(),
     };
-    let mut request = Request::new(body);
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = if http10 {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    *request.headers_mut() = headers;
+    let mut request = Request::from_parts(parts, body);
 
     let mut upgrade = None;
     if upgrade_fields && !has_body && HopByHop::of(request.headers()).upgrade() {

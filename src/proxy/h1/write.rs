@@ -132,6 +132,7 @@ where
         buf.extend_from_slice(b"connection: keep-alive\r\n");
     }
     buf.extend_from_slice(b"\r\n");
+    super::recycle::keep_response(parts);
 
     let body = (!no_body && status != StatusCode::SWITCHING_PROTOCOLS).then_some(body);
     WriteResponse {
