@@ -514,3 +514,32 @@ async fn host_rules_and_connect_hold_over_http2() {
     assert_eq!(status, StatusCode::OK);
     proxy.shutdown().await.unwrap();
 }
+
+/// A client whose upload breaks off fails its request at the HTTP/2 backend service too,
+/// but passive health does not count it against the backend.
+#[tokio::test]
+async fn an_upload_failing_on_its_way_to_an_http2_backend_does_not_eject_it() {
+    let backend = H2Backend::start().await;
+    let proxy = proxy(config_with_protocol(
+        &[backend.addr],
+        "http2",
+        r#""passive_health": {"consecutive_failures": 1, "ejection_time": 30}"#,
+    ))
+    .await;
+    let upload = b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n\r\n";
+    for _ in 0..3 {
+        support::exchange(proxy.local_addr(), upload, false, Duration::from_secs(2)).await;
+    }
+    let stats = proxy.backends().snapshot().endpoint(0).unwrap().stats();
+    assert!(
+        stats.errors > 0,
+        "the uploads did not fail at the backend service"
+    );
+    let key: http::uri::Authority = backend.addr.to_string().parse().unwrap();
+    assert_eq!(proxy.backends().is_ejected(&key), Some(false));
+    assert_eq!(
+        support::get(proxy.local_addr(), "/").await.0,
+        StatusCode::OK
+    );
+    proxy.shutdown().await.unwrap();
+}

@@ -8,6 +8,10 @@
 
 mod support;
 
+#[allow(dead_code)]
+#[path = "../examples/hyper.rs"]
+mod hyper_example;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -337,6 +341,34 @@ async fn a_client_whose_upload_fails_does_not_eject_the_backend() {
     assert!(!is_ejected(&proxy, b.addr));
     assert_eq!(get(proxy.local_addr(), "/").await.0, StatusCode::OK);
     proxy.shutdown().await.unwrap();
+}
+
+/// The same in the embedding of `examples/hyper.rs`: hyper's server reads the client's
+/// body, and its error reaches the backend service as a `hyper::Error`.
+#[tokio::test]
+async fn an_upload_failing_in_a_hyper_server_does_not_eject_the_backend() {
+    let b = Backend::start().await;
+    let api = tower_lb::proxy::Builder::new()
+        .without_health_check()
+        .passive_health(PassiveHealth::new(1).ejection_time(Duration::from_secs(30)))
+        .build([key(b.addr)])
+        .unwrap();
+    let backends = api.get_ref().get_ref().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(hyper_example::serve(listener, api));
+    let upload = b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n\r\n";
+    for _ in 0..3 {
+        exchange(addr, upload, false, Duration::from_secs(2)).await;
+    }
+    let errors = backends.snapshot().endpoint(0).unwrap().stats().errors;
+    assert!(
+        errors > 0,
+        "the uploads did not fail at the backend service"
+    );
+    assert_eq!(backends.is_ejected(&key(b.addr)), Some(false));
+    assert_eq!(get(addr, "/").await.0, StatusCode::OK);
+    server.abort();
 }
 
 /// Backends "a" (failing while `failing` is set) and "b", round robin, passive health after

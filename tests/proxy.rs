@@ -386,7 +386,10 @@ async fn no_field_of_one_message_reaches_the_next() {
         let res = client.send(req).await;
         assert_eq!(res.headers()["x-kept"], "1");
         let res = client.send(Request::get("/").body(empty()).unwrap()).await;
-        assert!(!res.headers().contains_key("x-kept"), "response {i} kept x-kept");
+        assert!(
+            !res.headers().contains_key("x-kept"),
+            "response {i} kept x-kept"
+        );
         let seen = b.seen();
         let (first, second) = (&seen[2 * i], &seen[2 * i + 1]);
         assert_eq!(first["x-first"], "1");

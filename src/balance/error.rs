@@ -91,3 +91,48 @@ impl<Req> std::error::Error for Unsent<Req> {
         self.error.source()
     }
 }
+
+/// A backend service's error caused by the request rather than the backend: the request's
+/// body failed as the service read it (a client that went away in the middle of an upload,
+/// or broke its framing), or the service refused the request as it was.
+///
+/// Passive health's default [`Classify`](super::outlier::Classify),
+/// [`ServerErrorsAsFailures`](super::outlier::ServerErrorsAsFailures), does not count an
+/// error with one of these in its chain (itself or any [`source`](std::error::Error::source))
+/// against the backend: otherwise any client could eject backends. The HTTP backend
+/// services wrap every error of the request body in one; a service of your own can do the
+/// same.
+///
+/// ```
+/// use tower_lb::balance::error::RequestFault;
+/// use tower_lb::balance::outlier::{Classify, Outcome, ServerErrorsAsFailures};
+///
+/// let cut = RequestFault::new("the client closed the connection mid-body");
+/// assert!(!ServerErrorsAsFailures.is_failure(Outcome::Error(&cut)));
+/// assert!(ServerErrorsAsFailures.is_failure(Outcome::Error(&std::fmt::Error)));
+/// ```
+#[derive(Debug)]
+pub struct RequestFault {
+    source: crate::BoxError,
+}
+
+impl RequestFault {
+    /// The request's fault, with its cause.
+    pub fn new(source: impl Into<crate::BoxError>) -> Self {
+        RequestFault {
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for RequestFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.source.fmt(f)
+    }
+}
+
+impl std::error::Error for RequestFault {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}

@@ -186,16 +186,6 @@ impl fmt::Debug for PassiveHealth {
     }
 }
 
-#[cfg(feature = "config")]
-impl From<crate::config::PassiveHealth> for PassiveHealth {
-    /// The settings of `config.json`'s `passive_health`, with [`ServerErrorsAsFailures`].
-    fn from(c: crate::config::PassiveHealth) -> Self {
-        PassiveHealth::new(c.consecutive_failures)
-            .ejection_time(c.ejection_time)
-            .max_ejection_percent(c.max_ejection_percent)
-    }
-}
-
 /// How a request on a backend ended, as a [`Classify`] sees it.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
@@ -246,16 +236,10 @@ where
 }
 
 /// The default [`Classify`]: every `5xx` response and every error is a failure, but for
-/// an error of the request itself.
-///
-/// A request whose own body fails (a client that sends a truncated or malformed chunked
-/// upload, or goes away in the middle of it) fails at the backend service too, but through
-/// no fault of the backend: with the `http` feature, an error whose chain holds hyper's
-/// "error reading a body from connection" (the client's body, read by the server) or a
-/// hyper *user* error (the request's body stream, or the request itself) is not a failure;
-/// nor is a [`ClientBodyError`](crate::proxy::error::ClientBodyError), the body of a
-/// request that the proxy's own server read.
-/// Otherwise any client could eject backends.
+/// an error of the request itself: one with a [`RequestFault`](super::error::RequestFault)
+/// in its chain. A request whose own body fails (a client that sends a truncated or
+/// malformed chunked upload, or goes away in the middle of it) fails at the backend service
+/// too, but through no fault of the backend; otherwise any client could eject backends.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ServerErrorsAsFailures;
 
@@ -271,26 +255,14 @@ impl Classify for ServerErrorsAsFailures {
 
 /// Whether `error` comes from the request rather than the backend (see
 /// [`ServerErrorsAsFailures`]).
-#[cfg(feature = "http")]
 fn caused_by_request(error: &(dyn Error + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(error) = next {
-        if error.is::<crate::proxy::error::ClientBodyError>() {
+        if error.is::<super::error::RequestFault>() {
             return true;
-        }
-        if let Some(error) = error.downcast_ref::<hyper::Error>() {
-            // hyper has no predicate for its `Kind::Body`; its message is stable.
-            if error.is_user() || error.to_string() == "error reading a body from connection" {
-                return true;
-            }
         }
         next = error.source();
     }
-    false
-}
-
-#[cfg(not(feature = "http"))]
-fn caused_by_request(_: &(dyn Error + 'static)) -> bool {
     false
 }
 

@@ -122,6 +122,16 @@ impl PassiveHealth {
     }
 }
 
+impl From<PassiveHealth> for crate::balance::PassiveHealth {
+    /// The settings of `config.json`'s `passive_health`, with
+    /// [`ServerErrorsAsFailures`](crate::balance::outlier::ServerErrorsAsFailures).
+    fn from(c: PassiveHealth) -> Self {
+        crate::balance::PassiveHealth::new(c.consecutive_failures)
+            .ejection_time(c.ejection_time)
+            .max_ejection_percent(c.max_ejection_percent)
+    }
+}
+
 /// The protocol spoken to a backend (`servers[].protocol`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Protocol {

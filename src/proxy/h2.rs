@@ -5,6 +5,7 @@ use std::future::Future;
 use std::io;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use tower_service::Service;
 use super::error::{BackendError, ConnectError, ResponseTimeout};
 use super::headers::{append_forwarded_for, remove_hop_by_hop};
 use super::{peer_ip, socket_target};
-use crate::balance::error::Unsent;
+use crate::balance::error::{RequestFault, Unsent};
 use crate::balance::MakeBackend;
 use crate::BoxError;
 
@@ -399,7 +400,10 @@ where
             },
             headers: parts.headers.clone(),
         };
-        let body = Arc::new(Mutex::new(Some(body)));
+        let body = Arc::new(Unread {
+            body: Mutex::new(Some(body)),
+            failed: AtomicBool::new(false),
+        });
         let request = Request::from_parts(parts, Outgoing::new(body.clone()));
         Http2ResponseFuture::new(async move {
             let timeout = shared.settings.response_timeout;
@@ -437,7 +441,13 @@ where
                 SendError::Connect(error) => error.into(),
                 SendError::Http(error) => BackendError {
                     backend: shared.authority.clone(),
-                    source: error.into(),
+                    // hyper refused the request itself, or the request's body failed
+                    // (hyper then resets the stream): the request's fault.
+                    source: if error.is_user() || body.failed.load(Ordering::Relaxed) {
+                        RequestFault::new(error).into()
+                    } else {
+                        error.into()
+                    },
                 }
                 .into(),
             };
@@ -447,7 +457,7 @@ where
                 Fate::Failed => false,
             };
             // Only a body that was never sent can be sent again.
-            let unsent = retry.then(|| lock(&body).take()).flatten();
+            let unsent = retry.then(|| lock(&body.body).take()).flatten();
             match unsent {
                 Some(body) => {
                     tracing::debug!(backend = %shared.authority, error = %failed, "HTTP/2 request not processed; giving it back");
@@ -622,35 +632,51 @@ fn lock<T>(slot: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     slot.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A request's body until the connection first polls it, shared with the request's future:
+/// a request the backend never read can be sent again to another backend.
+struct Unread<B> {
+    body: Mutex<Option<B>>,
+    /// The body failed as the connection read it: the request fails by its own fault.
+    failed: AtomicBool,
+}
+
 /// A request body that stays in a slot shared with the request's future until the
-/// connection first polls it, so that a request the backend never read can be sent
-/// again to another backend.
+/// connection first polls it.
 struct Outgoing<B> {
-    slot: Arc<Mutex<Option<B>>>,
+    slot: Arc<Unread<B>>,
     /// Taken from the slot at the first poll.
     body: Option<B>,
 }
 
 impl<B> Outgoing<B> {
-    fn new(slot: Arc<Mutex<Option<B>>>) -> Self {
+    fn new(slot: Arc<Unread<B>>) -> Self {
         Outgoing { slot, body: None }
     }
 }
 
-impl<B: Body + Unpin> Body for Outgoing<B> {
+impl<B> Body for Outgoing<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = B::Data;
-    type Error = B::Error;
+    /// The request's own failure, not the backend's: hyper keeps it as the source of
+    /// its error.
+    type Error = RequestFault;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<B::Data>, RequestFault>>> {
         let this = &mut *self;
         if this.body.is_none() {
-            this.body = lock(&this.slot).take();
+            this.body = lock(&this.slot.body).take();
         }
         match this.body.as_mut() {
-            Some(body) => Pin::new(body).poll_frame(cx),
+            Some(body) => Pin::new(body).poll_frame(cx).map_err(|error| {
+                this.slot.failed.store(true, Ordering::Relaxed);
+                RequestFault::new(error)
+            }),
             None => Poll::Ready(None),
         }
     }
@@ -658,14 +684,16 @@ impl<B: Body + Unpin> Body for Outgoing<B> {
     fn is_end_stream(&self) -> bool {
         match &self.body {
             Some(body) => body.is_end_stream(),
-            None => lock(&self.slot).as_ref().is_none_or(Body::is_end_stream),
+            None => lock(&self.slot.body)
+                .as_ref()
+                .is_none_or(Body::is_end_stream),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.body {
             Some(body) => body.size_hint(),
-            None => lock(&self.slot)
+            None => lock(&self.slot.body)
                 .as_ref()
                 .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
         }

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::framing::forbidden_trailer;
 use super::MAX_HEADERS;
+use crate::balance::error::RequestFault;
 use crate::proxy::headers::{forwarded_for_value, HopByHop, CONNECTION_UPGRADE, X_FORWARDED_FOR};
 use crate::BoxError;
 
@@ -277,7 +278,8 @@ where
                         }
                     }
                 },
-                Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                // The request's own failure: not the backend's (see `RequestFault`).
+                Some(Err(e)) => return Poll::Ready(Err(RequestFault::new(e).into())),
                 None => {
                     self.ended = self.body.take();
                     if self.upload == Upload::Chunked {
