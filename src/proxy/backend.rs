@@ -59,6 +59,7 @@ struct Settings {
     connect_timeout: Duration,
     response_timeout: Duration,
     max_idle: usize,
+    idle_timeout: Duration,
     tunnel_idle_timeout: Duration,
 }
 
@@ -69,6 +70,7 @@ impl Default for Client {
                 connect_timeout: Duration::from_secs(2),
                 response_timeout: Duration::from_secs(30),
                 max_idle: 1024,
+                idle_timeout: Duration::from_secs(60),
                 tunnel_idle_timeout: Duration::from_secs(3600),
             },
         }
@@ -103,6 +105,14 @@ impl Client {
     /// Idle connections kept per backend (default 1024).
     pub fn max_idle(mut self, max: usize) -> Self {
         self.settings.max_idle = max;
+        self
+    }
+
+    /// Time an idle connection is kept for another request: one unused for this long is
+    /// closed within as long again (default 60 s, nginx's `keepalive_timeout` for
+    /// upstreams). One that the backend closed goes at the same sweep.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.idle_timeout = timeout;
         self
     }
 }
@@ -180,7 +190,7 @@ impl Backend {
             shared: Arc::new(Shared {
                 authority,
                 host,
-                pool: Arc::new(Pool::new(settings.max_idle)),
+                pool: Pool::new(settings.max_idle, settings.idle_timeout),
                 settings,
             }),
             conn: State::None,

@@ -3,38 +3,57 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Waker};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 /// Idle connections to one backend, most recently used last.
+/// The idle connections of one backend, most recently used last.
+///
+/// A sweep every `idle_timeout` closes those that were idle at the sweep before (so a
+/// connection goes after one to two timeouts unused) and those the backend closed. Its
+/// task runs only while connections are idle, and holds the pool weakly. A connection
+/// records the sweep it was parked after rather than the time: parking reads no clock.
 #[derive(Debug)]
 pub(crate) struct Pool {
-    idle: std::sync::Mutex<Vec<Conn>>,
+    idle: std::sync::Mutex<Idle>,
     max_idle: usize,
+    idle_timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Idle {
+    /// Oldest first: each is pushed with the current `sweeps`.
+    conns: Vec<(u64, Conn)>,
+    /// Sweeps done so far.
+    sweeps: u64,
+    /// Whether a sweeper task is running.
+    sweeping: bool,
 }
 
 impl Pool {
-    pub(crate) fn new(max_idle: usize) -> Self {
-        Pool {
-            idle: std::sync::Mutex::new(Vec::new()),
+    pub(crate) fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Self> {
+        Arc::new(Pool {
+            idle: std::sync::Mutex::new(Idle::default()),
             max_idle,
-        }
+            idle_timeout,
+        })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A usable idle connection, dropping the ones the backend has closed.
     pub(crate) fn checkout(&self) -> Option<Conn> {
         // Only a look at the connection's state: the exchange registers its own waker when
         // it reads.
         let mut cx = Context::from_waker(Waker::noop());
         let mut idle = self.lock();
-        while let Some(conn) = idle.pop() {
+        while let Some((_, conn)) = idle.conns.pop() {
             if conn.is_usable(&mut cx) {
                 return Some(conn);
             }
@@ -42,21 +61,64 @@ impl Pool {
         None
     }
 
-    /// Keeps `conn` for a later request, if it is fit to be kept and the pool has room.
-    pub(crate) fn checkin(&self, mut conn: Conn) {
+    pub(crate) fn checkin(self: &Arc<Self>, mut conn: Conn) {
         if !conn.park() {
             return;
         }
         // Empty, but it may share an allocation with the last response's bytes.
         conn.rbuf = BytesMut::new();
         let mut idle = self.lock();
-        if idle.len() < self.max_idle {
-            idle.push(conn);
+        if idle.conns.len() >= self.max_idle {
+            return;
+        }
+        let sweeps = idle.sweeps;
+        idle.conns.push((sweeps, conn));
+        if !idle.sweeping {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                idle.sweeping = true;
+                drop(idle);
+                runtime.spawn(sweep(Arc::downgrade(self), self.idle_timeout));
+            }
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().conns.len()
+    }
+}
+
+/// Closes what the pool behind `pool` no longer needs, every `every`, until it has no
+/// idle connection or is gone.
+async fn sweep(pool: Weak<Pool>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        let (closed, done) = {
+            let mut idle = pool.lock();
+            idle.sweeps += 1;
+            // Parked before the last sweep: idle for a whole period at least.
+            let stale = idle.sweeps - 1;
+            let old = idle.conns.partition_point(|(parked, _)| *parked < stale);
+            let mut closed: Vec<_> = idle.conns.drain(..old).collect();
+            let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut idle.conns)
+                .into_iter()
+                .partition(|(_, conn)| conn.is_usable(&mut cx));
+            idle.conns = kept;
+            closed.extend(gone);
+            let done = idle.conns.is_empty();
+            if done {
+                idle.sweeping = false;
+            }
+            (closed, done)
+        };
+        // Closed here, out of the lock.
+        drop(closed);
+        if done {
+            return;
+        }
     }
 }
 
@@ -214,7 +276,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_hold_no_read_buffer_and_are_reused() {
         let (addr, counts) = backend().await;
-        let pool = Arc::new(Pool::new(64));
+        let pool = Pool::new(64, Duration::from_secs(60));
         let n = 6;
         for _ in 0..n {
             let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
@@ -223,12 +285,14 @@ mod tests {
         }
         {
             let idle = pool.lock();
-            let capacities: Vec<usize> = idle.iter().map(|c| c.rbuf.capacity()).collect();
+            let capacities: Vec<usize> =
+                idle.conns.iter().map(|(_, c)| c.rbuf.capacity()).collect();
             assert_eq!(capacities.len(), n);
             assert!(capacities.iter().all(|&c| c == 0), "{capacities:?}");
         }
         // Every one takes a request again.
-        let conns: Vec<Conn> = std::iter::from_fn(|| pool.lock().pop()).collect();
+        let conns: Vec<Conn> =
+            std::iter::from_fn(|| pool.lock().conns.pop().map(|(_, c)| c)).collect();
         assert_eq!(conns.len(), n);
         for conn in conns {
             assert_eq!(get(conn, &pool, Waker::noop()).await, "hello");
@@ -238,9 +302,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn idle_connections_are_closed_after_one_to_two_idle_timeouts() {
+        let (addr, counts) = backend().await;
+        let pool = Pool::new(8, Duration::from_secs(60));
+        let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+        assert_eq!(get(conn, &pool, Waker::noop()).await, "hello");
+        // From here no socket is waited on: the paused clock moves to each timer in turn.
+        tokio::time::pause();
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(
+            pool.len(),
+            1,
+            "closed at the first sweep, idle for less than 60 s"
+        );
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(pool.len(), 0, "kept after two sweeps");
+        assert!(
+            !pool.lock().sweeping,
+            "the sweeper runs on with nothing idle"
+        );
+        tokio::time::resume();
+        // A connection parked after that starts a sweeper again, and is used again.
+        let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+        assert_eq!(get(conn, &pool, Waker::noop()).await, "hello");
+        assert!(pool.lock().sweeping);
+        let conn = pool.checkout().expect("pooled");
+        assert_eq!(get(conn, &pool, Waker::noop()).await, "hello");
+        assert_eq!(counts[0].load(Ordering::SeqCst), 2, "connections");
+    }
+
+    #[tokio::test]
     async fn an_idle_connection_keeps_no_waker_of_the_task_that_used_it() {
         let (addr, counts) = backend().await;
-        let pool = Arc::new(Pool::new(8));
+        let pool = Pool::new(8, Duration::from_secs(60));
         let task = Arc::new(Counted);
         let waker = Waker::from(task.clone());
         let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
