@@ -14,6 +14,7 @@
 //! [`MAX_FIELDS`] fields: a message with many fields does not leave a large map behind.
 
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use http::{request, response, Method, Request, Response, StatusCode, Uri, Version};
 
@@ -27,53 +28,51 @@ thread_local! {
 
 /// Request parts to fill: kept ones, cleared, or new ones.
 pub(crate) fn request_parts() -> request::Parts {
-    let kept = REQUESTS
-        .try_with(|kept| kept.borrow_mut().pop())
-        .ok()
-        .flatten();
-    kept.unwrap_or_else(|| Request::new(()).into_parts().0)
+    take(&REQUESTS).unwrap_or_else(|| Request::new(()).into_parts().0)
 }
 
 /// Response parts to fill: kept ones, cleared, or new ones.
 pub(crate) fn response_parts() -> response::Parts {
-    let kept = RESPONSES
-        .try_with(|kept| kept.borrow_mut().pop())
-        .ok()
-        .flatten();
-    kept.unwrap_or_else(|| Response::new(()).into_parts().0)
+    take(&RESPONSES).unwrap_or_else(|| Response::new(()).into_parts().0)
 }
 
 /// Keeps `parts` of a request the codec is done with, cleared, if the thread has room.
 pub(crate) fn keep_request(mut parts: request::Parts) {
-    if parts.headers.capacity() > MAX_FIELDS {
+    // Values under a name already seen are beyond the index's capacity: counted by `len`.
+    if parts.headers.capacity() > MAX_FIELDS || parts.headers.len() > MAX_FIELDS {
         return;
     }
-    // Cleared here, before the thread's list is borrowed: dropping what they hold can
-    // run any code (an extension's `Drop`).
     parts.method = Method::GET;
     // The target and the field values are slices of the head: clearing them lets go of it.
     parts.uri = Uri::default();
     parts.version = Version::HTTP_11;
     parts.headers.clear();
     parts.extensions.clear();
-    let _ = REQUESTS.try_with(|kept| {
-        let mut kept = kept.borrow_mut();
-        if kept.len() < KEEP {
-            kept.push(parts);
-        }
-    });
+    keep(&REQUESTS, parts);
 }
 
 /// Keeps `parts` of a response the codec is done with, cleared, if the thread has room.
 pub(crate) fn keep_response(mut parts: response::Parts) {
-    if parts.headers.capacity() > MAX_FIELDS {
+    // Values under a name already seen are beyond the index's capacity: counted by `len`.
+    if parts.headers.capacity() > MAX_FIELDS || parts.headers.len() > MAX_FIELDS {
         return;
     }
     parts.status = StatusCode::OK;
     parts.version = Version::HTTP_11;
     parts.headers.clear();
     parts.extensions.clear();
-    let _ = RESPONSES.try_with(|kept| {
+    keep(&RESPONSES, parts);
+}
+
+fn take<T>(list: &'static LocalKey<RefCell<Vec<T>>>) -> Option<T> {
+    // `try_with`: nothing is kept or taken while the thread's values are destroyed.
+    list.try_with(|kept| kept.borrow_mut().pop()).ok().flatten()
+}
+
+/// Keeps `parts`, cleared by the caller before the list is borrowed: dropping what they
+/// held can run any code (an extension's `Drop`).
+fn keep<T>(list: &'static LocalKey<RefCell<Vec<T>>>, parts: T) {
+    let _ = list.try_with(|kept| {
         let mut kept = kept.borrow_mut();
         if kept.len() < KEEP {
             kept.push(parts);
@@ -138,5 +137,17 @@ mod tests {
         }
         keep_request(big);
         assert_eq!(REQUESTS.with(|kept| kept.borrow().len()), 0);
+
+        // Many values under one name: a small index, a large map all the same.
+        let mut cookies = Response::new(()).into_parts().0;
+        for _ in 0..MAX_FIELDS + 1 {
+            cookies
+                .headers
+                .append("set-cookie", HeaderValue::from_static("a=1"));
+        }
+        assert!(cookies.headers.capacity() <= MAX_FIELDS);
+        while RESPONSES.with(|kept| kept.borrow_mut().pop()).is_some() {}
+        keep_response(cookies);
+        assert_eq!(RESPONSES.with(|kept| kept.borrow().len()), 0);
     }
 }
