@@ -110,7 +110,8 @@ impl Client {
 
     /// Time an idle connection is kept for another request: one unused for this long is
     /// closed within as long again (default 60 s, nginx's `keepalive_timeout` for
-    /// upstreams). One that the backend closed goes at the same sweep.
+    /// upstreams). One that the backend closed goes at the same sweep. Zero keeps none:
+    /// every request has a connection of its own.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.settings.idle_timeout = timeout;
         self

@@ -11,7 +11,6 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-/// Idle connections to one backend, most recently used last.
 /// The idle connections of one backend, most recently used last.
 ///
 /// A sweep every `idle_timeout` closes those that were idle at the sweep before (so a
@@ -48,21 +47,30 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A usable idle connection, dropping the ones the backend has closed.
     pub(crate) fn checkout(&self) -> Option<Conn> {
         // Only a look at the connection's state: the exchange registers its own waker when
         // it reads.
         let mut cx = Context::from_waker(Waker::noop());
+        let mut closed = Vec::new();
         let mut idle = self.lock();
-        while let Some((_, conn)) = idle.conns.pop() {
-            if conn.is_usable(&mut cx) {
-                return Some(conn);
+        let usable = loop {
+            match idle.conns.pop() {
+                Some((_, conn)) if conn.is_usable(&mut cx) => break Some(conn),
+                Some((_, conn)) => closed.push(conn),
+                None => break None,
             }
-        }
-        None
+        };
+        drop(idle);
+        // Closed out of the lock.
+        drop(closed);
+        usable
     }
 
+    /// Keeps `conn` for a later request, if it is fit to be kept and the pool has room
+    /// (none with an idle timeout of zero), and starts the sweeper if none runs.
     pub(crate) fn checkin(self: &Arc<Self>, mut conn: Conn) {
-        if !conn.park() {
+        if self.idle_timeout.is_zero() || !conn.park() {
             return;
         }
         // Empty, but it may share an allocation with the last response's bytes.
@@ -90,6 +98,7 @@ impl Pool {
 /// Closes what the pool behind `pool` no longer needs, every `every`, until it has no
 /// idle connection or is gone.
 async fn sweep(pool: Weak<Pool>, every: Duration) {
+    let mut running = Running(pool.clone());
     loop {
         tokio::time::sleep(every).await;
         let Some(pool) = pool.upgrade() else {
@@ -117,7 +126,21 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
         // Closed here, out of the lock.
         drop(closed);
         if done {
+            // `sweeping` is already clear, and a newer sweeper may have set it since.
+            running.0 = Weak::new();
             return;
+        }
+    }
+}
+
+/// Clears `sweeping` if the sweeper ends before the pool is empty (its runtime dropped it
+/// mid-sleep, say), so that the next connection parked starts another.
+struct Running(Weak<Pool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.lock().sweeping = false;
         }
     }
 }
@@ -329,6 +352,23 @@ mod tests {
         let conn = pool.checkout().expect("pooled");
         assert_eq!(get(conn, &pool, Waker::noop()).await, "hello");
         assert_eq!(counts[0].load(Ordering::SeqCst), 2, "connections");
+    }
+
+    #[test]
+    fn a_sweeper_dropped_with_its_runtime_lets_the_next_one_start() {
+        let pool = Pool::new(8, Duration::from_secs(60));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        pool.lock().sweeping = true;
+        runtime.spawn(sweep(Arc::downgrade(&pool), Duration::from_secs(60)));
+        // The paused clock moves only once the sweeper sleeps.
+        runtime.block_on(async { tokio::time::sleep(Duration::from_secs(1)).await });
+        assert!(pool.lock().sweeping);
+        drop(runtime);
+        assert!(!pool.lock().sweeping, "no sweeper would start again");
     }
 
     #[tokio::test]
