@@ -131,8 +131,10 @@ impl fmt::Display for RequestFault {
     }
 }
 
+// A marker, transparent as `Unsent` is: it says what its cause says, and its cause's
+// sources follow, so that a chain printed link by link shows each message once.
 impl std::error::Error for RequestFault {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.source)
+        self.source.source()
     }
 }

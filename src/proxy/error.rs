@@ -72,7 +72,9 @@ impl std::error::Error for BackendError {
 
 /// The client's request body failed: the client went away in the middle of it, or broke
 /// its framing (a malformed chunked upload). The fault of the request, not of the backend
-/// it was going to: passive health does not count it against the backend.
+/// it was going to: the backend services of this crate pass it up inside a
+/// [`RequestFault`](crate::balance::error::RequestFault), which passive health does not
+/// count against the backend. A service of your own that reads the body does the same.
 #[derive(Debug)]
 pub struct ClientBodyError {
     pub(crate) source: crate::BoxError,

@@ -443,7 +443,10 @@ where
                     backend: shared.authority.clone(),
                     // hyper refused the request itself, or the request's body failed
                     // (hyper then resets the stream): the request's fault.
-                    source: if error.is_user() || body.failed.load(Ordering::Relaxed) {
+                    // (Not hyper's "dispatch task is gone": its connection task died.)
+                    source: if body.failed.load(Ordering::Acquire)
+                        || (error.is_user() && error.to_string() != "dispatch task is gone")
+                    {
                         RequestFault::new(error).into()
                     } else {
                         error.into()
@@ -674,7 +677,9 @@ where
         }
         match this.body.as_mut() {
             Some(body) => Pin::new(body).poll_frame(cx).map_err(|error| {
-                this.slot.failed.store(true, Ordering::Relaxed);
+                // Before hyper resets the stream, whose error the request's future
+                // gets: that future then reads it (`Acquire`).
+                this.slot.failed.store(true, Ordering::Release);
                 RequestFault::new(error)
             }),
             None => Poll::Ready(None),
