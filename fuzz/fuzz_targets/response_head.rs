@@ -1,6 +1,7 @@
 //! Response heads through the codec's parser: no panic, the same answer whether the head
-//! arrives whole or in two parts, and a head it accepts carries no hop-by-hop field and
-//! no `Content-Length` beside chunked framing.
+//! arrives whole or in two parts, and a head it accepts carries no hop-by-hop field (but a
+//! `101`'s `Upgrade`, with `Connection: upgrade`) and no `Content-Length` beside chunked
+//! framing.
 #![no_main]
 
 use bytes::BytesMut;
@@ -40,15 +41,17 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => assert_eq!(whole.is_err(), parts.is_err(), "split at {}", a.len()),
     }
-    if let Ok(Some((_, headers, framing, _, _))) = whole {
-        for name in [
-            "connection",
-            "keep-alive",
-            "transfer-encoding",
-            "upgrade",
-            "te",
-            "proxy-connection",
-        ] {
+    if let Ok(Some((status, headers, framing, _, _))) = whole {
+        // A `101` is the one exception: its `Upgrade` goes on, with `Connection: upgrade`.
+        let switching = status == http::StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            let connection: Vec<_> = headers.get_all("connection").iter().collect();
+            assert_eq!(connection, ["upgrade"], "a 101's Connection");
+        }
+        for name in ["connection", "upgrade"] {
+            assert!(switching || !headers.contains_key(name), "{name} forwarded");
+        }
+        for name in ["keep-alive", "transfer-encoding", "te", "proxy-connection"] {
             assert!(!headers.contains_key(name), "{name} forwarded");
         }
         if framing == "chunked" {
