@@ -657,30 +657,24 @@ impl<B> Outgoing<B> {
     }
 }
 
-impl<B> Body for Outgoing<B>
-where
-    B: Body + Unpin,
-    B::Error: Into<BoxError>,
-{
+impl<B: Body + Unpin> Body for Outgoing<B> {
     type Data = B::Data;
-    /// The request's own failure, not the backend's: hyper keeps it as the source of
-    /// its error.
-    type Error = RequestFault;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, RequestFault>>> {
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = &mut *self;
         if this.body.is_none() {
             this.body = lock(&this.slot.body).take();
         }
         match this.body.as_mut() {
             Some(body) => Pin::new(body).poll_frame(cx).map_err(|error| {
-                // Before hyper resets the stream, whose error the request's future
-                // gets: that future then reads it (`Acquire`).
+                // Noted before hyper resets the stream, whose error the request's future
+                // gets: that future reads it (`Acquire`) and marks its error.
                 this.slot.failed.store(true, Ordering::Release);
-                RequestFault::new(error)
+                error
             }),
             None => Poll::Ready(None),
         }
