@@ -278,9 +278,8 @@ where
         // allocating a new one for every request.
         // A target with an authority (absolute form, or an HTTP/2 request's `:authority`)
         // gives the backend its `Host`: see `encode_head`.
-        let request = replay::prepare(request);
+        let mut request = replay::prepare(request);
         let head = encode_head(&request, &self.shared.host, peer_ip(&request));
-        let mut request = request;
         let upgrade = head
             .upgrade
             .then(|| Upgrade::take(&mut request, self.shared.settings.tunnel_idle_timeout));

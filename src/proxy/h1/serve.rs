@@ -445,7 +445,6 @@ pub(crate) struct Parsed {
     pub(crate) len: usize,
     /// Method, target, version and fields (the other parts empty).
     parts: request::Parts,
-    http10: bool,
     /// The framing of its body, or why the rules refuse it.
     pub(crate) framing: Result<Length, FramingError>,
     close: bool,
@@ -524,7 +523,6 @@ pub(crate) fn parse_request(bytes: &Bytes, max_head: usize) -> Result<Parsed, An
     Ok(Parsed {
         len,
         parts,
-        http10,
         framing: framing.request(http10),
         close,
         keep_alive_token,
@@ -546,7 +544,6 @@ fn build_request(
     let Parsed {
         len,
         parts,
-        http10,
         framing,
         close,
         keep_alive_token,
@@ -554,6 +551,7 @@ fn build_request(
         trailers,
         upgrade_fields,
     } = parse_request(&bytes, max_head)?;
+    let http10 = parts.version == Version::HTTP_10;
 
     let mut rest = BytesMut::from(&bytes[len..]);
     let mut refused = None;
