@@ -1,25 +1,28 @@
-//! The floor under `compare.sh`'s CPU per request, for any proxy built on tokio.
+//! A floor under `compare.sh`'s CPU per request, for proxies built on tokio.
 //!
-//! It does what every HTTP/1 proxy must do per request and nothing more: read the
-//! request from the client, write it unchanged to a kept-alive connection to the next
-//! backend (round robin over `127.0.0.1:9101-9103`), read the response until its
-//! `Content-Length` is complete, write it unchanged to the client. No header is parsed
-//! into a map, nothing is checked, rewritten or logged, no timer is set, buffers are
-//! per connection and never freed. It runs on the same runtime as
-//! `examples/standalone.rs` (one CPU: current-thread, event interval 1,024), so
-//! `tower-lb / floor` is what tower-lb's HTTP work costs, and `floor / nginx` is how
-//! much of nginx's CPU per request any tokio proxy on this kernel path needs.
+//! By default it only moves bytes, less than any HTTP proxy must do: it reads a request
+//! from the client, writes it unchanged to a kept-alive connection to the next backend
+//! (round robin over `127.0.0.1:9101-9103`), reads the response until its
+//! `Content-Length` is complete and writes it unchanged to the client. Nothing is parsed
+//! into a map, checked, rewritten or logged, no timer is set, and each connection's
+//! buffers are never shrunk. It runs on the runtime of `examples/standalone.rs` (on one
+//! CPU: current-thread, event interval 1,024) and makes the same four system calls per
+//! request, so the difference between tower-lb's CPU per request and this one's is what
+//! tower-lb's HTTP work costs.
 //!
-//! With `parse` as its second argument it also does the least HTTP work a proxy must:
-//! it parses both heads with httparse, finds the response's length among the parsed
-//! fields, and writes each head anew without its hop-by-hop fields, adding
-//! `X-Forwarded-For` to the request: what a proxy that forwards header bytes with edits
-//! in place (nginx, HAProxy) needs at the least, with no header map, balancer, timer or
-//! log.
+//! With `parse` as its second argument it also does the HTTP work no HTTP/1 proxy can
+//! skip, and nothing else: it parses each head once with httparse, takes the response's
+//! length and both sides' keep-alive from the parsed fields, and writes each head anew
+//! without its hop-by-hop fields, adding `X-Forwarded-For` to the request (nginx and
+//! HAProxy also write the heads they forward anew). There is no header map, balancer,
+//! deadline, limit, counter or log.
 //!
-//! It is a measuring tool, not a proxy: it handles only `GET` requests without a body
-//! and responses with a `Content-Length` (what `compare.sh` sends and its backends
-//! answer), and closes a connection on anything else.
+//! It is a measuring tool, not a proxy: it serves `GET` requests without a body, one at
+//! a time, and responses with a `Content-Length` (what `compare.sh` sends and its
+//! backends answer), and closes a connection on anything else, bytes after a message
+//! included. Bytes mode does not look at `Connection` (wrk does not send it, and the
+//! backends keep their connections open); in parse mode a `Connection` field that names
+//! other fields is refused rather than acted on.
 //!
 //! ```text
 //! cargo build --release --example floor
@@ -31,11 +34,9 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::IpAddr;
 use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -46,6 +47,8 @@ const BUFFER: usize = 16 * 1024;
 
 /// Built once: `memmem::find` builds its searcher on every call.
 static HEAD_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
+/// As nginx writes it. A backend that spells it otherwise fails every request, which
+/// compare.sh counts as errors rather than as a cheap run.
 static CONTENT_LENGTH: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\nContent-Length:"));
 
@@ -72,25 +75,34 @@ fn main() -> io::Result<()> {
             let listener = TcpListener::bind(listen).await?;
             loop {
                 let (client, peer) = listener.accept().await?;
+                // The client's address does not change while its connection lasts.
+                let forwarded = parse.then(|| format!("x-forwarded-for: {}\r\n", peer.ip()));
                 tokio::spawn(async move {
                     // A failed connection is closed; the load generator counts the error.
-                    let _ = serve(client, parse.then_some(peer.ip())).await;
+                    let _ = serve(client, forwarded).await;
                 });
             }
         })
 }
 
-/// Proxies the requests of one client; with `parse`, the client's address, rewriting
-/// the heads.
-async fn serve(mut client: TcpStream, parse: Option<IpAddr>) -> io::Result<()> {
+/// Proxies the requests of one client. With `forwarded` (its `X-Forwarded-For` field),
+/// parses and rewrites the heads.
+async fn serve(mut client: TcpStream, forwarded: Option<String>) -> io::Result<()> {
     client.set_nodelay(true)?;
+    let forwarded = forwarded.as_deref().map(str::as_bytes);
     let mut request = vec![0; BUFFER];
     let mut response = vec![0; BUFFER];
+    // The rewritten message, in parse mode.
     let mut out = Vec::with_capacity(BUFFER);
-    // The client's address does not change while its connection lasts.
-    let forwarded = parse.map(|ip| format!("x-forwarded-for: {ip}\r\n\r\n"));
     loop {
-        let Some(len) = read_message(&mut client, &mut request, false).await? else {
+        let Some(asked) = read_message(
+            &mut client,
+            &mut request,
+            Side::Request(forwarded),
+            &mut out,
+        )
+        .await?
+        else {
             return Ok(());
         };
         let backend = NEXT.with(|next| {
@@ -106,36 +118,71 @@ async fn serve(mut client: TcpStream, parse: Option<IpAddr>) -> io::Result<()> {
                 upstream
             }
         };
-        match &forwarded {
-            None => upstream.write_all(&request[..len]).await?,
-            Some(forwarded) => {
-                rewrite_request(&request[..len], forwarded.as_bytes(), &mut out)?;
-                upstream.write_all(&out).await?;
-            }
-        }
-        let Some(len) = read_message(&mut upstream, &mut response, true).await? else {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+        let sent = match forwarded {
+            None => &request[..asked.len],
+            Some(_) => &out[..],
         };
-        match forwarded {
-            None => client.write_all(&response[..len]).await?,
-            Some(_) => {
-                rewrite_response(&response[..len], &mut out)?;
-                client.write_all(&out).await?;
-            }
+        upstream.write_all(sent).await?;
+        let answered = read_message(
+            &mut upstream,
+            &mut response,
+            Side::Response(forwarded.is_some()),
+            &mut out,
+        )
+        .await?
+        .ok_or(io::ErrorKind::UnexpectedEof)?;
+        let sent = match forwarded {
+            None => &response[..answered.len],
+            Some(_) => &out[..],
+        };
+        client.write_all(sent).await?;
+        // A stale pooled connection fails its next client instead of being tried again:
+        // the harness's backends keep connections for 10,000,000 requests.
+        if answered.keep_alive {
+            IDLE.with(|idle| idle.borrow_mut()[backend].push(upstream));
         }
-        IDLE.with(|idle| idle.borrow_mut()[backend].push(upstream));
+        if !asked.keep_alive {
+            return Ok(());
+        }
     }
 }
 
-/// Reads one message into `buf`: a head, and for a response the `Content-Length` bytes
-/// after it. `None` when the peer closed before the first byte.
+/// Which message `read_message` reads, and whether it parses and rewrites it.
+#[derive(Clone, Copy)]
+enum Side<'a> {
+    /// A request; with the `X-Forwarded-For` field to add, parsed and rewritten.
+    Request(Option<&'a [u8]>),
+    /// A response; parsed and rewritten if `true`.
+    Response(bool),
+}
+
+/// A message read whole.
+struct Message {
+    /// Its length in the buffer it was read into.
+    len: usize,
+    /// Whether its connection stays open after it.
+    keep_alive: bool,
+}
+
+/// A head found at the front of a buffer.
+struct Head {
+    len: usize,
+    body: usize,
+    keep_alive: bool,
+}
+
+/// Reads one message into `buf`: a head and its body (requests have none here). In parse
+/// mode `out` holds the message rewritten. `None` when the peer closed before the first
+/// byte; an error for anything this floor does not handle, bytes after the message
+/// included (a pipelined request, a backend out of step).
 async fn read_message(
     stream: &mut TcpStream,
     buf: &mut [u8],
-    response: bool,
-) -> io::Result<Option<usize>> {
+    side: Side<'_>,
+    out: &mut Vec<u8>,
+) -> io::Result<Option<Message>> {
     let mut filled = 0;
-    loop {
+    let head = loop {
         let n = stream.read(&mut buf[filled..]).await?;
         if n == 0 {
             return match filled {
@@ -144,54 +191,143 @@ async fn read_message(
             };
         }
         filled += n;
-        let Some(head) = HEAD_END.find(&buf[..filled]) else {
-            if filled == buf.len() {
-                return Err(io::ErrorKind::InvalidData.into());
-            }
-            continue;
+        let found = match side {
+            Side::Request(None) => request_bytes(&buf[..filled])?,
+            Side::Response(false) => response_bytes(&buf[..filled])?,
+            Side::Request(Some(forwarded)) => parse_request(&buf[..filled], forwarded, out)?,
+            Side::Response(true) => parse_response(&buf[..filled], out)?,
         };
-        let total = match response {
-            false => head + 4,
-            true => head + 4 + content_length(&buf[..head])?,
-        };
-        if total > buf.len() {
+        if let Some(head) = found {
+            break head;
+        }
+        if filled == buf.len() {
             return Err(io::ErrorKind::InvalidData.into());
         }
-        while filled < total {
-            let n = stream.read(&mut buf[filled..total]).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            filled += n;
+    };
+    let len = head
+        .len
+        .checked_add(head.body)
+        .filter(|&len| len <= buf.len())
+        .ok_or(io::ErrorKind::InvalidData)?;
+    while filled < len {
+        let n = stream.read(&mut buf[filled..len]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        return Ok(Some(total));
+        filled += n;
     }
+    if filled != len {
+        return Err(io::ErrorKind::InvalidData.into());
+    }
+    if matches!(side, Side::Request(Some(_)) | Side::Response(true)) {
+        out.extend_from_slice(&buf[head.len..len]);
+    }
+    Ok(Some(Message {
+        len,
+        keep_alive: head.keep_alive,
+    }))
 }
 
-fn content_length(head: &[u8]) -> io::Result<usize> {
-    let invalid = || io::Error::from(io::ErrorKind::InvalidData);
-    let at = CONTENT_LENGTH.find(head).ok_or_else(invalid)?;
-    let value = &head[at + 16..];
+/// Bytes mode: a `GET` head, found by its end; a body, if one came, is refused as bytes
+/// after the message.
+fn request_bytes(buf: &[u8]) -> io::Result<Option<Head>> {
+    if !buf.starts_with(&b"GET "[..buf.len().min(4)]) {
+        return Err(io::ErrorKind::InvalidData.into());
+    }
+    Ok(HEAD_END.find(buf).map(|at| Head {
+        len: at + 4,
+        body: 0,
+        keep_alive: true,
+    }))
+}
+
+/// Bytes mode: a response head and the `Content-Length` in it.
+fn response_bytes(buf: &[u8]) -> io::Result<Option<Head>> {
+    let Some(at) = HEAD_END.find(buf) else {
+        return Ok(None);
+    };
+    let head = &buf[..at];
+    let field = CONTENT_LENGTH
+        .find(head)
+        .ok_or(io::ErrorKind::InvalidData)?;
+    let value = &head[field + 16..];
     let end = memchr::memchr(b'\r', value).unwrap_or(value.len());
-    std::str::from_utf8(&value[..end])
+    let body = std::str::from_utf8(&value[..end])
         .ok()
         .and_then(|value| value.trim().parse().ok())
-        .ok_or_else(invalid)
+        .ok_or(io::ErrorKind::InvalidData)?;
+    Ok(Some(Head {
+        len: at + 4,
+        body,
+        keep_alive: true,
+    }))
 }
 
-/// The request head `message` without hop-by-hop fields, ending with `forwarded` (its
-/// `X-Forwarded-For` field and the empty line).
-fn rewrite_request(message: &[u8], forwarded: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+/// Parse mode: a `GET` head without a body, written to `out` without its hop-by-hop
+/// fields and with `forwarded`.
+fn parse_request(buf: &[u8], forwarded: &[u8], out: &mut Vec<u8>) -> io::Result<Option<Head>> {
     let mut fields = [httparse::EMPTY_HEADER; 64];
     let mut head = httparse::Request::new(&mut fields);
-    let Ok(httparse::Status::Complete(_)) = head.parse(message) else {
-        return Err(io::ErrorKind::InvalidData.into());
+    let len = match head.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if head.method == Some("GET") => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        _ => return Err(io::ErrorKind::InvalidData.into()),
     };
     out.clear();
-    out.extend_from_slice(first_line(message));
-    fields_without_hop_by_hop(head.headers, out);
+    out.extend_from_slice(first_line(buf));
+    let mut keep_alive = head.version == Some(1);
+    for field in head.headers.iter() {
+        if field.name.eq_ignore_ascii_case("content-length")
+            || field.name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
+        if field.name.eq_ignore_ascii_case("connection") {
+            keep_alive = keeps_alive(field.value, keep_alive)?;
+        }
+        copy_unless_hop_by_hop(field, out);
+    }
     out.extend_from_slice(forwarded);
-    Ok(())
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(Head {
+        len,
+        body: 0,
+        keep_alive,
+    }))
+}
+
+/// Parse mode: a response head with a `Content-Length`, written to `out` without its
+/// hop-by-hop fields.
+fn parse_response(buf: &[u8], out: &mut Vec<u8>) -> io::Result<Option<Head>> {
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut head = httparse::Response::new(&mut fields);
+    let len = match head.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if head.code.is_some_and(|code| code >= 200) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        _ => return Err(io::ErrorKind::InvalidData.into()),
+    };
+    out.clear();
+    out.extend_from_slice(first_line(buf));
+    let mut body = None;
+    let mut keep_alive = head.version == Some(1);
+    for field in head.headers.iter() {
+        if field.name.eq_ignore_ascii_case("content-length") {
+            body = std::str::from_utf8(field.value)
+                .ok()
+                .and_then(|value| value.parse().ok());
+        } else if field.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(io::ErrorKind::InvalidData.into());
+        } else if field.name.eq_ignore_ascii_case("connection") {
+            keep_alive = keeps_alive(field.value, keep_alive)?;
+        }
+        copy_unless_hop_by_hop(field, out);
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(Head {
+        len,
+        body: body.ok_or(io::ErrorKind::InvalidData)?,
+        keep_alive,
+    }))
 }
 
 /// The request or status line, with its line end.
@@ -200,47 +336,36 @@ fn first_line(message: &[u8]) -> &[u8] {
     &message[..end]
 }
 
-/// The response `message` with its head rewritten without hop-by-hop fields.
-fn rewrite_response(message: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-    let mut fields = [httparse::EMPTY_HEADER; 64];
-    let mut head = httparse::Response::new(&mut fields);
-    let Ok(httparse::Status::Complete(body)) = head.parse(message) else {
-        return Err(io::ErrorKind::InvalidData.into());
-    };
-    // The length again, from the parsed fields, as a proxy that checks framing finds it.
-    let length = head
-        .headers
-        .iter()
-        .find(|field| field.name.eq_ignore_ascii_case("content-length"))
-        .and_then(|field| std::str::from_utf8(field.value).ok()?.parse::<usize>().ok());
-    if length != Some(message.len() - body) {
-        return Err(io::ErrorKind::InvalidData.into());
+/// Whether a `Connection` value keeps the connection open. A value that names fields,
+/// which a proxy would then leave out, is refused: the floor does not look for them.
+fn keeps_alive(value: &[u8], default: bool) -> io::Result<bool> {
+    let mut keep_alive = default;
+    for token in value.split(|&b| b == b',') {
+        let token = token.trim_ascii();
+        if token.eq_ignore_ascii_case(b"close") {
+            keep_alive = false;
+        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            keep_alive = true;
+        } else {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
     }
-    out.clear();
-    out.extend_from_slice(first_line(message));
-    fields_without_hop_by_hop(head.headers, out);
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&message[body..]);
-    Ok(())
+    Ok(keep_alive)
 }
 
-fn fields_without_hop_by_hop(fields: &[httparse::Header<'_>], out: &mut Vec<u8>) {
-    const HOP_BY_HOP: [&str; 6] = [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-    ];
-    for field in fields {
-        if HOP_BY_HOP
-            .iter()
-            .any(|name| field.name.eq_ignore_ascii_case(name))
-        {
-            continue;
-        }
-        out.extend_from_slice(field.name.as_bytes());
+fn copy_unless_hop_by_hop(field: &httparse::Header<'_>, out: &mut Vec<u8>) {
+    let name = field.name;
+    let is = |hop: &str| name.eq_ignore_ascii_case(hop);
+    let hop_by_hop = match name.len() {
+        2 => is("te"),
+        7 => is("upgrade"),
+        10 => is("connection") || is("keep-alive"),
+        16 => is("proxy-connection"),
+        17 => is("transfer-encoding"),
+        _ => false,
+    };
+    if !hop_by_hop {
+        out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(field.value);
         out.extend_from_slice(b"\r\n");
