@@ -439,14 +439,12 @@ where
             }
             let failed: BoxError = match error {
                 SendError::Connect(error) => error.into(),
-                SendError::Http(error) => BackendError {
+                SendError::Http { error, open } => BackendError {
                     backend: shared.authority.clone(),
-                    // hyper refused the request itself, or the request's body failed
-                    // (hyper then resets the stream): the request's fault.
-                    // (Not hyper's "dispatch task is gone": its connection task died.)
-                    source: if body.failed.load(Ordering::Acquire)
-                        || (error.is_user() && error.to_string() != "dispatch task is gone")
-                    {
+                    // hyper refused the request itself on a connection that goes on, or
+                    // the request's body failed (hyper then resets the stream): the
+                    // request's fault.
+                    source: if body.failed.load(Ordering::Acquire) || (error.is_user() && open) {
                         RequestFault::new(error).into()
                     } else {
                         error.into()
@@ -477,7 +475,9 @@ where
 enum SendError {
     /// No new connection for a request that the old one closed before taking.
     Connect(ConnectError),
-    Http(hyper::Error),
+    /// hyper's error, and whether the connection still took requests after it: hyper
+    /// calls its dispatch task being gone a user error too, though it is the connection's.
+    Http { error: hyper::Error, open: bool },
 }
 
 impl From<ConnectError> for SendError {
@@ -507,9 +507,16 @@ where
                     Ok(conn) => conn,
                     Err(connecting) => connecting.await.map_err(|e| shared.connect_error(&e))?,
                 };
-                conn.send_request(request).await.map_err(SendError::Http)
+                let sent = conn.send_request(request).await;
+                sent.map_err(|error| SendError::Http {
+                    error,
+                    open: !conn.is_closed(),
+                })
             }
-            None => Err(SendError::Http(error.into_error())),
+            None => Err(SendError::Http {
+                error: error.into_error(),
+                open: !conn.is_closed(),
+            }),
         },
     }
 }
@@ -528,7 +535,7 @@ enum Fate {
 
 impl Fate {
     fn of(error: &SendError) -> Fate {
-        let SendError::Http(error) = error else {
+        let SendError::Http { error, .. } = error else {
             return Fate::Unprocessed;
         };
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
