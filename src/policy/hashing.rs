@@ -67,14 +67,34 @@ const VNODES: u64 = 160;
 /// Total points aimed at for large sets; fewer virtual nodes per backend beyond that.
 const MAX_POINTS: u64 = 1 << 20;
 
+/// The points of a backend of `weight` in a set of `total` weight: `VNODES` per unit of
+/// weight while the ring stays under `MAX_POINTS`, fewer per unit in larger sets, and
+/// beyond `MAX_POINTS` units of weight the weight's share of `MAX_POINTS` (at least one),
+/// so that the ring's size, and the time to build it, is bounded however large the weights
+/// (a weight may be up to `u32::MAX`).
+fn points_of(weight: u32, total: u64) -> u64 {
+    let weight = u64::from(weight);
+    if total <= MAX_POINTS {
+        weight * (MAX_POINTS / total.max(1)).min(VNODES)
+    } else {
+        let share = u128::from(weight) * u128::from(MAX_POINTS) / u128::from(total);
+        (share as u64).max(1)
+    }
+}
+
 impl Ring {
     fn new(endpoints: &[Endpoint]) -> Self {
         let members: Vec<(u64, u32)> = endpoints.iter().map(|e| (e.id(), e.weight())).collect();
         let total_weight: u64 = members.iter().map(|&(_, w)| u64::from(w)).sum();
-        let per_weight = (MAX_POINTS / total_weight.max(1)).clamp(1, VNODES);
-        let mut points: Vec<(u64, u32)> = Vec::with_capacity((total_weight * per_weight) as usize);
-        for (index, &(id, weight)) in members.iter().enumerate() {
-            for v in 0..u64::from(weight) * per_weight {
+        let counts: Vec<u64> = members
+            .iter()
+            .map(|&(_, weight)| points_of(weight, total_weight))
+            .collect();
+        let mut points: Vec<(u64, u32)> = Vec::with_capacity(counts.iter().sum::<u64>() as usize);
+        for (index, (&(id, _), &count)) in members.iter().zip(&counts).enumerate() {
+            // A backend's points are the first `count` of one sequence: a change of weights
+            // adds or removes points at its end and leaves the others where they were.
+            for v in 0..count {
                 points.push((stable_hash(&(id, v)), index as u32));
             }
         }
@@ -353,6 +373,28 @@ mod tests {
         }
         let share = count[1] as f64 / 40_000.0;
         assert!((0.70..0.80).contains(&share), "{count:?}");
+    }
+
+    #[test]
+    fn weights_near_u32_max_keep_the_ring_bounded_and_the_shares() {
+        // A weight as large as a `u32` once gave a ring of that many points: a reload that
+        // took minutes and gigabytes.
+        let eps = endpoints(&[u32::MAX, 1, u32::MAX / 2]);
+        let table = Hashing::new().build(&eps, None);
+        let owners = &table.ring.owners;
+        assert!(
+            owners.len() as u64 <= MAX_POINTS + 3,
+            "{} points",
+            owners.len()
+        );
+        // The light backend keeps a point, and so some keys: it is still in the set.
+        assert!(owners.contains(&1));
+        let mut count = [0usize; 3];
+        for i in map(&Hashing::new(), &eps, 30_000) {
+            count[i] += 1;
+        }
+        let share = count[0] as f64 / 30_000.0;
+        assert!((0.62..0.72).contains(&share), "{count:?}");
     }
 
     #[test]
