@@ -26,7 +26,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -317,17 +317,20 @@ impl Config {
 
     /// Parses and validates a configuration.
     pub fn from_json(text: &str) -> Result<Config, ConfigError> {
+        let syntax = |error: serde_json::Error| ConfigError {
+            file: None,
+            field: None,
+            message: format!("invalid JSON: {error}"),
+        };
+        // A byte order mark, as some editors write at the start of a UTF-8 file, is no JSON.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let de = &mut serde_json::Deserializer::from_str(text);
-        let raw: Raw = serde_path_to_error::deserialize(de).map_err(|e| {
+        let raw: Raw = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let message = match inner.classify() {
                 serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                    return ConfigError {
-                        file: None,
-                        field: None,
-                        message: format!("invalid JSON: {inner}"),
-                    }
+                    return syntax(inner)
                 }
                 _ => inner.to_string(),
             };
@@ -337,6 +340,9 @@ impl Config {
                 message,
             }
         })?;
+        // Only whitespace may follow the object: an edit half written over a longer file
+        // (the new text, then the old one's tail) is an error, not the first part alone.
+        de.end().map_err(syntax)?;
         Config::validate(raw)
     }
 
@@ -380,16 +386,22 @@ impl Config {
                     )
                 })?,
             };
-            let ip = host.parse::<IpAddr>();
+            // An IPv6 address may come in brackets, as in a URI (`[::1]`).
+            let ip = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                Some(inner) => Some(inner.parse::<Ipv6Addr>().map(IpAddr::V6).map_err(|_| {
+                    ConfigError::field(field("host"), format!("{host:?} is not an IPv6 address"))
+                })?),
+                None => host.parse::<IpAddr>().ok(),
+            };
             let resolve = s.resolve.unwrap_or(false);
-            if resolve && ip.is_ok() {
+            if resolve && ip.is_some() {
                 return Err(ConfigError::field(
                     field("resolve"),
                     format!("{host:?} is an IP address: resolve needs a host name"),
                 ));
             }
             let text = match ip {
-                Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+                Some(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
                 _ => format!("{host}:{port}"),
             };
             let authority = match text.parse::<Authority>() {
@@ -419,7 +431,13 @@ impl Config {
                 protocol,
                 authority,
             };
-            if !seen.insert((server.host.to_ascii_lowercase(), port)) {
+            // The same address however it is written: an IP in any of its forms, a name in
+            // any case and with or without the root's dot.
+            let same = match ip {
+                Some(ip) => ip.to_string(),
+                None => server.host.trim_end_matches('.').to_ascii_lowercase(),
+            };
+            if !seen.insert((same, port)) {
                 return Err(ConfigError::field(
                     format!("servers[{i}]"),
                     format!("{} is listed twice", server.authority),
@@ -889,6 +907,26 @@ mod tests {
                 r#"{"servers": [{"host": "a", "port": 1}, {"host": "a", "port": 1}]}"#.to_owned(),
                 "servers[1]: a:1 is listed twice",
             ),
+            // The same address in another form.
+            (
+                r#"{"servers": [{"host": "::1", "port": 1}, {"host": "0:0:0:0:0:0:0:1", "port": 1}]}"#
+                    .to_owned(),
+                "servers[1]: [::1]:1 is listed twice",
+            ),
+            (
+                r#"{"servers": [{"host": "::1", "port": 1}, {"host": "[::1]", "port": 1}]}"#
+                    .to_owned(),
+                "servers[1]: [::1]:1 is listed twice",
+            ),
+            (
+                r#"{"servers": [{"host": "Backend.example", "port": 1}, {"host": "backend.example.", "port": 1}]}"#
+                    .to_owned(),
+                "servers[1]: backend.example.:1 is listed twice",
+            ),
+            (
+                r#"{"servers": [{"host": "[127.0.0.1]", "port": 1}]}"#.to_owned(),
+                "servers[0].host: \"[127.0.0.1]\" is not an IPv6 address",
+            ),
             (
                 r#"{"servers": [{"host": "a", "port": 70000}]}"#.to_owned(),
                 "servers[0].port: 70000 is not a port",
@@ -960,6 +998,19 @@ mod tests {
         assert!(e.contains("line 3 column 18"), "{e}");
         let e = err("{\"servers\": [");
         assert!(e.contains("line 1 column 13"), "{e}");
+        // What follows the object: an edit written over a longer file without truncating
+        // it first leaves the old tail there.
+        let servers = r#""servers": [{"host": "127.0.0.1", "port": 9001}]"#;
+        for tail in ["}", " {}", "garbage", "\n<<<<<<< HEAD\n"] {
+            let e = err(&format!("{{{servers}}}{tail}"));
+            assert!(
+                e.starts_with("invalid JSON: trailing characters"),
+                "{tail:?}: {e}"
+            );
+            assert!(e.contains("line "), "{e}");
+        }
+        assert!(Config::from_json(&format!("{{{servers}}}\n \t\r\n")).is_ok());
+        assert!(Config::from_json(&format!("\u{feff}{{{servers}}}")).is_ok());
     }
 
     #[test]
@@ -1058,6 +1109,10 @@ mod tests {
             (
                 r#"{"servers": [{"host": "::1", "port": 1, "resolve": true}]}"#.to_owned(),
                 "servers[0].resolve: \"::1\" is an IP address",
+            ),
+            (
+                r#"{"servers": [{"host": "[::1]", "port": 1, "resolve": true}]}"#.to_owned(),
+                "servers[0].resolve: \"[::1]\" is an IP address",
             ),
             (
                 r#"{"servers": [{"host": "a", "port": 1, "resolve": "yes"}]}"#.to_owned(),
