@@ -485,6 +485,45 @@ async fn an_idle_http2_connection_is_closed_one_with_a_request_open_stays() {
     proxy.shutdown().await.unwrap();
 }
 
+/// A client that goes silent, acknowledging not even the GOAWAY's PING, is closed all the
+/// same: it cannot hold its place under `max_connections` for good.
+#[tokio::test]
+async fn an_idle_http2_client_that_never_answers_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start().await;
+    let proxy = proxy(config(&[backend.addr], r#""client_idle_timeout": 0.3"#)).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    // The preface and an empty SETTINGS frame; then not a byte more.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let read = within(stream.read_to_end(&mut received)).await;
+    // The proxy closed the connection (an end, or a reset for the bytes it had not read).
+    assert!(
+        read.is_ok()
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{read:?}"
+    );
+    // Its frames: a GOAWAY among them, sent when the connection went idle.
+    let mut types = Vec::new();
+    let mut at = 0;
+    while let Some(header) = received.get(at..at + 9) {
+        let length =
+            usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        types.push(header[3]);
+        at += 9 + length;
+    }
+    assert!(types.contains(&0x7), "frame types {types:?}");
+    assert_eq!(backend.hits(), 0);
+    proxy.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn host_rules_and_connect_hold_over_http2() {
     let backend = Backend::start().await;

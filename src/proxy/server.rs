@@ -358,9 +358,16 @@ where
         }) => return ended,
         () = streams.idle_for(idle) => {}
     }
-    // Idle: a GOAWAY, and the connection ends.
+    // Idle: a GOAWAY, and the connection ends once the client has answered the PING that
+    // hyper sends with it. A client that never answers would keep the connection, and its
+    // place under `max_connections`, for good: still idle after a grace (the idle timeout,
+    // at most the header timeout), it is closed.
     conn.as_mut().graceful_shutdown();
-    watch.connection(conn, |_| {}).await
+    let grace = idle.min(shared.settings.header_read_timeout);
+    tokio::select! {
+        ended = watch.connection(conn, |_| {}) => ended,
+        () = streams.idle_for(grace) => Ok(()),
+    }
 }
 
 #[cfg(not(feature = "http2"))]
