@@ -268,9 +268,9 @@ async fn status_reports_every_backend() {
         "algorithm": "round_robin",
         "backends": [
             {"address": a.authority(), "weight": 1, "protocol": "http1", "healthy": true,
-             "ejected": false, "slow_start": null, "in_flight": 0, "requests": 2, "failures": 0},
+             "ejected": false, "slow_start": null, "in_flight": 0, "requests": 2, "failures": 0, "errors": 0},
             {"address": b.authority(), "weight": 1, "protocol": "http1", "healthy": false,
-             "ejected": false, "slow_start": null, "in_flight": 0, "requests": 1, "failures": 0},
+             "ejected": false, "slow_start": null, "in_flight": 0, "requests": 1, "failures": 0, "errors": 0},
         ]
     });
     assert_eq!(status, expected);
@@ -398,6 +398,13 @@ async fn the_page_shows_every_backend_in_a_browser() {
         );
     }
     assert!(dom.contains("2 of 4 backends taking traffic"), "{dom}");
+    // C answered its one request 500: an error rate of 100 %, though the 500 counts both
+    // as a response and as a failure.
+    let row = &dom[dom
+        .find(&format!(r#"<tr data-backend="{}">"#, c.addr))
+        .unwrap()..];
+    let row = &row[..row.find("</tr>").unwrap()];
+    assert!(row.contains(">100.0 %<"), "{row}");
     proxy.shutdown().await.unwrap();
 }
 

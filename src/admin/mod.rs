@@ -8,7 +8,8 @@
 //! backend that takes traffic: healthy by its checks and not ejected by passive health;
 //! `/status` gives the two apart (`healthy`, `ejected`), and `slow_start` is the share of
 //! its weight a backend ramping up after joining or recovering has now (`null` at full
-//! weight).
+//! weight). `failures` counts `5xx` responses (also in `requests`) and `errors`, the requests
+//! that got no response (no connection, a reset or close before the head, a timeout).
 //!
 //! # Examples
 //!
@@ -143,6 +144,7 @@ pub fn status<S: BackendProtocol + Clone>(
                 "in_flight": endpoint.in_flight(),
                 "requests": counters.requests(),
                 "failures": counters.failures(),
+                "errors": counters.errors,
             })
         })
         .collect();
