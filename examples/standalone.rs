@@ -143,11 +143,11 @@ async fn run(path: PathBuf, config: Config) -> ExitCode {
         .init();
 
     let stop = shutdown_signal();
-    let listen = config.listen;
     let mut proxy = match Proxy::start(config).await {
         Ok(proxy) => proxy,
         Err(error) => {
-            eprintln!("error: cannot listen on {listen}: {error}");
+            // The error names the address and its field (`listen` or `admin_listen`).
+            eprintln!("error: cannot listen on {error}");
             return ExitCode::FAILURE;
         }
     };

@@ -36,6 +36,25 @@ fn run_with(config: &str) -> (ExitStatus, String, PathBuf) {
 }
 
 #[test]
+fn an_address_in_use_is_named_with_its_field() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = busy.local_addr().unwrap();
+    let free = free_port();
+    for (listen, admin, expected) in [
+        (free, busy.port(), format!("admin_listen {busy}")),
+        (busy.port(), free, format!("listen {busy}")),
+    ] {
+        let (status, stderr, path) = run_with(&format!(
+            r#"{{"listen": "127.0.0.1:{listen}", "admin_listen": "127.0.0.1:{admin}",
+                "servers": [{{"host": "127.0.0.1", "port": 1}}], "spawn_backends": false}}"#
+        ));
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(&expected), "{stderr} lacks {expected}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}
+
+#[test]
 fn invalid_configs_at_start_exit_non_zero_with_one_message() {
     let cases = [
         (

@@ -102,7 +102,9 @@ impl Proxy {
                 start_demo(&mut demos, key, &config).await;
             }
         }
-        let listener = proxy::bind(config.listen)?;
+        let listen = config.listen;
+        let listener = proxy::bind(listen)
+            .map_err(|e| io::Error::new(e.kind(), format!("listen {listen}: {e}")))?;
         let local_addr = listener.local_addr()?;
 
         let client = client(&config);
@@ -419,7 +421,9 @@ fn start_admin(
     addr: SocketAddr,
     backends: &Set,
 ) -> io::Result<(SocketAddr, JoinHandle<io::Result<()>>)> {
-    let listener = proxy::bind(addr)?;
+    // Named, so that a start that fails here does not blame `listen`.
+    let listener = proxy::bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("admin_listen {addr}: {e}")))?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(crate::admin::serve(
         listener,
