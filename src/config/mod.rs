@@ -689,10 +689,16 @@ impl Diff {
 /// `1e-10` would round to zero: probes without pause, timeouts that expire at once).
 fn seconds(field: &str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
     let v = value.unwrap_or(default);
-    if !(v > 0.0 && v.is_finite() && v < 1e9) {
+    if !(v > 0.0 && v.is_finite()) {
         return Err(ConfigError::field(
             field,
             format!("{v} is not a positive number of seconds"),
+        ));
+    }
+    if v >= 1e9 {
+        return Err(ConfigError::field(
+            field,
+            format!("{v} seconds is too long (at most 999999999, about 31 years)"),
         ));
     }
     if v < 0.001 {
@@ -880,6 +886,10 @@ mod tests {
             (
                 with(r#""client_idle_timeout": 0"#),
                 "client_idle_timeout: 0 is not a positive",
+            ),
+            (
+                format!(r#"{{{ONE}, "connect_timeout": 1e12}}"#),
+                "connect_timeout: 1000000000000 seconds is too long",
             ),
         ]);
     }
