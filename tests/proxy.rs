@@ -651,6 +651,16 @@ async fn ambiguous_framing_is_400_and_closed_and_never_forwarded() {
         assert!(ex.closed(), "the connection stayed open after {answer:?}");
     }
     assert_eq!(b.hits(), 0, "the backend saw an ambiguous request");
+    // Equal values are not ambiguous: one field, and one field goes on.
+    let answer = raw(
+        proxy.local_addr(),
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = b.seen();
+    let lengths: Vec<_> = seen[0].get_all("content-length").iter().collect();
+    assert_eq!(lengths, ["3"]);
     proxy.shutdown().await.unwrap();
 }
 

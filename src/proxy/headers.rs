@@ -116,7 +116,11 @@ impl HopByHop {
             } else if token.eq_ignore_ascii_case(b"upgrade") {
                 // `Upgrade` is hop-by-hop by itself; whether it goes on is `upgrade`'s call.
                 self.connection_upgrade = true;
-            } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+            } else if !token.eq_ignore_ascii_case(b"keep-alive")
+                // `Host` names the target, not a hop: a client cannot have it taken out
+                // (the backend would be sent its own address instead).
+                && !token.eq_ignore_ascii_case(b"host")
+            {
                 self.listed.extend(HeaderName::from_bytes(token).ok());
             }
         }

@@ -2,6 +2,9 @@
 //! authority, and `CONNECT`. A request they refuse is answered by the proxy and never
 //! forwarded.
 //!
+//! - An HTTP/1.1 request without `Host` (RFC 9112 §3.2 says `400`, as nginx and Envoy
+//!   answer), unless its target is in absolute form and so names the authority itself.
+//!   HTTP/1.0 needs none; HTTP/2 has `:authority`.
 //! - Two `Host` fields, or a `Host` that is not `host[:port]` by RFC 3986 (an IP literal in
 //!   brackets, an IPv4 address or a registered name of unreserved, percent-encoded and
 //!   sub-delimiter characters; a port from 1 to 65535): `400`. So are spaces, `/`, `@`
@@ -11,6 +14,8 @@
 //!   non-empty authority valid by the same rule and without user information (RFC 9110
 //!   §4.2.4), else `400`; the backend then sees `/x` and `Host: a.example`
 //!   ([`encode_head`](super::encode_head)).
+//! - The asterisk form (`* `) is the target of `OPTIONS` only (RFC 9112 §3.2.4): `400`
+//!   with another method.
 //! - `CONNECT` is `405`, as nginx answers it (without `Allow`): this is a reverse proxy,
 //!   not a forward proxy. The connection closes after it, since a client may already be
 //!   sending tunnel bytes. (An HTTP/2 extended CONNECT, which carries `:protocol`, is left
@@ -22,7 +27,7 @@ use std::fmt;
 use std::net::Ipv6Addr;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 
 use super::framing::FramingError;
@@ -32,6 +37,8 @@ use super::framing::FramingError;
 pub(crate) enum Refusal {
     /// The request's framing (or an earlier request's on the connection) breaks the rules.
     Framing(FramingError),
+    /// An HTTP/1.1 request without `Host` (and without an absolute-form target).
+    NoHost,
     /// More than one `Host` field.
     TwoHosts,
     /// A `Host` that is not `host[:port]`.
@@ -54,6 +61,7 @@ impl Refusal {
     pub(crate) fn reason(self) -> &'static str {
         match self {
             Refusal::Framing(error) => error.as_str(),
+            Refusal::NoHost => "no Host field",
             Refusal::TwoHosts => "two Host fields",
             Refusal::InvalidHost => "invalid Host",
             Refusal::InvalidTarget => "invalid request target",
@@ -93,16 +101,25 @@ pub(crate) fn check_request<B>(request: &Request<B>) -> Result<(), Refusal> {
     if request.method() == Method::CONNECT && !extended_connect(request) {
         return Err(Refusal::Connect);
     }
-    let mut hosts = request.headers().get_all(header::HOST).iter();
-    if let Some(host) = hosts.next() {
-        if hosts.next().is_some() {
-            return Err(Refusal::TwoHosts);
-        }
-        if !valid_host(host.as_bytes()) {
-            return Err(Refusal::InvalidHost);
-        }
-    }
     let uri = request.uri();
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    match hosts.next() {
+        Some(host) => {
+            if hosts.next().is_some() {
+                return Err(Refusal::TwoHosts);
+            }
+            if !valid_host(host.as_bytes()) {
+                return Err(Refusal::InvalidHost);
+            }
+        }
+        None if request.version() == Version::HTTP_11 && uri.authority().is_none() => {
+            return Err(Refusal::NoHost);
+        }
+        None => {}
+    }
+    if uri.path() == "*" && uri.authority().is_none() && request.method() != Method::OPTIONS {
+        return Err(Refusal::InvalidTarget);
+    }
     if let Some(authority) = uri.authority() {
         let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
         if !scheme_ok || authority.host().is_empty() || !valid_host(authority.as_str().as_bytes()) {
@@ -281,7 +298,13 @@ mod tests {
     #[test]
     fn requests_by_host_target_and_method() {
         assert_eq!(check("GET", "/", &["a.example"]), Ok(()));
-        assert_eq!(check("GET", "/", &[]), Ok(()));
+        assert_eq!(check("GET", "/", &[]), Err(Refusal::NoHost));
+        let http10 = Request::get("/").version(http::Version::HTTP_10).body(()).unwrap();
+        assert_eq!(check_request(&http10), Ok(()));
+        let http2 = Request::get("/").version(http::Version::HTTP_2).body(()).unwrap();
+        assert_eq!(check_request(&http2), Ok(()));
+        assert_eq!(check("OPTIONS", "*", &["a"]), Ok(()));
+        assert_eq!(check("GET", "*", &["a"]), Err(Refusal::InvalidTarget));
         assert_eq!(
             check("GET", "/", &["a.example", "a.example"]),
             Err(Refusal::TwoHosts)

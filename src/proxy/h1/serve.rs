@@ -497,7 +497,13 @@ pub(crate) fn parse_request(bytes: &Bytes, max_head: usize) -> Result<Parsed, An
         let value = HeaderValue::from_maybe_shared(bytes.slice_ref(field.value))
             .map_err(|_| Answered::BadRequest)?;
         if name == header::CONTENT_LENGTH {
+            let again = framing.has_content_length();
             framing.content_length(field.value);
+            // Equal values are one field (RFC 9110 §8.6), and go on as one; different
+            // ones are refused by the framing rules.
+            if again {
+                continue;
+            }
         } else if name == header::TRANSFER_ENCODING {
             framing.transfer_encoding(field.value);
         } else if name == header::CONNECTION {
