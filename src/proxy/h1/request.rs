@@ -299,9 +299,15 @@ mod tests {
     fn requests_by_host_target_and_method() {
         assert_eq!(check("GET", "/", &["a.example"]), Ok(()));
         assert_eq!(check("GET", "/", &[]), Err(Refusal::NoHost));
-        let http10 = Request::get("/").version(http::Version::HTTP_10).body(()).unwrap();
+        let http10 = Request::get("/")
+            .version(http::Version::HTTP_10)
+            .body(())
+            .unwrap();
         assert_eq!(check_request(&http10), Ok(()));
-        let http2 = Request::get("/").version(http::Version::HTTP_2).body(()).unwrap();
+        let http2 = Request::get("/")
+            .version(http::Version::HTTP_2)
+            .body(())
+            .unwrap();
         assert_eq!(check_request(&http2), Ok(()));
         assert_eq!(check("OPTIONS", "*", &["a"]), Ok(()));
         assert_eq!(check("GET", "*", &["a"]), Err(Refusal::InvalidTarget));
