@@ -325,7 +325,17 @@ async fn a_client_whose_upload_fails_does_not_eject_the_backend() {
     // proxy reads it, after its head went to the backend.
     let upload = b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n\r\n";
     for _ in 0..3 {
-        exchange(proxy.local_addr(), upload, false, Duration::from_secs(2)).await;
+        let ex = exchange(proxy.local_addr(), upload, false, Duration::from_secs(2)).await;
+        // The client's fault: 400, as for any malformed request, not the backend's 502.
+        let answer = ex.text();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{answer}"
+        );
+        assert!(ex.closed());
     }
     let errors = proxy
         .backends()

@@ -664,6 +664,54 @@ async fn ambiguous_framing_is_400_and_closed_and_never_forwarded() {
     proxy.shutdown().await.unwrap();
 }
 
+/// The proxy answers a request before reading its body (here: no healthy backend, so `503`
+/// at once): the answer says the connection closes, and the client, still sending, reads
+/// it and then an orderly end, not a reset that could have taken the answer with it.
+#[tokio::test]
+async fn an_answer_before_the_body_says_close_and_the_connection_ends_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    b.set_healthy(false);
+    wait_health(&proxy, &b, false).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    client
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    client.write_all(&[b'a'; 1000]).await.unwrap();
+    // The answer's head and body (its length is in the head).
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("no healthy backend\n") {
+        let n = within(client.read(&mut buf)).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before the answer: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    // More of the body after the answer, then the client is done: the proxy drained it
+    // and ends the connection in order.
+    for _ in 0..10 {
+        let sent = client.write_all(&[b'a'; 1000]).await;
+        assert!(sent.is_ok(), "the proxy reset the connection: {sent:?}");
+        tokio::task::yield_now().await;
+    }
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let end = within(client.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "{end:?}");
+    assert!(rest.is_empty(), "{rest:?}");
+    proxy.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn oversized_headers_are_refused() {
     let b = Backend::start().await;

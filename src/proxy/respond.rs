@@ -13,8 +13,9 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::error::{BackendError, ConnectError, ResponseTimeout};
+use super::error::{BackendError, ClientBodyError, ConnectError, ResponseTimeout};
 use crate::balance::error::NoHealthyBackend;
+use crate::balance::error::RequestFault;
 use crate::BoxError;
 
 /// The body of a proxied response: the backend's, or a short error text.
@@ -27,6 +28,7 @@ pub type ProxyBody<B> = Either<B, Full<Bytes>>;
 /// | [`NoHealthyBackend`] | `503 Service Unavailable` |
 /// | [`ConnectError`], [`BackendError`] or any other | `502 Bad Gateway` |
 /// | [`ResponseTimeout`] | `504 Gateway Timeout` |
+/// | a [`RequestFault`] or [`ClientBodyError`] in its chain (the client's body broke) | `400 Bad Request` |
 ///
 /// The body is one line of plain text saying which; the full error goes to the log.
 ///
@@ -226,6 +228,20 @@ pub fn grpc_error_response(error: &BoxError) -> Response<Full<Bytes>> {
 }
 
 fn classify(error: &BoxError) -> (StatusCode, &'static str) {
+    let chain = || {
+        std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+    };
+    // The request's own fault (its body broke: a malformed chunked upload, or the client
+    // went away in the middle of it), whatever backend it was going to. Looked for first,
+    // as the backend's error wraps it.
+    if chain().any(|e| e.is::<RequestFault>() || e.is::<ClientBodyError>()) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: the request or its body is malformed or incomplete\n",
+        );
+    }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
     while let Some(e) = source {
         if e.is::<NoHealthyBackend>() {
@@ -263,7 +279,7 @@ mod tests {
 
     #[test]
     fn statuses() {
-        let cases: [(BoxError, u16); 3] = [
+        let cases: [(BoxError, u16); 4] = [
             (NoHealthyBackend::new().into(), 503),
             (
                 ResponseTimeout {
@@ -274,6 +290,15 @@ mod tests {
                 504,
             ),
             ("anything else".into(), 502),
+            // As the HTTP/1 backend passes a broken upload up.
+            (
+                BackendError {
+                    backend: "a:1".parse().unwrap(),
+                    source: RequestFault::new(ClientBodyError::new("invalid chunk size")).into(),
+                }
+                .into(),
+                400,
+            ),
         ];
         for (error, status) in cases {
             assert_eq!(error_response(&error).status(), status);

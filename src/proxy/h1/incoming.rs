@@ -61,8 +61,12 @@ impl ConnIo {
     }
 
     /// The response is about to be written: no `100 Continue` from now on.
-    pub(crate) fn responding(&self) {
-        self.lock().responding = true;
+    /// The response is being written. Returns whether the request's body (if it has one)
+    /// has been read to its end: if not, the connection cannot carry another request.
+    pub(crate) fn responding(&self) -> bool {
+        let mut shared = self.lock();
+        shared.responding = true;
+        matches!(shared.state, BodyState::Done(_))
     }
 
     /// Takes the state of the body of the request just answered, and resets it for the next.

@@ -173,15 +173,29 @@ where
                 }
                 return None;
             }
+            let state = conn.take_body_state();
+            // The client may still be sending (a body not read to its end, a refused
+            // request's body, bytes after the request): closed gently, or the close would
+            // reset the connection and could take the answer with it.
+            let unread = info.refused
+                || !pending.is_empty()
+                || info.body && !matches!(state, BodyState::Done(_));
             if !keep_alive {
+                if unread {
+                    Box::pin(linger(&conn.io, watch.clone())).await;
+                }
                 return None;
             }
-            match conn.take_body_state() {
+            match state {
                 BodyState::Reading if !info.body => {}
                 // What came after the body: the next request, perhaps.
                 BodyState::Done(rest) => pending = rest,
-                // A body not read to its end leaves the connection at an unknown point.
-                BodyState::Reading | BodyState::Broken => return None,
+                // A body not read to its end leaves the connection at an unknown point
+                // (the response said it closes).
+                BodyState::Reading | BodyState::Broken => {
+                    Box::pin(linger(&conn.io, watch.clone())).await;
+                    return None;
+                }
             }
             if pending.is_empty() {
                 // Waiting without a buffer.
@@ -189,7 +203,7 @@ where
             }
         };
         // Boxed: seldom taken, and the future that waits for requests would grow by it.
-        Box::pin(answer_and_close(&conn, answer)).await
+        Box::pin(answer_and_close(&conn, answer, watch)).await
     }
 }
 
@@ -231,9 +245,12 @@ where
                     let Ok(response) = ready!(call.poll(cx));
                     let info = *this.info;
                     let begun = this.shutdown.poll_begun(cx);
-                    let keep_alive = info.keep_alive && !info.refused && !begun;
+                    // A body not read to its end by now (the answer came first: the
+                    // proxy's own, or a backend's early one) leaves the connection at an
+                    // unknown point: the response says it closes.
+                    let read = this.conn.responding() || !info.body;
+                    let keep_alive = info.keep_alive && !info.refused && !begun && read;
                     *this.switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-                    this.conn.responding();
                     let write = write_response(&this.conn.io, response, info, keep_alive);
                     this.step.set(Step::Writing { write });
                 }
@@ -246,9 +263,52 @@ where
     }
 }
 
-async fn answer_and_close(conn: &ConnIo, answer: Answered) -> Option<Answered> {
+async fn answer_and_close(conn: &ConnIo, answer: Answered, watch: Watch) -> Option<Answered> {
     let _ = write_static(&conn.io, answer.response()).await;
+    // The rest of a malformed or too large head may still be coming.
+    linger(&conn.io, watch).await;
     Some(answer)
+}
+
+/// Time a closing connection waits for more bytes from its client before it is closed.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a closing connection reads and drops what its client still sends, in all.
+const LINGER_TIME: Duration = Duration::from_secs(10);
+
+/// Closes `io` gently when its client may still be sending: closing a socket with unread
+/// bytes resets the connection, and a client then may lose the answer before reading it
+/// (a `400` for a broken upload, a `503` for a request whose body was not read). So the
+/// sending side is shut first, and what the client still sends is read and dropped until
+/// it closes, goes quiet for `LINGER_TIMEOUT` or `LINGER_TIME` is up, or the server begins
+/// its shutdown (nginx's lingering close, with shorter times).
+async fn linger(io: &TcpStream, mut watch: Watch) {
+    if socket2::SockRef::from(io)
+        .shutdown(std::net::Shutdown::Write)
+        .is_err()
+    {
+        return;
+    }
+    let end = tokio::time::Instant::now() + LINGER_TIME;
+    let drain = async {
+        let mut scratch = vec![0; 4096];
+        loop {
+            let wait = (tokio::time::Instant::now() + LINGER_TIMEOUT).min(end);
+            match tokio::time::timeout_at(wait, io.readable()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return,
+            }
+            match io.try_read(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    tokio::select! {
+        () = drain => {}
+        () = watch.draining() => {}
+    }
 }
 
 /// The server's shutdown, as one connection sees it.
