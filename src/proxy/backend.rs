@@ -89,7 +89,9 @@ impl Client {
         self
     }
 
-    /// Time allowed from sending a request until its response headers arrive.
+    /// Time allowed from sending a request until its response headers arrive, counted from
+    /// the end of the request: while its body is still being sent, each write starts it
+    /// again (a slow upload is not cut; a backend that stops reading it times out).
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.settings.response_timeout = timeout;
         self
@@ -305,8 +307,8 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let deadline = tokio::time::Instant::now() + shared.settings.response_timeout;
-    match exchange(conn, &head, body, shared.pool.clone(), deadline).await {
+    let timeout = shared.settings.response_timeout;
+    match exchange(conn, &head, body, shared.pool.clone(), timeout).await {
         Ok(response) => Ok(shared.served(response)),
         // Kept out of this future (boxed, and only on failure): the response is moved
         // out of it, and every byte of it is copied each time.
@@ -363,8 +365,8 @@ where
                 // ones; so does one stopped as it leaves the set).
                 Err(refused) => return Err(give_back(body, refused.into())),
             };
-            let deadline = tokio::time::Instant::now() + shared.settings.response_timeout;
-            match exchange(conn, &head, body, shared.pool.clone(), deadline).await {
+            let timeout = shared.settings.response_timeout;
+            match exchange(conn, &head, body, shared.pool.clone(), timeout).await {
                 Ok(response) => return Ok(shared.served(response)),
                 Err((error, body)) => (error.error, body),
             }

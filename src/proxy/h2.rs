@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tower_service::Service;
 
 use super::error::{BackendError, ConnectError, ResponseTimeout};
@@ -117,8 +118,10 @@ impl<B> Http2Client<B> {
         self
     }
 
-    /// Time allowed from sending a request until its response headers arrive; then the
-    /// request fails with [`ResponseTimeout`] (`504` from a proxy). None by default.
+    /// Time allowed from sending a request until its response headers arrive, counted from
+    /// the end of the request (each frame of a body still being sent starts it again: a
+    /// client-streaming call is not cut); then the request fails with [`ResponseTimeout`]
+    /// (`504` from a proxy). None by default.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.settings.response_timeout = Some(timeout);
         self
@@ -403,22 +406,35 @@ where
         let body = Arc::new(Unread {
             body: Mutex::new(Some(body)),
             failed: AtomicBool::new(false),
+            moved: Mutex::new(None),
         });
         let request = Request::from_parts(parts, Outgoing::new(body.clone()));
         Http2ResponseFuture::new(async move {
             let timeout = shared.settings.response_timeout;
             let sent = send(&shared, conn, request);
             let result = match timeout {
-                Some(after) => match tokio::time::timeout(after, sent).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        return Err(ResponseTimeout {
-                            backend: shared.authority.clone(),
-                            after,
+                // From the end of the request: while its body is still being sent, each
+                // frame starts the timeout again (a client-streaming call is not cut; a
+                // backend that stops taking the body still times out).
+                Some(after) => {
+                    let mut sent = std::pin::pin!(sent);
+                    let mut from = Instant::now();
+                    loop {
+                        match tokio::time::timeout_at(from + after, sent.as_mut()).await {
+                            Ok(result) => break result,
+                            Err(_) => match *lock(&body.moved) {
+                                Some(moved) if moved > from => from = moved,
+                                _ => {
+                                    return Err(ResponseTimeout {
+                                        backend: shared.authority.clone(),
+                                        after,
+                                    }
+                                    .into())
+                                }
+                            },
                         }
-                        .into())
                     }
-                },
+                }
                 None => sent.await,
             };
             let error = match result {
@@ -648,6 +664,9 @@ struct Unread<B> {
     body: Mutex<Option<B>>,
     /// The body failed as the connection read it: the request fails by its own fault.
     failed: AtomicBool,
+    /// When the connection last took a frame of the body (or its end): the response
+    /// timeout counts from there.
+    moved: Mutex<Option<Instant>>,
 }
 
 /// A request body that stays in a slot shared with the request's future until the
@@ -676,7 +695,7 @@ impl<B: Body + Unpin> Body for Outgoing<B> {
         if this.body.is_none() {
             this.body = lock(&this.slot.body).take();
         }
-        match this.body.as_mut() {
+        let polled = match this.body.as_mut() {
             Some(body) => Pin::new(body).poll_frame(cx).map_err(|error| {
                 // Noted before hyper resets the stream, whose error the request's future
                 // gets: that future reads it (`Acquire`) and marks its error.
@@ -684,7 +703,11 @@ impl<B: Body + Unpin> Body for Outgoing<B> {
                 error
             }),
             None => Poll::Ready(None),
+        };
+        if matches!(polled, Poll::Ready(None | Some(Ok(_)))) {
+            *lock(&this.slot.moved) = Some(Instant::now());
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

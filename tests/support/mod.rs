@@ -31,6 +31,7 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 /// - `/wait`: answers (its own address) once `release()` lets it (one permit per request);
 /// - `/slow/N`: answers after N milliseconds;
 /// - `/echo`: streams the request body back;
+/// - `/collect`: reads the whole request body, then answers with its length;
 /// - `/download/N`: N bytes, in 64 KiB chunks;
 /// - `/hop`: answers with hop-by-hop headers;
 /// - `/missing...`: 404;
@@ -257,6 +258,15 @@ async fn handle(
         "/stall" => {
             std::future::pending::<()>().await;
             unreachable!()
+        }
+        "/collect" => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map_err(std::io::Error::other);
+            let len = body.map_or(0, |b| b.to_bytes().len());
+            Ok(Response::new(full(len.to_string())))
         }
         "/echo" => {
             st.started.notify_one();

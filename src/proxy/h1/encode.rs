@@ -211,6 +211,8 @@ pub(super) struct Sender<B> {
     /// Trailers of a chunked body, written with its last chunk. (Boxed: the sender is
     /// part of every response body, and moved with it.)
     pub(super) trailers: Option<Box<HeaderMap>>,
+    /// Bytes written so far (the response timeout starts again as they go out).
+    pub(super) written: u64,
 }
 
 impl<B> Sender<B>
@@ -226,6 +228,7 @@ where
             pending: head.bytes.clone(),
             ended: None,
             trailers: None,
+            written: 0,
         }
     }
 
@@ -242,6 +245,7 @@ where
                     return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                 }
                 self.pending.advance(n);
+                self.written += n as u64;
             }
             if self.upload == Upload::None {
                 return Poll::Ready(Ok(()));

@@ -6,13 +6,14 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::{Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
 
 use super::body::UpstreamBody;
-use super::encode::{Head, Sender};
+use super::encode::{Head, Sender, Upload};
 use super::parse::{parse_head, Parsed};
 use super::pool::{Conn, Pool};
 use super::read;
@@ -28,8 +29,10 @@ pub(crate) struct ExchangeError {
     pub(crate) reused: bool,
 }
 
-/// Sends `head` and `body` on `conn` and reads the response head, which must arrive by
-/// `deadline`. The response body reads on from the same connection, and puts it back in
+/// Sends `head` and `body` on `conn` and reads the response head, which must arrive within
+/// `timeout` of the end of the request. (While the body is still being sent, each write
+/// starts the timeout again: a slow upload is not cut, and a backend that stops reading
+/// it still times out.) The response body reads on from the same connection, and puts it back in
 /// `pool` when it is reusable. On failure, the body comes back with the error when the
 /// request may be sent again (idempotent, no byte of an answer, no timeout), taken in
 /// part or not: whether it can be sent again from its start is the body's to say
@@ -39,7 +42,7 @@ pub(crate) async fn exchange<B>(
     head: &Head,
     body: B,
     pool: Arc<Pool>,
-    deadline: Instant,
+    timeout: Duration,
 ) -> Result<Response<UpstreamBody<B>>, (ExchangeError, Option<B>)>
 where
     B: Body + Unpin + Send + 'static,
@@ -49,7 +52,8 @@ where
     let reused = conn.reused;
     conn.reused = true;
     let mut sender = Sender::new(body, head);
-    conn.arm(deadline);
+    conn.arm(Instant::now() + timeout);
+    let uploading = head.upload != Upload::None;
     let fail = |error: BoxError, sender: &mut Sender<B>, conn: &Conn| {
         let timed_out = error.is::<Elapsed>();
         let retryable = !timed_out && head.idempotent && conn.rbuf.is_empty();
@@ -58,9 +62,15 @@ where
         (ExchangeError { error, reused }, body)
     };
     let parsed = std::future::poll_fn(|cx| {
+        let written = sender.written;
         let poll = poll_head(&mut conn, &mut sender, head, cx);
-        if poll.is_pending() && conn.poll_expired(cx) {
-            return Poll::Ready(Err(Elapsed.into()));
+        if poll.is_pending() {
+            if uploading && sender.written != written {
+                conn.arm(Instant::now() + timeout);
+            }
+            if conn.poll_expired(cx) {
+                return Poll::Ready(Err(Elapsed.into()));
+            }
         }
         poll
     })

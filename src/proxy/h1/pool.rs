@@ -270,8 +270,13 @@ mod tests {
     async fn get(conn: Conn, pool: &Arc<Pool>, waker: &Waker) -> Bytes {
         let request = Request::get("/").body(Empty::<Bytes>::new()).unwrap();
         let head = encode_head(&request, &HeaderValue::from_static("b"), None);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let sent = exchange(conn, &head, request.into_body(), pool.clone(), deadline);
+        let sent = exchange(
+            conn,
+            &head,
+            request.into_body(),
+            pool.clone(),
+            Duration::from_secs(5),
+        );
         let response = with_waker(sent, waker)
             .await
             .unwrap_or_else(|(e, _)| panic!("{}", e.error));
