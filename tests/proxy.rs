@@ -268,6 +268,16 @@ async fn a_reset_is_502() {
 }
 
 #[tokio::test]
+async fn a_malformed_response_is_502_saying_so() {
+    let bad = raw_backend(b"HTTP/1.1 2x0 Nearly\r\ncontent-length: 0\r\n\r\n").await;
+    let proxy = proxy(config(&[bad.addr], "")).await;
+    let (status, body) = get(proxy.local_addr(), "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("response is malformed"), "{body}");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn stale_pooled_connections_are_not_a_client_error() {
     // Every pooled connection to this backend is closed by it as the next request arrives:
     // the request was never answered, so the proxy sends it again on a fresh connection.

@@ -70,6 +70,26 @@ impl std::error::Error for BackendError {
     }
 }
 
+/// The backend's response head is not one this proxy forwards: not HTTP, a malformed field
+/// or status, ambiguous framing, or too large. It comes inside a [`BackendError`]; the
+/// answer is `502 Bad Gateway` saying so.
+#[derive(Debug)]
+pub struct MalformedResponse {
+    pub(crate) source: crate::BoxError,
+}
+
+impl fmt::Display for MalformedResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed response head: {}", self.source)
+    }
+}
+
+impl std::error::Error for MalformedResponse {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
 /// The client's request body failed: the client went away in the middle of it, or broke
 /// its framing (a malformed chunked upload). The fault of the request, not of the backend
 /// it was going to: the backend services of this crate pass it up inside a

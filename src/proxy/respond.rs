@@ -13,7 +13,9 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::error::{BackendError, ClientBodyError, ConnectError, ResponseTimeout};
+use super::error::{
+    BackendError, ClientBodyError, ConnectError, MalformedResponse, ResponseTimeout,
+};
 use crate::balance::error::NoHealthyBackend;
 use crate::balance::error::RequestFault;
 use crate::BoxError;
@@ -262,7 +264,13 @@ fn classify(error: &BoxError) -> (StatusCode, &'static str) {
                 "502 Bad Gateway: cannot connect to the backend\n",
             );
         }
-        if e.is::<BackendError>() {
+        if e.is::<MalformedResponse>() {
+            return (
+                StatusCode::BAD_GATEWAY,
+                "502 Bad Gateway: the backend's response is malformed\n",
+            );
+        }
+        if e.is::<BackendError>() && !chain().any(|e| e.is::<MalformedResponse>()) {
             return (
                 StatusCode::BAD_GATEWAY,
                 "502 Bad Gateway: the backend closed or reset the connection\n",
@@ -303,6 +311,27 @@ mod tests {
         for (error, status) in cases {
             assert_eq!(error_response(&error).status(), status);
         }
+        // Which 502: a malformed answer says so, a broken connection says that.
+        let text = |error: BoxError| {
+            let body = error_response(&error).into_body();
+            let bytes =
+                futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(body));
+            String::from_utf8(bytes.unwrap().unwrap().to_bytes().to_vec()).unwrap()
+        };
+        let backend = || "a:1".parse().unwrap();
+        let malformed = BackendError {
+            backend: backend(),
+            source: MalformedResponse {
+                source: "invalid status".into(),
+            }
+            .into(),
+        };
+        assert!(text(malformed.into()).contains("response is malformed"));
+        let reset = BackendError {
+            backend: backend(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionReset).into(),
+        };
+        assert!(text(reset.into()).contains("closed or reset"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use super::encode::{Head, Sender, Upload};
 use super::parse::{parse_head, Parsed};
 use super::pool::{Conn, Pool};
 use super::read;
+use crate::proxy::error::MalformedResponse;
 use crate::BoxError;
 
 /// Why an exchange failed. (The request body comes back with it when the request may be
@@ -113,7 +114,9 @@ where
         }
     }
     loop {
-        if let Some(parsed) = parse_head(&mut conn.rbuf, head.head_request)? {
+        let parsed = parse_head(&mut conn.rbuf, head.head_request)
+            .map_err(|source| MalformedResponse { source })?;
+        if let Some(parsed) = parsed {
             return Poll::Ready(Ok(parsed));
         }
         let n = ready!(poll_read(conn, cx))?;
