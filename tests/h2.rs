@@ -240,6 +240,37 @@ async fn a_slow_upload_to_an_http2_backend_is_not_cut_by_the_response_timeout() 
     proxy.shutdown().await.unwrap();
 }
 
+/// An HTTP/1.1 upload framed by its length, to an HTTP/2 backend: hyper's client stops
+/// reading the body at its last byte, and the client's connection still carries the next
+/// request.
+#[tokio::test]
+async fn an_http1_upload_to_an_http2_backend_keeps_the_client_connection() {
+    let backend = H2Backend::start().await;
+    let proxy = proxy(config_with_protocol(&[backend.addr], "http2", "")).await;
+    let mut client = support::Client::connect(proxy.local_addr()).await;
+    for i in 0..3 {
+        let response = within(
+            client.send(
+                Request::post("/upload")
+                    .header("host", "app.example")
+                    .body(support::full(format!("upload {i}")))
+                    .unwrap(),
+            ),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            response.headers().get("connection").is_none(),
+            "{i}: {:?}",
+            response.headers()
+        );
+        response.into_body().collect().await.unwrap();
+    }
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 3);
+    proxy.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_http1_client_reaches_an_http2_backend_and_back() {
     let backend = H2Backend::start().await;

@@ -195,7 +195,7 @@ impl Drop for Backend {
     }
 }
 
-fn full(body: impl Into<Bytes>) -> Body {
+pub fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into())
         .map_err(|never| match never {})
         .boxed()

@@ -60,9 +60,9 @@ impl ConnIo {
         self.body.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The response is about to be written: no `100 Continue` from now on.
-    /// The response is being written. Returns whether the request's body (if it has one)
-    /// has been read to its end: if not, the connection cannot carry another request.
+    /// The response is about to be written: no `100 Continue` from now on. Returns whether
+    /// the request's body (if it has one) has been read to its end: if not, the connection
+    /// cannot carry another request.
     pub(crate) fn responding(&self) -> bool {
         let mut shared = self.lock();
         shared.responding = true;
@@ -173,6 +173,11 @@ impl Http1Body {
                         let n = (*remaining).min(self.buf.len() as u64);
                         *remaining -= n;
                         let data = self.buf.split_to(n as usize).freeze();
+                        if *remaining == 0 {
+                            // Ended with this frame: a reader that stops at
+                            // `is_end_stream` (hyper's HTTP/2 client) polls no more.
+                            self.finish();
+                        }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                 }
