@@ -36,9 +36,6 @@ async fn two_hosts_or_an_invalid_host_is_400_closed_and_never_forwarded() {
         b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
         // HTTP/1.0 is held to the same rules.
         b"GET / HTTP/1.0\r\nHost: a example\r\n\r\n",
-        // HTTP/1.1 without Host (RFC 9112 §3.2).
-        b"GET / HTTP/1.1\r\n\r\n",
-        b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
         // The asterisk form is for OPTIONS only.
         b"GET * HTTP/1.1\r\nHost: a.example\r\n\r\n",
         // An absolute-form target whose authority is not a valid host, or has user info.
@@ -88,9 +85,16 @@ async fn valid_hosts_pass() {
         assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
         assert_eq!(b.seen().last().unwrap()["host"], host);
     }
-    // No Host in HTTP/1.0, which needs none: the backend's address is sent.
+    // No Host: the backend's address is sent (HTTP/1.1 too: see the README).
     let answer = raw(proxy.local_addr(), b"GET / HTTP/1.0\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert_eq!(b.seen().last().unwrap()["host"], b.addr.to_string());
+    let answer = raw(
+        proxy.local_addr(),
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(b.seen().last().unwrap()["host"], b.addr.to_string());
     // `OPTIONS *` goes on as it is.
     let answer = raw(

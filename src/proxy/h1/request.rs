@@ -2,9 +2,10 @@
 //! authority, and `CONNECT`. A request they refuse is answered by the proxy and never
 //! forwarded.
 //!
-//! - An HTTP/1.1 request without `Host` (RFC 9112 §3.2 says `400`, as nginx and Envoy
-//!   answer), unless its target is in absolute form and so names the authority itself.
-//!   HTTP/1.0 needs none; HTTP/2 has `:authority`.
+//! - A request without `Host` goes on with the backend's address as its `Host`. (RFC 9112
+//!   §3.2 has a server answer `400` to an HTTP/1.1 request without one, as nginx does;
+//!   the contract names only two `Host`s and an invalid one, and clients written against
+//!   it may leave `Host` out, so it is not refused.)
 //! - Two `Host` fields, or a `Host` that is not `host[:port]` by RFC 3986 (an IP literal in
 //!   brackets, an IPv4 address or a registered name of unreserved, percent-encoded and
 //!   sub-delimiter characters; a port from 1 to 65535): `400`. So are spaces, `/`, `@`
@@ -27,7 +28,7 @@ use std::fmt;
 use std::net::Ipv6Addr;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::framing::FramingError;
@@ -37,8 +38,6 @@ use super::framing::FramingError;
 pub(crate) enum Refusal {
     /// The request's framing (or an earlier request's on the connection) breaks the rules.
     Framing(FramingError),
-    /// An HTTP/1.1 request without `Host` (and without an absolute-form target).
-    NoHost,
     /// More than one `Host` field.
     TwoHosts,
     /// A `Host` that is not `host[:port]`.
@@ -61,7 +60,6 @@ impl Refusal {
     pub(crate) fn reason(self) -> &'static str {
         match self {
             Refusal::Framing(error) => error.as_str(),
-            Refusal::NoHost => "no Host field",
             Refusal::TwoHosts => "two Host fields",
             Refusal::InvalidHost => "invalid Host",
             Refusal::InvalidTarget => "invalid request target",
@@ -103,19 +101,13 @@ pub(crate) fn check_request<B>(request: &Request<B>) -> Result<(), Refusal> {
     }
     let uri = request.uri();
     let mut hosts = request.headers().get_all(header::HOST).iter();
-    match hosts.next() {
-        Some(host) => {
-            if hosts.next().is_some() {
-                return Err(Refusal::TwoHosts);
-            }
-            if !valid_host(host.as_bytes()) {
-                return Err(Refusal::InvalidHost);
-            }
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err(Refusal::TwoHosts);
         }
-        None if request.version() == Version::HTTP_11 && uri.authority().is_none() => {
-            return Err(Refusal::NoHost);
+        if !valid_host(host.as_bytes()) {
+            return Err(Refusal::InvalidHost);
         }
-        None => {}
     }
     if uri.path() == "*" && uri.authority().is_none() && request.method() != Method::OPTIONS {
         return Err(Refusal::InvalidTarget);
@@ -298,17 +290,7 @@ mod tests {
     #[test]
     fn requests_by_host_target_and_method() {
         assert_eq!(check("GET", "/", &["a.example"]), Ok(()));
-        assert_eq!(check("GET", "/", &[]), Err(Refusal::NoHost));
-        let http10 = Request::get("/")
-            .version(http::Version::HTTP_10)
-            .body(())
-            .unwrap();
-        assert_eq!(check_request(&http10), Ok(()));
-        let http2 = Request::get("/")
-            .version(http::Version::HTTP_2)
-            .body(())
-            .unwrap();
-        assert_eq!(check_request(&http2), Ok(()));
+        assert_eq!(check("GET", "/", &[]), Ok(()));
         assert_eq!(check("OPTIONS", "*", &["a"]), Ok(()));
         assert_eq!(check("GET", "*", &["a"]), Err(Refusal::InvalidTarget));
         assert_eq!(
