@@ -147,7 +147,7 @@ async fn run(path: PathBuf, config: Config) -> ExitCode {
         Ok(proxy) => proxy,
         Err(error) => {
             // The error names the address and its field (`listen` or `admin_listen`).
-            eprintln!("error: cannot listen on {error}");
+            eprintln!("error: {error}");
             return ExitCode::FAILURE;
         }
     };

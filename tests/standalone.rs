@@ -41,8 +41,16 @@ fn an_address_in_use_is_named_with_its_field() {
     let busy = busy.local_addr().unwrap();
     let free = free_port();
     for (listen, admin, expected) in [
-        (free, busy.port(), format!("admin_listen {busy}")),
-        (busy.port(), free, format!("listen {busy}")),
+        (
+            free,
+            busy.port(),
+            format!("cannot listen on {busy} (admin_listen)"),
+        ),
+        (
+            busy.port(),
+            free,
+            format!("cannot listen on {busy} (listen)"),
+        ),
     ] {
         let (status, stderr, path) = run_with(&format!(
             r#"{{"listen": "127.0.0.1:{listen}", "admin_listen": "127.0.0.1:{admin}",

@@ -103,9 +103,20 @@ impl Proxy {
             }
         }
         let listen = config.listen;
-        let listener = proxy::bind(listen)
-            .map_err(|e| io::Error::new(e.kind(), format!("listen {listen}: {e}")))?;
+        let listener = proxy::bind(listen).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {listen} (listen): {e}"))
+        })?;
         let local_addr = listener.local_addr()?;
+        // Bound before anything is started, so that a port in use fails the start cleanly.
+        let admin_listener = match config.admin_listen {
+            Some(addr) => Some(proxy::bind(addr).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} (admin_listen): {e}"),
+                )
+            })?),
+            None => None,
+        };
 
         let client = client(&config);
         let backends: Set = Backends::new(config.algorithm.clone());
@@ -151,8 +162,8 @@ impl Proxy {
             };
             server.serve(listener, service, stopped).await
         });
-        let admin = match config.admin_listen {
-            Some(addr) => Some(start_admin(addr, &backends)?),
+        let admin = match admin_listener {
+            Some(listener) => Some(start_admin(listener, &backends)?),
             None => None,
         };
         tracing::info!(listen = %local_addr, algorithm = %config.algorithm, backends = config.servers.len(), "proxy started");
@@ -418,12 +429,9 @@ fn protocol_of(service: &AnyBackend<RequestBody>) -> Protocol {
 
 /// Binds the admin listener and serves `/metrics`, `/status` and `/` on it.
 fn start_admin(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     backends: &Set,
 ) -> io::Result<(SocketAddr, JoinHandle<io::Result<()>>)> {
-    // Named, so that a start that fails here does not blame `listen`.
-    let listener = proxy::bind(addr)
-        .map_err(|e| io::Error::new(e.kind(), format!("admin_listen {addr}: {e}")))?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(crate::admin::serve(
         listener,
