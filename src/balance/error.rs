@@ -123,6 +123,12 @@ impl RequestFault {
             source: source.into(),
         }
     }
+
+    /// Whether `error` or any of its sources is a `RequestFault`: the one test of whose
+    /// fault a failure was, for passive health and for the answer a proxy gives.
+    pub fn in_chain(error: &(dyn std::error::Error + 'static)) -> bool {
+        std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<RequestFault>())
+    }
 }
 
 impl fmt::Display for RequestFault {

@@ -256,14 +256,7 @@ impl Classify for ServerErrorsAsFailures {
 /// Whether `error` comes from the request rather than the backend (see
 /// [`ServerErrorsAsFailures`]).
 fn caused_by_request(error: &(dyn Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(error) = next {
-        if error.is::<super::error::RequestFault>() {
-            return true;
-        }
-        next = error.source();
-    }
-    false
+    super::error::RequestFault::in_chain(error)
 }
 
 /// Removes a backend from the set for a while: called with its `Load` when its failures

@@ -393,6 +393,11 @@ impl Config {
                 })?),
                 None => host.parse::<IpAddr>().ok(),
             };
+            // Kept as the address itself, without the brackets of URI syntax.
+            let host = match ip {
+                Some(IpAddr::V6(ip)) if host.starts_with('[') => ip.to_string(),
+                _ => host,
+            };
             let resolve = s.resolve.unwrap_or(false);
             if resolve && ip.is_some() {
                 return Err(ConfigError::field(
@@ -1122,7 +1127,7 @@ mod tests {
             ),
             (
                 r#"{"servers": [{"host": "[::1]", "port": 1, "resolve": true}]}"#.to_owned(),
-                "servers[0].resolve: \"[::1]\" is an IP address",
+                "servers[0].resolve: \"::1\" is an IP address",
             ),
             (
                 r#"{"servers": [{"host": "a", "port": 1, "resolve": "yes"}]}"#.to_owned(),

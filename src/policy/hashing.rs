@@ -377,8 +377,7 @@ mod tests {
 
     #[test]
     fn weights_near_u32_max_keep_the_ring_bounded_and_the_shares() {
-        // A weight as large as a `u32` once gave a ring of that many points: a reload that
-        // took minutes and gigabytes.
+        // A weight as large as a `u32` once gave a ring of that many points.
         let eps = endpoints(&[u32::MAX, 1, u32::MAX / 2]);
         let table = Hashing::new().build(&eps, None);
         let owners = &table.ring.owners;

@@ -13,11 +13,8 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::error::{
-    BackendError, ClientBodyError, ConnectError, MalformedResponse, ResponseTimeout,
-};
-use crate::balance::error::NoHealthyBackend;
-use crate::balance::error::RequestFault;
+use super::error::{BackendError, ConnectError, MalformedResponse, ResponseTimeout};
+use crate::balance::error::{NoHealthyBackend, RequestFault};
 use crate::BoxError;
 
 /// The body of a proxied response: the backend's, or a short error text.
@@ -30,7 +27,7 @@ pub type ProxyBody<B> = Either<B, Full<Bytes>>;
 /// | [`NoHealthyBackend`] | `503 Service Unavailable` |
 /// | [`ConnectError`], [`BackendError`] or any other | `502 Bad Gateway` |
 /// | [`ResponseTimeout`] | `504 Gateway Timeout` |
-/// | a [`RequestFault`] or [`ClientBodyError`] in its chain (the client's body broke) | `400 Bad Request` |
+/// | a [`RequestFault`] in its chain (the request's own: its body broke, see [`ClientBodyError`](super::error::ClientBodyError)) | `400 Bad Request` |
 ///
 /// The body is one line of plain text saying which; the full error goes to the log.
 ///
@@ -201,6 +198,7 @@ pub fn error_response(error: &BoxError) -> Response<Full<Bytes>> {
 
 /// The gRPC answer for a proxying error (see [`ErrorResponses`]): `200`, `grpc-status` 14
 /// (UNAVAILABLE) where HTTP gets `502` or `503`, 4 (DEADLINE_EXCEEDED) where it gets `504`,
+/// 13 (INTERNAL) where it gets `400` (the request's body broke),
 /// and a `grpc-message`, with no body (trailers-only).
 pub fn grpc_error_response(error: &BoxError) -> Response<Full<Bytes>> {
     let (status, text) = classify(error);
@@ -210,10 +208,11 @@ pub fn grpc_error_response(error: &BoxError) -> Response<Full<Bytes>> {
     } else {
         tracing::warn!(%error, "{} (gRPC)", status);
     }
-    let code = if status == StatusCode::GATEWAY_TIMEOUT {
-        "4"
-    } else {
-        "14"
+    // gRPC's mapping of HTTP statuses: 400 is INTERNAL (13), not a retryable UNAVAILABLE.
+    let code = match status {
+        StatusCode::GATEWAY_TIMEOUT => "4",
+        StatusCode::BAD_REQUEST => "13",
+        _ => "14",
     };
     // "503 Service Unavailable: no healthy backend\n" → "no healthy backend": printable
     // ASCII without `%`, so it needs no percent-encoding.
@@ -230,18 +229,23 @@ pub fn grpc_error_response(error: &BoxError) -> Response<Full<Bytes>> {
 }
 
 fn classify(error: &BoxError) -> (StatusCode, &'static str) {
-    let chain = || {
-        std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
-            e.source()
-        })
-    };
-    // The request's own fault (its body broke: a malformed chunked upload, or the client
-    // went away in the middle of it), whatever backend it was going to. Looked for first,
-    // as the backend's error wraps it.
-    if chain().any(|e| e.is::<RequestFault>() || e.is::<ClientBodyError>()) {
+    // Looked for first, as the backend's error wraps them. The request's own fault (its
+    // body broke: a malformed chunked upload, or the client went away in the middle of
+    // it), whatever backend it was going to; passive health does not count it either.
+    if RequestFault::in_chain(&**error) {
         return (
             StatusCode::BAD_REQUEST,
             "400 Bad Request: the request or its body is malformed or incomplete\n",
+        );
+    }
+    let mut chain =
+        std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        });
+    if chain.any(|e| e.is::<MalformedResponse>()) {
+        return (
+            StatusCode::BAD_GATEWAY,
+            "502 Bad Gateway: the backend's response is malformed\n",
         );
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
@@ -264,13 +268,7 @@ fn classify(error: &BoxError) -> (StatusCode, &'static str) {
                 "502 Bad Gateway: cannot connect to the backend\n",
             );
         }
-        if e.is::<MalformedResponse>() {
-            return (
-                StatusCode::BAD_GATEWAY,
-                "502 Bad Gateway: the backend's response is malformed\n",
-            );
-        }
-        if e.is::<BackendError>() && !chain().any(|e| e.is::<MalformedResponse>()) {
+        if e.is::<BackendError>() {
             return (
                 StatusCode::BAD_GATEWAY,
                 "502 Bad Gateway: the backend closed or reset the connection\n",
@@ -284,6 +282,7 @@ fn classify(error: &BoxError) -> (StatusCode, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::error::ClientBodyError;
 
     #[test]
     fn statuses() {
@@ -336,7 +335,7 @@ mod tests {
 
     #[test]
     fn grpc_statuses() {
-        let cases: [(BoxError, &str, &str); 3] = [
+        let cases: [(BoxError, &str, &str); 4] = [
             (NoHealthyBackend::new().into(), "14", "no healthy backend"),
             (
                 ResponseTimeout {
@@ -348,6 +347,11 @@ mod tests {
                 "the backend did not answer in time",
             ),
             ("anything else".into(), "14", "502 Bad Gateway"),
+            (
+                RequestFault::new(ClientBodyError::new("invalid chunk size")).into(),
+                "13",
+                "the request or its body is malformed or incomplete",
+            ),
         ];
         for (error, code, message) in cases {
             let response = grpc_error_response(&error);

@@ -211,10 +211,8 @@ pub(super) struct Sender<B> {
     /// Trailers of a chunked body, written with its last chunk. (Boxed: the sender is
     /// part of every response body, and moved with it.)
     pub(super) trailers: Option<Box<HeaderMap>>,
-    /// Bytes written so far, wrapping: whether it moved is what counts (the response
-    /// timeout starts again as they go out). A `u32` fits beside `upload` in what would
-    /// be padding: the sender travels in every response body, and is moved with it.
-    pub(super) written: u32,
+    /// Bytes went out since the exchange last looked: the response timeout starts again.
+    pub(super) progressed: bool,
 }
 
 impl<B> Sender<B>
@@ -230,7 +228,7 @@ where
             pending: head.bytes.clone(),
             ended: None,
             trailers: None,
-            written: 0,
+            progressed: false,
         }
     }
 
@@ -247,7 +245,7 @@ where
                     return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                 }
                 self.pending.advance(n);
-                self.written = self.written.wrapping_add(n as u32);
+                self.progressed = true;
             }
             if self.upload == Upload::None {
                 return Poll::Ready(Ok(()));

@@ -63,10 +63,9 @@ where
         (ExchangeError { error, reused }, body)
     };
     let parsed = std::future::poll_fn(|cx| {
-        let written = sender.written;
         let poll = poll_head(&mut conn, &mut sender, head, cx);
         if poll.is_pending() {
-            if uploading && sender.written != written {
+            if std::mem::take(&mut sender.progressed) && uploading {
                 conn.arm(Instant::now() + timeout);
             }
             if conn.poll_expired(cx) {
@@ -78,7 +77,10 @@ where
     .await;
     let parsed = match parsed {
         Ok(parsed) if parsed.parts.status == StatusCode::SWITCHING_PROTOCOLS && !head.upgrade => {
-            let error = "101 to a request that asked for no upgrade".into();
+            let error = MalformedResponse {
+                source: "101 to a request that asked for no upgrade".into(),
+            }
+            .into();
             return Err((ExchangeError { error, reused }, None));
         }
         Ok(parsed) => parsed,

@@ -179,7 +179,10 @@ where
             // reset the connection and could take the answer with it.
             let unread = info.refused
                 || !pending.is_empty()
-                || info.body && !matches!(state, BodyState::Done(_));
+                || match &state {
+                    BodyState::Done(rest) => !rest.is_empty(),
+                    _ => info.body,
+                };
             if !keep_alive {
                 if unread {
                     Box::pin(linger(&conn.io, watch.clone())).await;
