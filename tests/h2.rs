@@ -205,7 +205,6 @@ async fn response_timeout_is_504_over_http2() {
 /// the request is in still times out.
 #[tokio::test]
 async fn a_slow_upload_to_an_http2_backend_is_not_cut_by_the_response_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let backend = H2Backend::start().await;
     let proxy = proxy(config_with_protocol(
         &[backend.addr],
@@ -213,25 +212,7 @@ async fn a_slow_upload_to_an_http2_backend_is_not_cut_by_the_response_timeout() 
         r#""response_timeout": 0.4"#,
     ))
     .await;
-    let mut client = tokio::net::TcpStream::connect(proxy.local_addr())
-        .await
-        .unwrap();
-    client
-        .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    // Six chunks 200 ms apart: 1.2 s of upload, three times the timeout (the pace is the
-    // case under test, not a wait for something).
-    for _ in 0..6 {
-        client.write_all(b"3e8\r\n").await.unwrap();
-        client.write_all(&[b'u'; 1000]).await.unwrap();
-        client.write_all(b"\r\n").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    client.write_all(b"0\r\n\r\n").await.unwrap();
-    let mut answer = Vec::new();
-    within(client.read_to_end(&mut answer)).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = support::slow_upload(proxy.local_addr(), "/upload").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with(&backend.addr.to_string()), "{answer}");
     let mut client = support::Client::connect(proxy.local_addr()).await;

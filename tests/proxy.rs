@@ -345,28 +345,9 @@ async fn each_request_on_a_reused_connection_gets_the_whole_response_timeout() {
 /// timeout, read by its backend as it comes, is answered, not cut with a 504.
 #[tokio::test]
 async fn a_slow_upload_is_not_cut_by_the_response_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = Backend::start().await;
     let proxy = proxy(config(&[b.addr], r#""response_timeout": 0.4"#)).await;
-    let mut client = tokio::net::TcpStream::connect(proxy.local_addr())
-        .await
-        .unwrap();
-    client
-        .write_all(b"POST /collect HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    // Six chunks 200 ms apart: 1.2 s of upload, three times the timeout. (The pace is the
-    // case under test, not a wait for something.)
-    for _ in 0..6 {
-        client.write_all(b"3e8\r\n").await.unwrap();
-        client.write_all(&[b'u'; 1000]).await.unwrap();
-        client.write_all(b"\r\n").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    client.write_all(b"0\r\n\r\n").await.unwrap();
-    let mut answer = Vec::new();
-    within(client.read_to_end(&mut answer)).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = slow_upload(proxy.local_addr(), "/collect").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("\r\n\r\n6000"), "{answer}");
     // A backend that does not answer once the request is in still times out.

@@ -479,6 +479,28 @@ impl Client {
     }
 }
 
+/// Uploads 6,000 bytes to `path` on `addr` as an HTTP/1.1 chunked `POST`, six chunks 200 ms
+/// apart (1.2 s: the pace is the case under test, not a wait for something), and returns
+/// the whole answer (the request asks for `Connection: close`).
+pub async fn slow_upload(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..6 {
+        client.write_all(b"3e8\r\n").await.unwrap();
+        client.write_all(&[b'u'; 1000]).await.unwrap();
+        client.write_all(b"\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    client.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    within(client.read_to_end(&mut answer)).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 pub fn empty() -> Body {
     full("")
 }
