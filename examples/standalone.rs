@@ -33,11 +33,16 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // A usage error is a start error: status 1, as the contract says and `nginx -x` does.
     let args = match Args::parse(std::env::args_os().skip(1)) {
-        Ok(args) => args,
-        Err(usage) => {
-            eprintln!("{usage}");
-            return ExitCode::from(2);
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!("error: {error}\n{USAGE}");
+            return ExitCode::FAILURE;
         }
     };
     let config = match Config::load(&args.config) {
@@ -107,27 +112,28 @@ struct Args {
     config: PathBuf,
 }
 
+const USAGE: &str = "usage: standalone [--check] [CONFIG]   (CONFIG defaults to config.json)";
+
 impl Args {
-    fn parse(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Args, String> {
-        const USAGE: &str =
-            "usage: standalone [--check] [CONFIG]   (CONFIG defaults to config.json)";
+    /// `None` for `--help`.
+    fn parse(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Option<Args>, String> {
         let mut check = false;
         let mut config = None;
         for arg in args {
             if arg == "--check" || arg == "-t" {
                 check = true;
             } else if arg == "--help" || arg == "-h" {
-                return Err(USAGE.to_owned());
+                return Ok(None);
             } else if arg.to_string_lossy().starts_with('-') || config.is_some() {
-                return Err(format!("unexpected argument {arg:?}\n{USAGE}"));
+                return Err(format!("unexpected argument {arg:?}"));
             } else {
                 config = Some(PathBuf::from(arg));
             }
         }
-        Ok(Args {
+        Ok(Some(Args {
             check,
             config: config.unwrap_or_else(|| PathBuf::from("config.json")),
-        })
+        }))
     }
 }
 

@@ -549,9 +549,20 @@ fn check_validates_and_exits_without_starting() {
     assert_eq!(String::from_utf8_lossy(&out.stderr), start_stderr);
     assert!(start_stderr.contains("servers[0].port"), "{start_stderr}");
 
-    // A typo in the flag is a usage error, not a start with a file named "--chek".
+    // A typo in the flag is a usage error, not a start with a file named "--chek": a start
+    // error, status 1, with the usage on stderr.
     let out = Command::new(example()).arg("--chek").output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: unexpected argument \"--chek\"\nusage:"),
+        "{stderr}"
+    );
+    // `--help` is not an error: the usage on stdout, status 0.
+    let out = Command::new(example()).arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(out.stdout.starts_with(b"usage: standalone"), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(bad.parent().unwrap()).unwrap();
     drop(taken);
