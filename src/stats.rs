@@ -239,16 +239,17 @@ impl BackendCounters {
 #[derive(Debug, Default)]
 pub struct Global {
     retries: AtomicU64,
-    /// 400, 431, 502, 503, 504, 405.
-    local: [AtomicU64; 6],
+    /// 400, 431, 502, 503, 504, 405, 408.
+    local: [AtomicU64; 7],
     reloads: [AtomicU64; 2],
     client_connections: AtomicI64,
     health: Mutex<BTreeMap<String, [u64; 2]>>,
 }
 
 /// The statuses the proxy answers itself, in the order of [`Global::local_responses`].
-/// (`405` answers `CONNECT`; last, so that the others keep their places.)
-pub const LOCAL_STATUSES: [u16; 6] = [400, 431, 502, 503, 504, 405];
+/// (`405` answers `CONNECT`, `408` a request body that stopped arriving; last, so that the
+/// others keep their places.)
+pub const LOCAL_STATUSES: [u16; 7] = [400, 431, 502, 503, 504, 405, 408];
 
 /// The process-wide counters.
 pub fn global() -> &'static Global {
@@ -264,7 +265,7 @@ impl Global {
     }
 
     /// Answers the proxy made itself, by status, in the order of [`LOCAL_STATUSES`].
-    pub fn local_responses(&self) -> [u64; 6] {
+    pub fn local_responses(&self) -> [u64; 7] {
         self.local.each_ref().map(|a| a.load(Ordering::Relaxed))
     }
 

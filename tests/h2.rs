@@ -221,6 +221,39 @@ async fn a_slow_upload_to_an_http2_backend_is_not_cut_by_the_response_timeout() 
     proxy.shutdown().await.unwrap();
 }
 
+/// A client that stops sending its upload to an HTTP/2 backend: `408` by the client's
+/// fault after `response_timeout` without a frame of it; passive health does not count
+/// it, and the connection to the backend serves on.
+#[tokio::test]
+async fn a_client_that_stalls_its_upload_to_an_http2_backend_gets_408() {
+    let backend = H2Backend::start().await;
+    let proxy = proxy(config_with_protocol(
+        &[backend.addr],
+        "http2",
+        r#""response_timeout": 0.3, "passive_health": {"consecutive_failures": 1, "ejection_time": 30}"#,
+    ))
+    .await;
+    let upload = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhello";
+    for _ in 0..2 {
+        let ex = support::exchange(proxy.local_addr(), upload, false, Duration::from_secs(3)).await;
+        let answer = ex.text();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(ex.closed());
+    }
+    let key: http::uri::Authority = backend.addr.to_string().parse().unwrap();
+    assert_eq!(proxy.backends().is_ejected(&key), Some(false));
+    assert_eq!(
+        support::get(proxy.local_addr(), "/").await.0,
+        StatusCode::OK
+    );
+    // Waiting on the backend, not the client: its own failure, 504.
+    let mut client = support::Client::connect(proxy.local_addr()).await;
+    let (status, _) = within(client.get("/slow/3000")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(proxy.backends().is_ejected(&key), Some(true));
+    proxy.shutdown().await.unwrap();
+}
+
 /// An HTTP/1.1 upload framed by its length, to an HTTP/2 backend: hyper's client stops
 /// reading the body at its last byte, and the client's connection still carries the next
 /// request.

@@ -555,3 +555,53 @@ async fn a_classifier_of_ones_own_decides_what_fails() {
     send(&custom, 4).await;
     assert_eq!(custom.get_ref().is_ejected(&"a"), Some(true));
 }
+
+/// A client that stops sending its upload: the request fails by the client's fault, `408`
+/// after `response_timeout` without a byte of it, and passive health does not count it
+/// against the backend, which was only waiting for the body. A backend that does not
+/// answer a request it has in full is still its own failure, a `504` that ejects it.
+#[tokio::test]
+async fn a_client_that_stalls_its_upload_gets_408_and_does_not_eject_the_backend() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(
+        &[b.addr],
+        r#""response_timeout": 0.3, "passive_health": {"consecutive_failures": 1, "ejection_time": 30}"#,
+    ))
+    .await;
+    let timeouts = || {
+        let i = tower_lb::stats::LOCAL_STATUSES
+            .iter()
+            .position(|&s| s == 408)
+            .unwrap();
+        tower_lb::stats::global().local_responses()[i]
+    };
+    let before = timeouts();
+    // 5 of 100 bytes, then nothing: `/collect` reads the body to its end before answering.
+    let upload = b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhello";
+    for _ in 0..2 {
+        let ex = exchange(proxy.local_addr(), upload, false, Duration::from_secs(3)).await;
+        let answer = ex.text();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{answer}"
+        );
+        assert!(ex.closed());
+    }
+    assert!(timeouts() - before >= 2);
+    let stats = proxy.backends().snapshot().endpoint(0).unwrap().stats();
+    assert!(
+        stats.errors >= 2,
+        "the uploads did not fail at the backend service"
+    );
+    assert!(!is_ejected(&proxy, b.addr));
+    assert_eq!(get(proxy.local_addr(), "/").await.0, StatusCode::OK);
+    assert_eq!(
+        get(proxy.local_addr(), "/stall").await.0,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    assert!(is_ejected(&proxy, b.addr));
+    proxy.shutdown().await.unwrap();
+}

@@ -124,6 +124,12 @@ impl RequestFault {
         }
     }
 
+    /// The cause. (It is not among the [`source`](std::error::Error::source)s: the marker
+    /// stands for it in the chain.)
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+
     /// Whether `error` or any of its sources is a `RequestFault`: the one test of whose
     /// fault a failure was, for passive health and for the answer a proxy gives.
     pub fn in_chain(error: &(dyn std::error::Error + 'static)) -> bool {

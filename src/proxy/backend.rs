@@ -91,7 +91,9 @@ impl Client {
 
     /// Time allowed from sending a request until its response headers arrive, counted from
     /// the end of the request: while its body is still being sent, each write starts it
-    /// again (a slow upload is not cut; a backend that stops reading it times out).
+    /// again (a slow upload is not cut; a backend that stops reading it times out). A
+    /// client that sends nothing of its body for as long fails the request by its own
+    /// fault: a [`RequestBodyTimeout`](super::error::RequestBodyTimeout) (`408`).
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.settings.response_timeout = timeout;
         self

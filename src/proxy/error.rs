@@ -50,6 +50,28 @@ impl fmt::Display for ResponseTimeout {
 
 impl std::error::Error for ResponseTimeout {}
 
+/// The client stopped sending its request body: none of it arrived for as long as
+/// `response_timeout` while the backend waited for it. The request's fault, not the
+/// backend's (it comes inside a [`RequestFault`](crate::balance::error::RequestFault)), so
+/// passive health does not count it and it is not retried. Answered with
+/// `408 Request Timeout`, as nginx answers a client body that times out.
+#[derive(Debug)]
+pub struct RequestBodyTimeout {
+    pub(crate) after: Duration,
+}
+
+impl fmt::Display for RequestBodyTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the client sent nothing of its request body for {:?}",
+            self.after
+        )
+    }
+}
+
+impl std::error::Error for RequestBodyTimeout {}
+
 /// The backend reset or closed the connection, or sent something that is not HTTP.
 /// Answered with `502 Bad Gateway`.
 #[derive(Debug)]

@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::error::{BackendError, ConnectError, ResponseTimeout};
+use super::error::{BackendError, ConnectError, RequestBodyTimeout, ResponseTimeout};
 use super::headers::{append_forwarded_for, remove_hop_by_hop};
 use super::{peer_ip, socket_target};
 use crate::balance::error::{RequestFault, Unsent};
@@ -121,7 +121,8 @@ impl<B> Http2Client<B> {
     /// Time allowed from sending a request until its response headers arrive, counted from
     /// the end of the request (each frame of a body still being sent starts it again: a
     /// client-streaming call is not cut); then the request fails with [`ResponseTimeout`]
-    /// (`504` from a proxy). None by default.
+    /// (`504` from a proxy). A client that sends nothing of its body for as long fails it
+    /// by its own fault: a [`RequestBodyTimeout`] (`408`). None by default.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.settings.response_timeout = Some(timeout);
         self
@@ -407,6 +408,7 @@ where
             body: Mutex::new(Some(body)),
             failed: AtomicBool::new(false),
             moved: Mutex::new(None),
+            starved: AtomicBool::new(false),
         });
         let request = Request::from_parts(parts, Outgoing::new(body.clone()));
         Http2ResponseFuture::new(async move {
@@ -424,6 +426,12 @@ where
                             Ok(result) => break result,
                             Err(_) => match *lock(&body.moved) {
                                 Some(moved) if moved > from => from = moved,
+                                // The client stopped sending the body.
+                                _ if body.starved.load(Ordering::Acquire) => {
+                                    return Err(
+                                        RequestFault::new(RequestBodyTimeout { after }).into()
+                                    )
+                                }
                                 _ => {
                                     return Err(ResponseTimeout {
                                         backend: shared.authority.clone(),
@@ -667,6 +675,10 @@ struct Unread<B> {
     /// When the connection last took a frame of the body (or its end): the response
     /// timeout counts from there.
     moved: Mutex<Option<Instant>>,
+    /// The connection's last poll of the body found nothing: the request waits on its
+    /// client. (hyper polls the body only when the stream has room, so not while it waits
+    /// on the backend.)
+    starved: AtomicBool,
 }
 
 /// A request body that stays in a slot shared with the request's future until the
@@ -707,6 +719,9 @@ impl<B: Body + Unpin> Body for Outgoing<B> {
         if matches!(polled, Poll::Ready(None | Some(Ok(_)))) {
             *lock(&this.slot.moved) = Some(Instant::now());
         }
+        this.slot
+            .starved
+            .store(polled.is_pending(), Ordering::Release);
         polled
     }
 

@@ -13,7 +13,9 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::error::{BackendError, ConnectError, MalformedResponse, ResponseTimeout};
+use super::error::{
+    BackendError, ConnectError, MalformedResponse, RequestBodyTimeout, ResponseTimeout,
+};
 use crate::balance::error::{NoHealthyBackend, RequestFault};
 use crate::BoxError;
 
@@ -28,6 +30,7 @@ pub type ProxyBody<B> = Either<B, Full<Bytes>>;
 /// | [`ConnectError`], [`BackendError`] or any other | `502 Bad Gateway` |
 /// | [`ResponseTimeout`] | `504 Gateway Timeout` |
 /// | a [`RequestFault`] in its chain (the request's own: its body broke, see [`ClientBodyError`](super::error::ClientBodyError)) | `400 Bad Request` |
+/// | the same, for a [`RequestBodyTimeout`] (the client stopped sending its body) | `408 Request Timeout` |
 ///
 /// The body is one line of plain text saying which; the full error goes to the log.
 ///
@@ -198,7 +201,7 @@ pub fn error_response(error: &BoxError) -> Response<Full<Bytes>> {
 
 /// The gRPC answer for a proxying error (see [`ErrorResponses`]): `200`, `grpc-status` 14
 /// (UNAVAILABLE) where HTTP gets `502` or `503`, 4 (DEADLINE_EXCEEDED) where it gets `504`,
-/// 13 (INTERNAL) where it gets `400` (the request's body broke),
+/// 13 (INTERNAL) where it gets `400` (the request's body broke), 4 where it gets `408`,
 /// and a `grpc-message`, with no body (trailers-only).
 pub fn grpc_error_response(error: &BoxError) -> Response<Full<Bytes>> {
     let (status, text) = classify(error);
@@ -210,7 +213,7 @@ pub fn grpc_error_response(error: &BoxError) -> Response<Full<Bytes>> {
     }
     // gRPC's mapping of HTTP statuses: 400 is INTERNAL (13), not a retryable UNAVAILABLE.
     let code = match status {
-        StatusCode::GATEWAY_TIMEOUT => "4",
+        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "4",
         StatusCode::BAD_REQUEST => "13",
         _ => "14",
     };
@@ -233,6 +236,18 @@ fn classify(error: &BoxError) -> (StatusCode, &'static str) {
     // body broke: a malformed chunked upload, or the client went away in the middle of
     // it), whatever backend it was going to; passive health does not count it either.
     if RequestFault::in_chain(&**error) {
+        let stalled =
+            std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .filter_map(|e| e.downcast_ref::<RequestFault>())
+            .any(|fault| fault.get_ref().is::<RequestBodyTimeout>());
+        if stalled {
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                "408 Request Timeout: the request body stopped arriving\n",
+            );
+        }
         return (
             StatusCode::BAD_REQUEST,
             "400 Bad Request: the request or its body is malformed or incomplete\n",
@@ -286,7 +301,7 @@ mod tests {
 
     #[test]
     fn statuses() {
-        let cases: [(BoxError, u16); 4] = [
+        let cases: [(BoxError, u16); 5] = [
             (NoHealthyBackend::new().into(), 503),
             (
                 ResponseTimeout {
@@ -305,6 +320,17 @@ mod tests {
                 }
                 .into(),
                 400,
+            ),
+            (
+                BackendError {
+                    backend: "a:1".parse().unwrap(),
+                    source: RequestFault::new(RequestBodyTimeout {
+                        after: std::time::Duration::from_secs(1),
+                    })
+                    .into(),
+                }
+                .into(),
+                408,
             ),
         ];
         for (error, status) in cases {
@@ -335,7 +361,7 @@ mod tests {
 
     #[test]
     fn grpc_statuses() {
-        let cases: [(BoxError, &str, &str); 4] = [
+        let cases: [(BoxError, &str, &str); 5] = [
             (NoHealthyBackend::new().into(), "14", "no healthy backend"),
             (
                 ResponseTimeout {
@@ -351,6 +377,14 @@ mod tests {
                 RequestFault::new(ClientBodyError::new("invalid chunk size")).into(),
                 "13",
                 "the request or its body is malformed or incomplete",
+            ),
+            (
+                RequestFault::new(RequestBodyTimeout {
+                    after: std::time::Duration::from_secs(1),
+                })
+                .into(),
+                "4",
+                "the request body stopped arriving",
             ),
         ];
         for (error, code, message) in cases {

@@ -294,6 +294,12 @@ where
         }
     }
 
+    /// All written that was taken, and the body's last poll found nothing: the request
+    /// waits on its client, not on the backend.
+    pub(super) fn awaits_body(&self) -> bool {
+        self.pending.is_empty() && self.upload != Upload::None && self.body.is_some()
+    }
+
     pub(super) fn done(&self) -> bool {
         self.pending.is_empty() && (self.upload == Upload::None || self.body.is_none())
     }

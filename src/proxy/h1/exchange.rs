@@ -17,7 +17,8 @@ use super::encode::{Head, Sender, Upload};
 use super::parse::{parse_head, Parsed};
 use super::pool::{Conn, Pool};
 use super::read;
-use crate::proxy::error::MalformedResponse;
+use crate::balance::error::RequestFault;
+use crate::proxy::error::{MalformedResponse, RequestBodyTimeout};
 use crate::BoxError;
 
 /// Why an exchange failed. (The request body comes back with it when the request may be
@@ -33,8 +34,9 @@ pub(crate) struct ExchangeError {
 /// Sends `head` and `body` on `conn` and reads the response head, which must arrive within
 /// `timeout` of the end of the request. (While the body is still being sent, each write
 /// starts the timeout again: a slow upload is not cut, and a backend that stops reading
-/// it still times out.) The response body reads on from the same connection, and puts it back in
-/// `pool` when it is reusable. On failure, the body comes back with the error when the
+/// it still times out; a client that stops sending it fails the request by its own
+/// fault, a [`RequestBodyTimeout`].) The response body reads on from the same connection,
+/// and puts it back in `pool` when it is reusable. On failure, the body comes back with the error when the
 /// request may be sent again (idempotent, no byte of an answer, no timeout), taken in
 /// part or not: whether it can be sent again from its start is the body's to say
 /// (`replay::ReplayBody`).
@@ -57,7 +59,10 @@ where
     let uploading = head.upload != Upload::None;
     let fail = |error: BoxError, sender: &mut Sender<B>, conn: &Conn| {
         let timed_out = error.is::<Elapsed>();
-        let retryable = !timed_out && head.idempotent && conn.rbuf.is_empty();
+        let retryable = !timed_out
+            && !RequestFault::in_chain(&*error)
+            && head.idempotent
+            && conn.rbuf.is_empty();
         let body = retryable.then(|| sender.body.take().or(sender.ended.take()));
         let body = body.flatten();
         (ExchangeError { error, reused }, body)
@@ -69,7 +74,13 @@ where
                 conn.arm(Instant::now() + timeout);
             }
             if conn.poll_expired(cx) {
-                return Poll::Ready(Err(Elapsed.into()));
+                // Waiting for the client's body, not for the backend: the client stalled.
+                let error: BoxError = if sender.awaits_body() {
+                    RequestFault::new(RequestBodyTimeout { after: timeout }).into()
+                } else {
+                    Elapsed.into()
+                };
+                return Poll::Ready(Err(error));
             }
         }
         poll
