@@ -54,10 +54,11 @@ fn main() -> ExitCode {
     };
     if args.check {
         // Like `nginx -t`: one line on stdout, nothing started.
+        let servers = config.servers.len();
         println!(
-            "{}: configuration is valid ({} servers, {})",
+            "{}: configuration is valid ({servers} server{}, {})",
             args.config.display(),
-            config.servers.len(),
+            if servers == 1 { "" } else { "s" },
             config.algorithm
         );
         return ExitCode::SUCCESS;

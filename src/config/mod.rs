@@ -261,36 +261,53 @@ impl std::error::Error for ConfigError {}
 #[serde(deny_unknown_fields)]
 struct Raw {
     listen: Option<String>,
-    servers: Option<Vec<RawServer>>,
+    servers: Option<Vec<Object<RawServer>>>,
     algorithm: Option<Algorithm>,
     hash_key: Option<String>,
     health_check_url: Option<String>,
+    #[serde(default, deserialize_with = "number")]
     health_check_interval: Option<f64>,
+    #[serde(default, deserialize_with = "number")]
     health_check_timeout: Option<f64>,
+    #[serde(default, deserialize_with = "int")]
     healthy_threshold: Option<i64>,
+    #[serde(default, deserialize_with = "int")]
     unhealthy_threshold: Option<i64>,
+    #[serde(default, deserialize_with = "number")]
     connect_timeout: Option<f64>,
+    #[serde(default, deserialize_with = "number")]
     response_timeout: Option<f64>,
     spawn_backends: Option<bool>,
     trusted_proxies: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "number")]
     dns_refresh: Option<f64>,
     admin_listen: Option<String>,
-    passive_health: Option<RawPassiveHealth>,
+    passive_health: Option<Object<RawPassiveHealth>>,
+    #[serde(default, deserialize_with = "int")]
     retries: Option<i64>,
+    #[serde(default, deserialize_with = "number")]
     retry_budget: Option<f64>,
+    #[serde(default, deserialize_with = "number")]
     slow_start: Option<f64>,
+    #[serde(default, deserialize_with = "int")]
     max_connections: Option<i64>,
     health_check_grpc: Option<String>,
+    #[serde(default, deserialize_with = "number")]
     tunnel_idle_timeout: Option<f64>,
+    #[serde(default, deserialize_with = "number")]
     shutdown_timeout: Option<f64>,
+    #[serde(default, deserialize_with = "number")]
     client_idle_timeout: Option<f64>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPassiveHealth {
+    #[serde(default, deserialize_with = "int")]
     consecutive_failures: Option<i64>,
+    #[serde(default, deserialize_with = "number")]
     ejection_time: Option<f64>,
+    #[serde(default, deserialize_with = "int")]
     max_ejection_percent: Option<i64>,
 }
 
@@ -298,10 +315,113 @@ struct RawPassiveHealth {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     host: String,
+    #[serde(deserialize_with = "port")]
     port: i64,
+    #[serde(default, deserialize_with = "int")]
     weight: Option<i64>,
     resolve: Option<bool>,
     protocol: Option<String>,
+}
+
+/// A JSON object and nothing else. (serde's derived structs also take an array of their
+/// fields in order, and name the Rust type in their errors: "expected struct RawServer".)
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer
+            .deserialize_map(Visit(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
+/// An integer, called so in errors (serde's own says "i64").
+struct Int(i64);
+
+impl<'de> Deserialize<'de> for Int {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Int;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Int, E> {
+                Ok(Int(n))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Int, E> {
+                i64::try_from(n)
+                    .map(Int)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(n), &self))
+            }
+        }
+
+        deserializer.deserialize_i64(Visit)
+    }
+}
+
+/// A number, integer or not, called so in errors (serde's own says "f64").
+struct Number(f64);
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Number;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number")
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Number, E> {
+                Ok(Number(n))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Number, E> {
+                Ok(Number(n as f64))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Number, E> {
+                Ok(Number(n as f64))
+            }
+        }
+
+        deserializer.deserialize_f64(Visit)
+    }
+}
+
+/// An optional integer field (`null` as good as absent).
+fn int<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    Ok(Option::<Int>::deserialize(deserializer)?.map(|Int(n)| n))
+}
+
+/// An optional number field (`null` as good as absent).
+fn number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::Error> {
+    Ok(Option::<Number>::deserialize(deserializer)?.map(|Number(n)| n))
+}
+
+/// The one required integer field.
+fn port<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    Int::deserialize(deserializer).map(|Int(n)| n)
 }
 
 impl Config {
@@ -325,7 +445,7 @@ impl Config {
         // A byte order mark, as some editors write at the start of a UTF-8 file, is no JSON.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let de = &mut serde_json::Deserializer::from_str(text);
-        let raw: Raw = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+        let raw: Object<Raw> = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let message = match inner.classify() {
@@ -343,7 +463,7 @@ impl Config {
         // Only whitespace may follow the object: an edit half written over a longer file
         // (the new text, then the old one's tail) is an error, not the first part alone.
         de.end().map_err(syntax)?;
-        Config::validate(raw)
+        Config::validate(raw.0)
     }
 
     fn validate(raw: Raw) -> Result<Config, ConfigError> {
@@ -365,7 +485,7 @@ impl Config {
         }
         let mut servers = Vec::with_capacity(raw_servers.len());
         let mut seen = HashSet::new();
-        for (i, s) in raw_servers.into_iter().enumerate() {
+        for (i, Object(s)) in raw_servers.into_iter().enumerate() {
             let field = |name: &str| format!("servers[{i}].{name}");
             let host = s.host.trim().to_owned();
             if host.is_empty() {
@@ -516,7 +636,7 @@ impl Config {
 
         let passive_health = match raw.passive_health {
             None => PassiveHealth::default(),
-            Some(p) => {
+            Some(Object(p)) => {
                 let defaults = PassiveHealth::default();
                 PassiveHealth {
                     consecutive_failures: match p.consecutive_failures {
@@ -1004,6 +1124,70 @@ mod tests {
             ),
         ];
         refused(&cases);
+    }
+
+    /// Type errors say what JSON was expected, in JSON's words, and objects are objects:
+    /// serde's derived structs would also take an array of their fields, and name Rust
+    /// types ("struct RawServer", "i64") in their messages.
+    #[test]
+    fn type_errors_speak_json() {
+        let with = |extra: &str| format!("{{{ONE}, {extra}}}");
+        let cases = [
+            (
+                "[]".to_owned(),
+                "invalid type: sequence, expected an object",
+            ),
+            (r#""x""#.to_owned(), "expected an object"),
+            (
+                r#"{"servers": [[]]}"#.to_owned(),
+                "servers[0]: invalid type: sequence, expected an object",
+            ),
+            (
+                r#"{"servers": [["127.0.0.1", 9001, null, null, null]]}"#.to_owned(),
+                "servers[0]: invalid type: sequence, expected an object",
+            ),
+            (
+                with(r#""passive_health": [3, 30, 50]"#),
+                "passive_health: invalid type: sequence, expected an object",
+            ),
+            (
+                r#"{"servers": [{"host": "a", "port": "1"}]}"#.to_owned(),
+                r#"servers[0].port: invalid type: string "1", expected an integer"#,
+            ),
+            (
+                r#"{"servers": [{"host": "a", "port": 1.5}]}"#.to_owned(),
+                "servers[0].port: invalid type: floating point `1.5`, expected an integer",
+            ),
+            (
+                with(r#""retries": 18446744073709551615"#),
+                "retries: invalid value: integer `18446744073709551615`, expected an integer",
+            ),
+            (
+                with(r#""response_timeout": "30""#),
+                r#"response_timeout: invalid type: string "30", expected a number"#,
+            ),
+            (
+                with(r#""passive_health": {"ejection_time": true}"#),
+                "passive_health.ejection_time: invalid type: boolean `true`, expected a number",
+            ),
+        ];
+        refused(&cases);
+        for json in ["[]", r#"{"servers": [[]]}"#, &with(r#""retries": "1""#)] {
+            let e = err(json);
+            for rust in ["struct", "Raw", "i64", "f64"] {
+                assert!(!e.contains(rust), "{e}");
+            }
+        }
+        // `null` is as good as leaving the key out; whole numbers are numbers.
+        let c = Config::from_json(&with(
+            r#""retries": null, "passive_health": {"ejection_time": null}, "response_timeout": 5"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            c.retries,
+            Config::from_json(&format!("{{{ONE}}}")).unwrap().retries
+        );
+        assert_eq!(c.response_timeout, Duration::from_secs(5));
     }
 
     #[test]
