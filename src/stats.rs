@@ -239,17 +239,16 @@ impl BackendCounters {
 #[derive(Debug, Default)]
 pub struct Global {
     retries: AtomicU64,
-    /// 400, 431, 502, 503, 504, 405, 408.
-    local: [AtomicU64; 7],
+    /// One per status of `LOCAL_STATUSES`.
+    local: [AtomicU64; LOCAL_STATUSES.len()],
     reloads: [AtomicU64; 2],
     client_connections: AtomicI64,
     health: Mutex<BTreeMap<String, [u64; 2]>>,
 }
 
-/// The statuses the proxy answers itself, in the order of [`Global::local_responses`].
-/// (`405` answers `CONNECT`, `408` a request body that stopped arriving; last, so that the
-/// others keep their places.)
-pub const LOCAL_STATUSES: [u16; 7] = [400, 431, 502, 503, 504, 405, 408];
+/// The statuses the proxy answers itself, as [`Global::local_responses`] lists them.
+/// (`405` answers `CONNECT`, `408` a request body that stopped arriving.)
+pub const LOCAL_STATUSES: &[u16] = &[400, 431, 502, 503, 504, 405, 408];
 
 /// The process-wide counters.
 pub fn global() -> &'static Global {
@@ -264,9 +263,12 @@ impl Global {
         self.retries.load(Ordering::Relaxed)
     }
 
-    /// Answers the proxy made itself, by status, in the order of [`LOCAL_STATUSES`].
-    pub fn local_responses(&self) -> [u64; 7] {
-        self.local.each_ref().map(|a| a.load(Ordering::Relaxed))
+    /// Answers the proxy made itself: each status of [`LOCAL_STATUSES`] with its count.
+    pub fn local_responses(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        LOCAL_STATUSES
+            .iter()
+            .zip(&self.local)
+            .map(|(&status, n)| (status, n.load(Ordering::Relaxed)))
     }
 
     /// Configuration reloads: `[applied, rejected]`.

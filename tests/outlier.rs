@@ -569,11 +569,11 @@ async fn a_client_that_stalls_its_upload_gets_408_and_does_not_eject_the_backend
     ))
     .await;
     let timeouts = || {
-        let i = tower_lb::stats::LOCAL_STATUSES
-            .iter()
-            .position(|&s| s == 408)
-            .unwrap();
-        tower_lb::stats::global().local_responses()[i]
+        tower_lb::stats::global()
+            .local_responses()
+            .find(|&(s, _)| s == 408)
+            .unwrap()
+            .1
     };
     let before = timeouts();
     // 5 of 100 bytes, then nothing: `/collect` reads the body to its end before answering.
@@ -603,5 +603,61 @@ async fn a_client_that_stalls_its_upload_gets_408_and_does_not_eject_the_backend
         StatusCode::GATEWAY_TIMEOUT
     );
     assert!(is_ejected(&proxy, b.addr));
+    proxy.shutdown().await.unwrap();
+}
+
+/// The other side of the same timer: a backend that stops reading an upload that its
+/// client still sends is the backend's failure, `504`, which passive health counts.
+#[tokio::test]
+async fn a_backend_that_stops_reading_an_upload_gets_504_and_is_ejected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deaf = RawServer::start(|mut stream| async move {
+        let Some(head) = read_head(&mut stream).await else {
+            return;
+        };
+        if head.starts_with(b"GET /health ") {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+            return;
+        }
+        // Holds the connection and reads nothing more, until the proxy closes it.
+        let _ = stream.read(&mut [0; 1]).await;
+        std::future::pending::<()>().await;
+    })
+    .await;
+    let proxy = proxy(config(
+        &[deaf.addr],
+        r#""response_timeout": 0.3, "passive_health": {"consecutive_failures": 1, "ejection_time": 30}"#,
+    ))
+    .await;
+    let client = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    let (mut read, mut write) = client.into_split();
+    // Far more than the socket buffers on the way hold: the client is never the one
+    // that stops.
+    let upload = tokio::spawn(async move {
+        let head = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n";
+        let chunk = vec![b'u'; 64 * 1024];
+        let mut sent = write.write_all(head).await;
+        while sent.is_ok() {
+            sent = write.write_all(&chunk).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0; 4096];
+    within(async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = read.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(is_ejected(&proxy, deaf.addr));
+    upload.abort();
     proxy.shutdown().await.unwrap();
 }

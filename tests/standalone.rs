@@ -532,6 +532,7 @@ fn check_validates_and_exits_without_starting() {
             stdout.contains("config.json") && stdout.contains("valid"),
             "{stdout}"
         );
+        assert!(stdout.contains("(1 server, round_robin)"), "{stdout}");
         assert!(out.stderr.is_empty(), "{out:?}");
     }
 

@@ -40,7 +40,7 @@ use tokio::task::JoinSet;
 use crate::policy::Algorithm;
 use crate::proxy::uri::Authority;
 use crate::proxy::BackendProtocol;
-use crate::stats::{self, LATENCY_BUCKETS, LOCAL_STATUSES};
+use crate::stats::{self, LATENCY_BUCKETS};
 use crate::Backends;
 
 /// The status page: plain HTML, CSS and script in one file, no external assets.
@@ -191,7 +191,7 @@ pub fn metrics<S: Clone>(backends: &Backends<Authority, S, Algorithm>) -> String
         "counter",
         "Answers the proxy made itself, by status.",
     );
-    for (status, n) in LOCAL_STATUSES.iter().zip(global.local_responses()) {
+    for (status, n) in global.local_responses() {
         let _ = writeln!(text, "{name}{{status=\"{status}\"}} {n}");
     }
     let name = family(

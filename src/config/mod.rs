@@ -370,7 +370,7 @@ impl<'de> Deserialize<'de> for Int {
             fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Int, E> {
                 i64::try_from(n)
                     .map(Int)
-                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(n), &self))
+                    .map_err(|_| E::custom(format_args!("integer `{n}` is too large")))
             }
         }
 
@@ -1160,7 +1160,7 @@ mod tests {
             ),
             (
                 with(r#""retries": 18446744073709551615"#),
-                "retries: invalid value: integer `18446744073709551615`, expected an integer",
+                "retries: integer `18446744073709551615` is too large",
             ),
             (
                 with(r#""response_timeout": "30""#),

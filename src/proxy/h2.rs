@@ -407,8 +407,7 @@ where
         let body = Arc::new(Unread {
             body: Mutex::new(Some(body)),
             failed: AtomicBool::new(false),
-            moved: Mutex::new(None),
-            starved: AtomicBool::new(false),
+            progress: Mutex::new(Progress::default()),
         });
         let request = Request::from_parts(parts, Outgoing::new(body.clone()));
         Http2ResponseFuture::new(async move {
@@ -424,13 +423,18 @@ where
                     loop {
                         match tokio::time::timeout_at(from + after, sent.as_mut()).await {
                             Ok(result) => break result,
-                            Err(_) => match *lock(&body.moved) {
-                                Some(moved) if moved > from => from = moved,
+                            Err(_) => match *lock(&body.progress) {
+                                Progress {
+                                    moved: Some(moved), ..
+                                } if moved > from => from = moved,
                                 // The client stopped sending the body.
-                                _ if body.starved.load(Ordering::Acquire) => {
-                                    return Err(
-                                        RequestFault::new(RequestBodyTimeout { after }).into()
-                                    )
+                                Progress { starved: true, .. } => {
+                                    return Err(BackendError {
+                                        backend: shared.authority.clone(),
+                                        source: RequestFault::new(RequestBodyTimeout { after })
+                                            .into(),
+                                    }
+                                    .into())
                                 }
                                 _ => {
                                     return Err(ResponseTimeout {
@@ -672,13 +676,20 @@ struct Unread<B> {
     body: Mutex<Option<B>>,
     /// The body failed as the connection read it: the request fails by its own fault.
     failed: AtomicBool,
+    /// How the connection's reading of the body goes.
+    progress: Mutex<Progress>,
+}
+
+/// The sending of a request body, as its request's future sees it.
+#[derive(Default)]
+struct Progress {
     /// When the connection last took a frame of the body (or its end): the response
     /// timeout counts from there.
-    moved: Mutex<Option<Instant>>,
-    /// The connection's last poll of the body found nothing: the request waits on its
-    /// client. (hyper polls the body only when the stream has room, so not while it waits
-    /// on the backend.)
-    starved: AtomicBool,
+    moved: Option<Instant>,
+    /// The connection's last read of the body found nothing: the request waits on its
+    /// client. (hyper reads a frame, holds it until the stream has room, and reads no
+    /// other meanwhile: a backend that takes no more leaves this false.)
+    starved: bool,
 }
 
 /// A request body that stays in a slot shared with the request's future until the
@@ -716,12 +727,12 @@ impl<B: Body + Unpin> Body for Outgoing<B> {
             }),
             None => Poll::Ready(None),
         };
+        let mut progress = lock(&this.slot.progress);
         if matches!(polled, Poll::Ready(None | Some(Ok(_)))) {
-            *lock(&this.slot.moved) = Some(Instant::now());
+            progress.moved = Some(Instant::now());
         }
-        this.slot
-            .starved
-            .store(polled.is_pending(), Ordering::Release);
+        progress.starved = polled.is_pending();
+        drop(progress);
         polled
     }
 
