@@ -278,10 +278,7 @@ async fn staying_backends_keep_state_across_changes() {
 async fn follows_a_discover_stream() {
     let backends = Backends::<&str, Mock, _>::new(RoundRobin::new());
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Change<&str, Mock>, Infallible>>();
-    let follow = tokio::spawn({
-        let backends = backends.clone();
-        async move { backends.discover(tokio_stream_from(rx)).await }
-    });
+    let follow = tokio::spawn(backends.discover(tokio_stream_from(rx)));
     let (a, _ha) = mock::pair();
     let (b, _hb) = mock::pair();
     tx.send(Ok(Change::Insert("a", a))).unwrap();
@@ -291,6 +288,23 @@ async fn follows_a_discover_stream() {
     follow.await.unwrap().unwrap();
     let keys: Vec<_> = backends.snapshot().iter().map(|(k, _)| *k).collect();
     assert_eq!(keys, ["b"]);
+}
+
+/// The follower holds the set weakly: following a stream that never ends (as DNS does), it
+/// does not keep the set alive, and ends once the set is dropped.
+#[tokio::test]
+async fn following_a_stream_that_never_ends_stops_with_the_set() {
+    let backends = Backends::<&str, Mock, _>::new(RoundRobin::new());
+    let never = futures::stream::pending::<Result<Change<&str, Mock>, Infallible>>();
+    let follow = tokio::spawn(backends.discover(never));
+    tokio::task::yield_now().await;
+    assert!(!follow.is_finished());
+    drop(backends);
+    tokio::time::timeout(Duration::from_secs(5), follow)
+        .await
+        .expect("the follower outlived the set")
+        .unwrap()
+        .unwrap();
 }
 
 fn tokio_stream_from<T>(

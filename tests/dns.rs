@@ -156,10 +156,7 @@ async fn a_backend_set_follows_the_answers() {
         .refresh(Duration::from_secs(5));
     let backends = Backends::<SocketAddr, (), _>::new(RoundRobin::new());
     backends.healthy_on_insert(false);
-    let following = tokio::spawn({
-        let backends = backends.clone();
-        async move { backends.discover(dns).await }
-    });
+    let following = tokio::spawn(backends.discover(dns));
     let members = |backends: &Backends<SocketAddr, (), RoundRobin>| {
         let snapshot = backends.snapshot();
         let mut keys: Vec<SocketAddr> = snapshot.iter().map(|(k, _)| *k).collect();
@@ -199,10 +196,7 @@ async fn an_http_set_is_keyed_by_authority() {
         tower_lb::proxy::Client::new(),
     );
     let backends: HttpBackends<RoundRobin> = Backends::new(RoundRobin::new());
-    let following = tokio::spawn({
-        let backends = backends.clone();
-        async move { backends.discover(dns).await }
-    });
+    let following = tokio::spawn(backends.discover(dns));
     within(backends.wait_until(|s| s.len() == 2)).await;
     let snapshot = backends.snapshot();
     let mut keys: Vec<&str> = snapshot.iter().map(|(k, _)| k.as_str()).collect();

@@ -259,7 +259,7 @@ async fn transitions_drive_a_backend_set() {
     let (checks, handle) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
     handle.insert("a");
     handle.insert("b");
-    let driver = tokio::spawn(checks.drive(backends.clone()));
+    let driver = tokio::spawn(checks.drive(&backends));
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(backends.is_healthy(&"a"), Some(true));
     assert_eq!(backends.is_healthy(&"b"), Some(false));
@@ -326,7 +326,7 @@ async fn a_transition_is_logged_once_the_backend_set_has_it() {
 
     let (checks, handle) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
     handle.insert("a");
-    let driver = tokio::spawn(checks.drive(backends.clone()));
+    let driver = tokio::spawn(checks.drive(&backends));
     tokio::time::sleep(Duration::from_millis(1)).await;
     script.set("a", false);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -337,4 +337,64 @@ async fn a_transition_is_logged_once_the_backend_set_has_it() {
     // Someone who reads "backend is healthy" and sends a request finds it in rotation.
     let lines = log.lines.lock().unwrap().clone();
     assert_eq!(lines, [(true, Some(true)), (false, Some(false))]);
+}
+
+/// Checks driven on a set hold it weakly: dropping the set (the balancer) ends them, with
+/// targets still given and a stream that would otherwise go on probing for good.
+#[tokio::test(start_paused = true)]
+async fn driven_checks_end_with_the_set() {
+    let script = Script::default();
+    script.set("a", true);
+    let backends = Backends::<&'static str, (), _>::new(RoundRobin::new());
+    backends.insert("a", ());
+    let (checks, handle) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
+    handle.insert("a");
+    let driver = tokio::spawn(checks.drive(&backends));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(script.probes("a").len(), 2);
+    drop(backends);
+    tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("the checks outlived the set")
+        .unwrap();
+    let probed = script.probes("a").len();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(script.probes("a").len(), probed);
+    drop(handle);
+}
+
+/// One set takes one attached check: a second would set health back to its own view
+/// each time the first did, without end. Once the first is dropped, another may attach.
+#[tokio::test(start_paused = true)]
+async fn a_set_takes_one_attached_check() {
+    let script = Script::default();
+    let backends = Backends::<&'static str, (), _>::new(RoundRobin::new());
+    let (first, _) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
+    let attached = first.attach(&backends);
+    let (second, _) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = second.attach(&backends);
+    }));
+    assert!(refused.is_err(), "a second check was attached");
+    drop(attached);
+    let (third, _) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
+    let _attached = third.attach(&backends);
+}
+
+/// A zero interval is taken as the shortest one, 1 ms: the checks probe on a schedule
+/// and yield, instead of spinning on a target whose probe is still running.
+#[tokio::test(start_paused = true)]
+async fn a_zero_interval_does_not_spin() {
+    let script = Script::default();
+    script.set("a", true);
+    *script.delay.lock().unwrap() = Duration::from_millis(10);
+    let (mut checks, handle) = HealthCheck::new(script.probe(), settings(0, 1, 1, 1));
+    handle.insert("a");
+    // The first probe's verdict, then no transition while "a" stays up; the stream must
+    // give the runtime back for the timer to fire at all.
+    assert_eq!(checks.next().await, Some(flip("a", true)));
+    let quiet = tokio::time::timeout(Duration::from_millis(50), checks.next()).await;
+    assert!(quiet.is_err());
+    let probes = script.probes("a").len();
+    assert!((3..=6).contains(&probes), "{probes} probes in 60 ms");
 }

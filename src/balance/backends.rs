@@ -1,8 +1,9 @@
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::hash::Hash;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::Poll;
 
 use arc_swap::ArcSwap;
 use tower::discover::{Change, Discover};
@@ -52,6 +53,9 @@ struct Shared<K, S, P: Policy> {
     writer: Mutex<Writer<K, S, P>>,
     /// Bumped after every publish, for [`Backends::wait_until`].
     published: tokio::sync::watch::Sender<u64>,
+    /// Attached health checks follow the set (at most one may: two would each set
+    /// health back to their own view of it, without end).
+    checked: std::sync::atomic::AtomicBool,
 }
 
 struct Writer<K, S, P> {
@@ -319,6 +323,7 @@ where
                 snapshot: ArcSwap::from_pointee(snapshot),
                 writer: Mutex::new(writer),
                 published: tokio::sync::watch::Sender::new(0),
+                checked: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -453,6 +458,13 @@ where
         self.shared.published.subscribe()
     }
 
+    /// Resolves once the set is dropped, without keeping it alive: for followers that
+    /// would otherwise wait on something else for good.
+    pub(crate) fn dropped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut published = self.subscribe();
+        async move { while published.changed().await.is_ok() {} }
+    }
+
     /// A handle that does not keep the set alive.
     pub(crate) fn downgrade(&self) -> WeakBackends<K, S, P> {
         WeakBackends {
@@ -531,9 +543,12 @@ where
         self.with_snapshot(|s| s.iter().find(|(k, _)| *k == key).map(|(_, e)| f(e)))
     }
 
-    /// Follows a [`Discover`] stream until it ends: `Change::Insert` inserts (or replaces)
-    /// a backend, `Change::Remove` removes it. Spawn the returned future next to the
-    /// server; the balancer keeps serving from the latest snapshot meanwhile.
+    /// Follows a [`Discover`] stream until it ends, or until the set is dropped:
+    /// `Change::Insert` inserts (or replaces) a backend, `Change::Remove` removes it. The
+    /// future holds the set weakly, so a stream that never ends (DNS) does not keep the set
+    /// and its health checks alive after the balancer is gone: spawn it as it is,
+    /// `tokio::spawn(backends.discover(dns))`, rather than in a task that owns a clone of the
+    /// set. The balancer keeps serving from the latest snapshot meanwhile.
     ///
     /// ```
     /// use tower::discover::Change;
@@ -550,20 +565,55 @@ where
     /// assert_eq!(backends.snapshot().len(), 1);
     /// # }
     /// ```
-    pub async fn discover<D>(&self, discover: D) -> Result<(), D::Error>
+    pub fn discover<D>(&self, discover: D) -> impl Future<Output = Result<(), D::Error>>
     where
         D: Discover<Key = K, Service = S>,
     {
-        let mut discover = pin!(discover);
-        while let Some(change) = poll_fn(|cx| discover.as_mut().poll_discover(cx)).await {
-            match change? {
-                Change::Insert(key, service) => self.insert(key, service),
-                Change::Remove(key) => {
-                    self.remove(&key);
+        let set = self.downgrade();
+        let gone = self.dropped();
+        async move {
+            let mut discover = pin!(discover);
+            let mut gone = pin!(gone);
+            loop {
+                let change = poll_fn(|cx| {
+                    if gone.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    discover.as_mut().poll_discover(cx)
+                })
+                .await;
+                let Some(change) = change else {
+                    return Ok(());
+                };
+                let change = change?;
+                let Some(set) = set.upgrade() else {
+                    return Ok(());
+                };
+                match change {
+                    Change::Insert(key, service) => set.insert(key, service),
+                    Change::Remove(key) => {
+                        set.remove(&key);
+                    }
                 }
             }
         }
-        Ok(())
+    }
+}
+
+impl<K, S, P: Policy> Backends<K, S, P> {
+    /// Claims the set for attached health checks: `false` if other checks follow it.
+    pub(crate) fn claim_checks(&self) -> bool {
+        !self
+            .shared
+            .checked
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Gives up the claim of [`claim_checks`](Self::claim_checks).
+    pub(crate) fn release_checks(&self) {
+        self.shared
+            .checked
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 }
 

@@ -25,10 +25,7 @@
 //!     .refresh(Duration::from_secs(30));
 //! let backends = Backends::new(RoundRobin::new());
 //! backends.healthy_on_insert(false); // with health checks: no traffic before a probe passes
-//! tokio::spawn({
-//!     let backends = backends.clone();
-//!     async move { backends.discover(dns).await }
-//! });
+//! tokio::spawn(backends.discover(dns));
 //! backends.wait_until(|set| set.len() == 2).await;
 //! # }
 //! ```
@@ -44,7 +41,7 @@
 //! # #[tokio::main] async fn main() {
 //! let backends: HttpBackends<RoundRobin> = Backends::new(RoundRobin::new());
 //! let dns = Dns::new("api.internal", 8080, GaiResolver, Client::new());
-//! tokio::spawn(async move { backends.discover(dns).await });
+//! tokio::spawn(backends.discover(dns));
 //! # }
 //! ```
 

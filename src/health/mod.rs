@@ -106,7 +106,8 @@ where
 /// Health-check settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
-    /// Time between the starts of two probes of one target.
+    /// Time between the starts of two probes of one target (at least 1 ms: a zero
+    /// interval is taken as that, not as probing in a loop).
     pub interval: Duration,
     /// Time a probe may take before it counts as failed.
     pub timeout: Duration,
@@ -116,6 +117,17 @@ pub struct Settings {
     /// Consecutive failures that turn a healthy target unhealthy.
     pub unhealthy_threshold: u32,
 }
+
+impl Settings {
+    /// The settings as they are used.
+    fn sane(mut self) -> Self {
+        self.interval = self.interval.max(MIN_INTERVAL);
+        self
+    }
+}
+
+/// The shortest interval between probes of a target.
+const MIN_INTERVAL: Duration = Duration::from_millis(1);
 
 impl Default for Settings {
     /// The defaults of `config.json`: every 10 s, 2 s timeout, thresholds of 1.
@@ -199,6 +211,7 @@ struct Target {
 type Running<K> = Pin<Box<dyn Future<Output = (K, u64, Result<(), BoxError>)> + Send>>;
 
 /// The health-check stream. See the [module docs](self).
+#[must_use = "a health check probes nothing until it is driven: spawn `attach(&set).drive()`"]
 pub struct HealthCheck<K, P> {
     probe: P,
     settings: Settings,
@@ -225,7 +238,7 @@ where
         let (tx, commands) = mpsc::unbounded_channel();
         let check = HealthCheck {
             probe,
-            settings,
+            settings: settings.sane(),
             targets: HashMap::new(),
             next_generation: 0,
             schedule: BinaryHeap::new(),
@@ -240,16 +253,34 @@ where
         (check, Handle { tx })
     }
 
-    /// Applies every transition to `backends` until the stream ends, and logs it once it
-    /// has taken effect: "backend is healthy" means it takes requests. Spawn it.
-    pub async fn drive<S, Pol>(mut self, backends: Backends<K, S, Pol>)
+    /// Applies every transition to `backends` until the stream ends or the set is
+    /// dropped, and logs it once it has taken effect: "backend is healthy" means it takes
+    /// requests. Spawn it. It holds the set weakly: the checks stop with the balancer.
+    /// (Only the targets given through the [`Handle`] are probed; [`attach`](Self::attach)
+    /// instead follows the set.)
+    pub fn drive<S, Pol>(mut self, backends: &Backends<K, S, Pol>) -> impl Future<Output = ()>
     where
         S: Clone,
         Pol: Policy,
     {
-        while let Some(t) = self.next().await {
-            backends.set_healthy(&t.target, t.healthy);
-            self.log(&t);
+        let set = backends.downgrade();
+        let gone = backends.dropped();
+        async move {
+            let mut gone = std::pin::pin!(gone);
+            loop {
+                let next = std::future::poll_fn(|cx| {
+                    if gone.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    self.poll_next_unpin(cx)
+                })
+                .await;
+                let (Some(t), Some(backends)) = (next, set.upgrade()) else {
+                    return;
+                };
+                backends.set_healthy(&t.target, t.healthy);
+                self.log(&t);
+            }
         }
     }
 
@@ -270,11 +301,21 @@ where
     ///
     /// Targets added through a [`Handle`] are checked as well, but need not be: the checks
     /// follow the set. The handle still changes the settings.
+    ///
+    /// # Panics
+    ///
+    /// If other checks are attached to the set already (until those are dropped): each
+    /// would set the set's health back to its own view, without end. One check may probe
+    /// several ways: its [`Probe`] decides.
     pub fn attach<S, Pol>(mut self, backends: &Backends<K, S, Pol>) -> Attached<K, S, Pol, P>
     where
         S: Clone,
         Pol: Policy,
     {
+        assert!(
+            backends.claim_checks(),
+            "a set of backends takes one attached health check; drop the other first"
+        );
         self.attached = true;
         backends.healthy_on_insert(false);
         // Subscribed before the first look, so that no change is missed.
@@ -347,6 +388,7 @@ where
                 }
             }
             Command::Settings(settings) => {
+                let settings = settings.sane();
                 let changed = settings.interval != self.settings.interval;
                 self.settings = settings;
                 if changed {
@@ -551,6 +593,7 @@ impl<K: fmt::Debug, P> fmt::Debug for HealthCheck<K, P> {
 /// assert_eq!(backends.is_healthy(&"b"), Some(false));
 /// # }
 /// ```
+#[must_use = "attached checks mark every backend unhealthy until they are driven: spawn `.drive()`"]
 pub struct Attached<K, S, Pol: Policy, P> {
     check: HealthCheck<K, P>,
     set: WeakBackends<K, S, Pol>,
@@ -567,6 +610,14 @@ pub struct Attached<K, S, Pol: Policy, P> {
 struct Known {
     load: Weak<Load>,
     epoch: u64,
+}
+
+impl<K, S, Pol: Policy, P> Drop for Attached<K, S, Pol, P> {
+    fn drop(&mut self) {
+        if let Some(set) = self.set.upgrade() {
+            set.release_checks();
+        }
+    }
 }
 
 async fn changed(mut published: watch::Receiver<u64>) -> Option<watch::Receiver<u64>> {
