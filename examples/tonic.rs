@@ -20,8 +20,7 @@
 //! The `Greeter` is written by hand with tonic's codec and `prost::Message` (what
 //! `tonic-build` would generate from a `.proto` file), so that the crate needs no `build.rs`
 //! and no `protoc`; a generated client is used the same way,
-//! `GreeterClient::new(Balance::new(backends))`. Needs the `grpc` feature, which the
-//! examples enable.
+//! `GreeterClient::new(transport)`. Needs the `grpc` feature, which the examples enable.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -39,7 +38,7 @@ use tower::Service;
 use tower_lb::balance::MakeBackend;
 use tower_lb::health::{GrpcHealthProbe, HealthCheck, Settings};
 use tower_lb::policy::RoundRobin;
-use tower_lb::proxy::{uri::Authority, Http2Client};
+use tower_lb::proxy::{grpc_status, uri::Authority, Http2Client};
 use tower_lb::{Backends, Balance, BoxError};
 
 #[tokio::main]
@@ -80,7 +79,12 @@ async fn main() -> Result<(), BoxError> {
         println!("{address}: {state}");
     }
 
-    let mut greeter = greeter::GreeterClient::new(Balance::new(backends));
+    // The balancer's errors as gRPC codes: UNAVAILABLE when no server can take the call
+    // (tonic alone reports these errors as UNKNOWN).
+    let transport = tower::ServiceBuilder::new()
+        .map_err(grpc_status)
+        .service(Balance::new(backends));
+    let mut greeter = greeter::GreeterClient::new(transport);
     let mut answers: HashMap<String, usize> = HashMap::new();
     for n in 1..=6 {
         let reply = greeter.say_hello(format!("call {n}")).await?;

@@ -402,3 +402,36 @@ impl Service<http::Request<tonic::body::Body>> for GreeterServer {
         })
     }
 }
+
+/// A backend that refuses the connection: tonic alone sees the balancer's error as
+/// `UNKNOWN`, which gRPC clients do not retry; mapped with `grpc_status` it is
+/// `UNAVAILABLE`, as tonic's own channel reports a server that is not running.
+#[tokio::test]
+async fn a_refused_connection_is_unavailable_to_a_grpc_client() {
+    use tower::{ServiceBuilder, ServiceExt};
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let authority: Authority = format!("127.0.0.1:{port}").parse().unwrap();
+    let backends: Set = Backends::new(RoundRobin::new());
+    backends.insert(
+        authority.clone(),
+        Http2Client::new().make_backend(&authority),
+    );
+    let request = || {
+        http::Request::post(format!("http://{authority}{SAY_HELLO}"))
+            .header("content-type", "application/grpc")
+            .body(tonic::body::Body::empty())
+            .unwrap()
+    };
+    let raw = within(Balance::new(backends.clone()).oneshot(request()))
+        .await
+        .unwrap_err();
+    assert_eq!(tonic::Status::from_error(raw).code(), tonic::Code::Unknown);
+    let mapped = ServiceBuilder::new()
+        .map_err(tower_lb::proxy::grpc_status)
+        .service(Balance::new(backends));
+    let status = within(mapped.oneshot(request())).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}

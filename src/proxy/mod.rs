@@ -100,6 +100,8 @@ pub use self::h2::{Http2Backend, Http2Client};
 pub use self::hash_key::{CookieKey, HashKey, HeaderKey, InvalidHashKey, PathKey};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::replay::ReplayBody;
+#[cfg(feature = "grpc")]
+pub use self::respond::grpc_status;
 pub use self::respond::{
     error_response, grpc_error_response, ErrorResponses, ErrorResponsesLayer, ProxyBody,
 };

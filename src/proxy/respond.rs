@@ -211,12 +211,7 @@ pub fn grpc_error_response(error: &BoxError) -> Response<Full<Bytes>> {
     } else {
         tracing::warn!(%error, "{} (gRPC)", status);
     }
-    // gRPC's mapping of HTTP statuses: 400 is INTERNAL (13), not a retryable UNAVAILABLE.
-    let code = match status {
-        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "4",
-        StatusCode::BAD_REQUEST => "13",
-        _ => "14",
-    };
+    let code = grpc_code(status);
     // "503 Service Unavailable: no healthy backend\n" → "no healthy backend": printable
     // ASCII without `%`, so it needs no percent-encoding.
     let message = text.split_once(": ").map_or(text, |(_, m)| m).trim_end();
@@ -232,6 +227,65 @@ pub fn grpc_error_response(error: &BoxError) -> Response<Full<Bytes>> {
 }
 
 fn classify(error: &BoxError) -> (StatusCode, &'static str) {
+    known(error).unwrap_or((StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"))
+}
+
+/// gRPC's code for an HTTP status the proxy answers itself (gRPC's own mapping has 400 as
+/// INTERNAL, not a retryable UNAVAILABLE).
+fn grpc_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => "4",
+        StatusCode::BAD_REQUEST => "13",
+        _ => "14",
+    }
+}
+
+/// The [`tonic::Status`] a gRPC client should get for an error of the balancer or of this
+/// crate's backend services: `UNAVAILABLE` for no healthy backend and for a backend that
+/// refused or broke the connection, `DEADLINE_EXCEEDED` for a response timeout, `INTERNAL`
+/// for a request whose own body broke (as [`grpc_error_response`] answers them); any other
+/// error as tonic maps it ([`tonic::Status::from_error`]). tonic alone sees this crate's
+/// errors as `UNKNOWN`, which gRPC clients and their retry policies do not take for the
+/// transient failure it is. Map a balanced transport's errors with it:
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_lb::proxy::{grpc_status, Http2Backend};
+/// use tower_lb::{policy::RoundRobin, Backends, Balance};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let backends: Backends<String, Http2Backend<tonic::body::Body>, _> =
+///     Backends::new(RoundRobin::new());
+/// // Hand `transport` to a tonic client: `GreeterClient::new(transport)`.
+/// let transport = ServiceBuilder::new()
+///     .map_err(grpc_status)
+///     .service(Balance::new(backends));
+/// # use tower::ServiceExt;
+/// let call = transport.oneshot(http::Request::new(tonic::body::Body::empty()));
+/// let status = call.await.unwrap_err();
+/// assert_eq!(status.code(), tonic::Code::Unavailable); // the set is empty
+/// # }
+/// ```
+#[cfg(feature = "grpc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "grpc")))]
+pub fn grpc_status(error: BoxError) -> tonic::Status {
+    let Some((status, text)) = known(&error) else {
+        return tonic::Status::from_error(error);
+    };
+    let message = text.split_once(": ").map_or(text, |(_, m)| m).trim_end();
+    let code = match grpc_code(status) {
+        "4" => tonic::Code::DeadlineExceeded,
+        "13" => tonic::Code::Internal,
+        _ => tonic::Code::Unavailable,
+    };
+    let mut grpc = tonic::Status::new(code, message);
+    grpc.set_source(std::sync::Arc::from(error));
+    grpc
+}
+
+/// The answer to an error of this crate's services, or `None` for an error it does not
+/// know.
+fn known(error: &BoxError) -> Option<(StatusCode, &'static str)> {
     // Looked for first, as the backend's error wraps them. The request's own fault (its
     // body broke: a malformed chunked upload, or the client went away in the middle of
     // it), whatever backend it was going to; passive health does not count it either.
@@ -243,55 +297,55 @@ fn classify(error: &BoxError) -> (StatusCode, &'static str) {
             .filter_map(|e| e.downcast_ref::<RequestFault>())
             .any(|fault| fault.get_ref().is::<RequestBodyTimeout>());
         if stalled {
-            return (
+            return Some((
                 StatusCode::REQUEST_TIMEOUT,
                 "408 Request Timeout: the request body stopped arriving\n",
-            );
+            ));
         }
-        return (
+        return Some((
             StatusCode::BAD_REQUEST,
             "400 Bad Request: the request or its body is malformed or incomplete\n",
-        );
+        ));
     }
     let mut chain =
         std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
             e.source()
         });
     if chain.any(|e| e.is::<MalformedResponse>()) {
-        return (
+        return Some((
             StatusCode::BAD_GATEWAY,
             "502 Bad Gateway: the backend's response is malformed\n",
-        );
+        ));
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
     while let Some(e) = source {
         if e.is::<NoHealthyBackend>() {
-            return (
+            return Some((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "503 Service Unavailable: no healthy backend\n",
-            );
+            ));
         }
         if e.is::<ResponseTimeout>() {
-            return (
+            return Some((
                 StatusCode::GATEWAY_TIMEOUT,
                 "504 Gateway Timeout: the backend did not answer in time\n",
-            );
+            ));
         }
         if e.is::<ConnectError>() {
-            return (
+            return Some((
                 StatusCode::BAD_GATEWAY,
                 "502 Bad Gateway: cannot connect to the backend\n",
-            );
+            ));
         }
         if e.is::<BackendError>() {
-            return (
+            return Some((
                 StatusCode::BAD_GATEWAY,
                 "502 Bad Gateway: the backend closed or reset the connection\n",
-            );
+            ));
         }
         source = e.source();
     }
-    (StatusCode::BAD_GATEWAY, "502 Bad Gateway\n")
+    None
 }
 
 #[cfg(test)]
