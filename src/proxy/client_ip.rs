@@ -160,7 +160,27 @@ impl ClientIpKey {
 impl<B> RequestKey<Request<B>> for ClientIpKey {
     #[inline]
     fn key(&self, request: &Request<B>) -> Option<u64> {
-        self.client_ip(request).map(|ip| stable_hash(&ip))
+        match self.client_ip(request) {
+            Some(ip) => Some(stable_hash(&ip)),
+            None => {
+                no_peer_address();
+                None
+            }
+        }
+    }
+}
+
+/// Says once per process that requests come without their peer's address: hashing by
+/// client IP then falls back to rotation, which an embedder would not otherwise notice.
+#[cold]
+fn no_peer_address() {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "a request carries no client address (`ClientAddr`, or axum's `ConnectInfo<SocketAddr>`): \
+             hashing by client IP takes turns instead; serve with \
+             `into_make_service_with_connect_info::<SocketAddr>()` or insert a `ClientAddr`"
+        );
     }
 }
 
