@@ -363,22 +363,35 @@ async fn driven_checks_end_with_the_set() {
     drop(handle);
 }
 
-/// One set takes one attached check: a second would set health back to its own view
-/// each time the first did, without end. Once the first is dropped, another may attach.
+/// A set follows one attachment: a second would set health back to its own view each
+/// time the first did, without end. Attaching new checks (to replace the probe, say)
+/// ends the earlier ones, whose verdicts no longer reach the set.
 #[tokio::test(start_paused = true)]
-async fn a_set_takes_one_attached_check() {
-    let script = Script::default();
+async fn newly_attached_checks_replace_the_earlier_ones() {
+    let (down, up) = (Script::default(), Script::default());
+    down.set("a", false);
+    up.set("a", true);
     let backends = Backends::<&'static str, (), _>::new(RoundRobin::new());
-    let (first, _) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
-    let attached = first.attach(&backends);
-    let (second, _) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
-    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = second.attach(&backends);
-    }));
-    assert!(refused.is_err(), "a second check was attached");
-    drop(attached);
-    let (third, _) = HealthCheck::new(script.probe(), settings(1, 0, 1, 1));
-    let _attached = third.attach(&backends);
+    backends.insert("a", ());
+    let (first, _) = HealthCheck::new(down.probe(), settings(1, 0, 1, 1));
+    let first = tokio::spawn(first.attach(&backends).drive());
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(backends.is_healthy(&"a"), Some(false));
+    let (second, _) = HealthCheck::new(up.probe(), settings(1, 0, 1, 1));
+    let _second = tokio::spawn(second.attach(&backends).drive());
+    tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the earlier checks went on")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(backends.is_healthy(&"a"), Some(true));
+    let probed = down.probes("a").len();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        down.probes("a").len(),
+        probed,
+        "the earlier checks still probe"
+    );
 }
 
 /// A zero interval is taken as the shortest one, 1 ms: the checks probe on a schedule

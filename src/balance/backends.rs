@@ -53,9 +53,9 @@ struct Shared<K, S, P: Policy> {
     writer: Mutex<Writer<K, S, P>>,
     /// Bumped after every publish, for [`Backends::wait_until`].
     published: tokio::sync::watch::Sender<u64>,
-    /// Attached health checks follow the set (at most one may: two would each set
-    /// health back to their own view of it, without end).
-    checked: std::sync::atomic::AtomicBool,
+    /// The attachment of health checks that follows the set: a newer one ends the older
+    /// (two would each set health back to their own view of it, without end).
+    checks: std::sync::atomic::AtomicU64,
 }
 
 struct Writer<K, S, P> {
@@ -323,7 +323,7 @@ where
                 snapshot: ArcSwap::from_pointee(snapshot),
                 writer: Mutex::new(writer),
                 published: tokio::sync::watch::Sender::new(0),
-                checked: std::sync::atomic::AtomicBool::new(false),
+                checks: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -601,19 +601,24 @@ where
 }
 
 impl<K, S, P: Policy> Backends<K, S, P> {
-    /// Claims the set for attached health checks: `false` if other checks follow it.
-    pub(crate) fn claim_checks(&self) -> bool {
-        !self
+    /// Makes newly attached health checks the ones that follow the set, and wakes the
+    /// followers, so that earlier checks see at once that they are no longer.
+    pub(crate) fn attach_checks(&self) -> u64 {
+        let attachment = self
             .shared
-            .checked
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        self.shared.published.send_modify(|n| *n += 1);
+        attachment
     }
 
-    /// Gives up the claim of [`claim_checks`](Self::claim_checks).
-    pub(crate) fn release_checks(&self) {
+    /// Whether `attachment` (from [`attach_checks`](Self::attach_checks)) is the latest.
+    pub(crate) fn checks_attached(&self, attachment: u64) -> bool {
         self.shared
-            .checked
-            .store(false, std::sync::atomic::Ordering::Release);
+            .checks
+            .load(std::sync::atomic::Ordering::Acquire)
+            == attachment
     }
 }
 

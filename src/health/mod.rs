@@ -302,20 +302,17 @@ where
     /// Targets added through a [`Handle`] are checked as well, but need not be: the checks
     /// follow the set. The handle still changes the settings.
     ///
-    /// # Panics
-    ///
-    /// If other checks are attached to the set already (until those are dropped): each
-    /// would set the set's health back to its own view, without end. One check may probe
-    /// several ways: its [`Probe`] decides.
+    /// A set follows one attachment: attaching checks to a set that has some replaces
+    /// them, and the earlier ones end (their stream ends, without touching the set again).
+    /// Two would each set the set's health back to their own view, without end; one check
+    /// may probe several ways, as its [`Probe`] decides.
     pub fn attach<S, Pol>(mut self, backends: &Backends<K, S, Pol>) -> Attached<K, S, Pol, P>
     where
         S: Clone,
         Pol: Policy,
     {
-        assert!(
-            backends.claim_checks(),
-            "a set of backends takes one attached health check; drop the other first"
-        );
+        // Before subscribing: the earlier checks wake to this, these need not.
+        let attachment = backends.attach_checks();
         self.attached = true;
         backends.healthy_on_insert(false);
         // Subscribed before the first look, so that no change is missed.
@@ -323,6 +320,7 @@ where
         let mut attached = Attached {
             check: self,
             set: backends.downgrade(),
+            attachment,
             changed: Box::pin(changed(published)),
             known: HashMap::new(),
             epoch: 0,
@@ -597,6 +595,8 @@ impl<K: fmt::Debug, P> fmt::Debug for HealthCheck<K, P> {
 pub struct Attached<K, S, Pol: Policy, P> {
     check: HealthCheck<K, P>,
     set: WeakBackends<K, S, Pol>,
+    /// Which attachment to the set these checks are; a later one ends them.
+    attachment: u64,
     /// Resolves on the next published snapshot, or to `None` once the set is gone.
     changed: Pin<Box<dyn Future<Output = Option<watch::Receiver<u64>>> + Send>>,
     /// The backends of the set as last seen: which incarnation (its counters, new for every
@@ -610,14 +610,6 @@ pub struct Attached<K, S, Pol: Policy, P> {
 struct Known {
     load: Weak<Load>,
     epoch: u64,
-}
-
-impl<K, S, Pol: Policy, P> Drop for Attached<K, S, Pol, P> {
-    fn drop(&mut self) {
-        if let Some(set) = self.set.upgrade() {
-            set.release_checks();
-        }
-    }
 }
 
 async fn changed(mut published: watch::Receiver<u64>) -> Option<watch::Receiver<u64>> {
@@ -716,8 +708,12 @@ where
         }
         // Changes of the set first, so that no transition applies to a backend that has
         // been replaced meanwhile.
+        // The set gone, or other checks attached since: the end.
+        let attachment = this.attachment;
+        let followed =
+            |set: Option<Backends<K, S, Pol>>| set.filter(|set| set.checks_attached(attachment));
         while let Poll::Ready(published) = this.changed.as_mut().poll(cx) {
-            let (Some(published), Some(set)) = (published, this.set.upgrade()) else {
+            let (Some(published), Some(set)) = (published, followed(this.set.upgrade())) else {
                 this.done = true;
                 return Poll::Ready(None);
             };
@@ -726,7 +722,7 @@ where
         }
         match this.check.poll_next_unpin(cx) {
             Poll::Ready(Some(t)) => {
-                let Some(set) = this.set.upgrade() else {
+                let Some(set) = followed(this.set.upgrade()) else {
                     this.done = true;
                     return Poll::Ready(None);
                 };

@@ -275,7 +275,8 @@ impl<P: Policy, E> Builder<P, E> {
     }
 
     /// The backend set alone, health-checked as in [`build`](Self::build); the balancer
-    /// over it is [`proxy::balancer`](super::balancer)`(set, key)`.
+    /// over it is [`proxy::balancer`](super::balancer)`(set, key)`. Its checks are attached
+    /// to it: checks attached to it later replace them.
     pub fn build_backends(
         self,
         addresses: impl IntoIterator<Item = Authority>,

@@ -178,8 +178,9 @@ impl<B> MakeBackend<Authority> for Http2Client<B> {
 ///   method), and an idempotent one whose connection closed or was reset before its
 ///   response began. A request that the connection closed before taking it is sent once
 ///   more on a new connection. Other failures are [`BackendError`]s (for gRPC, tonic
-///   reports them as `UNKNOWN`); a response that does not begin within
-///   `response_timeout` is a [`ResponseTimeout`].
+///   reports them as `UNKNOWN`; `proxy::grpc_status`, with the `grpc` feature, gives
+///   them their codes); a response that does not begin within `response_timeout` is a
+///   [`ResponseTimeout`].
 /// - The connection is driven by a task of its own, as HTTP/2 multiplexes the requests of
 ///   all clones over it; it ends when the backend closes it or when the last clone is
 ///   dropped.

@@ -241,9 +241,12 @@ fn grpc_code(status: StatusCode) -> &'static str {
 }
 
 /// The [`tonic::Status`] a gRPC client should get for an error of the balancer or of this
-/// crate's backend services: `UNAVAILABLE` for no healthy backend and for a backend that
-/// refused or broke the connection, `DEADLINE_EXCEEDED` for a response timeout, `INTERNAL`
-/// for a request whose own body broke (as [`grpc_error_response`] answers them); any other
+/// crate's backend services: `UNAVAILABLE` for no healthy backend, a backend that refused
+/// or broke the connection or a malformed answer, `DEADLINE_EXCEEDED` for a response
+/// timeout or a request body that stopped arriving, `INTERNAL` for a request whose own
+/// body broke (as [`grpc_error_response`] answers them); a stream the backend reset after
+/// the call was sent by gRPC's mapping of the reset's reason (`CANCELLED`,
+/// `RESOURCE_EXHAUSTED`, `INTERNAL`; `UNAVAILABLE` only for `REFUSED_STREAM`); any other
 /// error as tonic maps it ([`tonic::Status::from_error`]). tonic alone sees this crate's
 /// errors as `UNKNOWN`, which gRPC clients and their retry policies do not take for the
 /// transient failure it is. Map a balanced transport's errors with it:
@@ -276,11 +279,34 @@ pub fn grpc_status(error: BoxError) -> tonic::Status {
     let code = match grpc_code(status) {
         "4" => tonic::Code::DeadlineExceeded,
         "13" => tonic::Code::Internal,
-        _ => tonic::Code::Unavailable,
+        _ => h2_reset(&error).unwrap_or(tonic::Code::Unavailable),
     };
     let mut grpc = tonic::Status::new(code, message);
     grpc.set_source(std::sync::Arc::from(error));
     grpc
+}
+
+/// The code of a call whose HTTP/2 stream the backend reset, or whose connection broke,
+/// once the call was sent: gRPC's mapping of the reset's reason (PROTOCOL-HTTP2.md,
+/// "Errors"). Not UNAVAILABLE but for `REFUSED_STREAM` and a broken connection: clients
+/// retry UNAVAILABLE, and a server that reset a stream may have acted on the call.
+#[cfg(feature = "grpc")]
+fn h2_reset(error: &BoxError) -> Option<tonic::Code> {
+    let mut chain =
+        std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        });
+    let h2 = chain.find_map(|e| e.downcast_ref::<h2::Error>())?;
+    if h2.is_io() {
+        return Some(tonic::Code::Unavailable);
+    }
+    Some(match h2.reason()? {
+        h2::Reason::REFUSED_STREAM => tonic::Code::Unavailable,
+        h2::Reason::CANCEL => tonic::Code::Cancelled,
+        h2::Reason::ENHANCE_YOUR_CALM => tonic::Code::ResourceExhausted,
+        h2::Reason::INADEQUATE_SECURITY => tonic::Code::PermissionDenied,
+        _ => tonic::Code::Internal,
+    })
 }
 
 /// The answer to an error of this crate's services, or `None` for an error it does not
@@ -411,6 +437,71 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::ConnectionReset).into(),
         };
         assert!(text(reset.into()).contains("closed or reset"));
+    }
+
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn grpc_status_codes() {
+        use tonic::Code;
+        let backend = || "a:1".parse().unwrap();
+        let reset = |reason| -> BoxError {
+            BackendError {
+                backend: backend(),
+                source: h2::Error::from(reason).into(),
+            }
+            .into()
+        };
+        let cases: [(BoxError, Code); 10] = [
+            (NoHealthyBackend::new().into(), Code::Unavailable),
+            (
+                ResponseTimeout {
+                    backend: backend(),
+                    after: std::time::Duration::from_secs(1),
+                }
+                .into(),
+                Code::DeadlineExceeded,
+            ),
+            (
+                RequestFault::new(ClientBodyError::new("invalid chunk size")).into(),
+                Code::Internal,
+            ),
+            (
+                RequestFault::new(RequestBodyTimeout {
+                    after: std::time::Duration::from_secs(1),
+                })
+                .into(),
+                Code::DeadlineExceeded,
+            ),
+            (
+                ConnectError {
+                    backend: backend(),
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                }
+                .into(),
+                Code::Unavailable,
+            ),
+            (reset(h2::Reason::REFUSED_STREAM), Code::Unavailable),
+            (reset(h2::Reason::CANCEL), Code::Cancelled),
+            (
+                reset(h2::Reason::ENHANCE_YOUR_CALM),
+                Code::ResourceExhausted,
+            ),
+            (reset(h2::Reason::INTERNAL_ERROR), Code::Internal),
+            // Not this crate's: tonic's own mapping, which finds a status in the chain.
+            (
+                Box::new(tonic::Status::permission_denied("no")),
+                Code::PermissionDenied,
+            ),
+        ];
+        for (error, code) in cases {
+            let shown = error.to_string();
+            let status = grpc_status(error);
+            assert_eq!(status.code(), code, "{shown}");
+        }
+        let status = grpc_status(NoHealthyBackend::new().into());
+        assert_eq!(status.message(), "no healthy backend");
+        let source = std::error::Error::source(&status).expect("the error as source");
+        assert!(source.is::<NoHealthyBackend>(), "{source:?}");
     }
 
     #[test]
