@@ -355,7 +355,7 @@ impl Drop for RawServer {
     }
 }
 
-const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+pub const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Reads up to the end of one request head; `None` if the connection ends first.
 pub async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
@@ -605,6 +605,22 @@ impl Exchange {
 
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    /// The proxy answered with `status`, said `Connection: close`, and closed.
+    pub fn assert_closed_with(&self, status: u16) {
+        let answer = self.text();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answer}"
+        );
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{answer}"
+        );
+        assert!(self.closed(), "{answer}");
     }
 }
 
