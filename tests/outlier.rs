@@ -247,18 +247,7 @@ async fn resets_before_the_response_head_count() {
 async fn response_timeouts_count() {
     let good = Backend::start().await;
     // Passes its health checks; never answers anything else.
-    let stalled = RawServer::start(|mut stream| async move {
-        use tokio::io::AsyncWriteExt;
-        let Some(head) = read_head(&mut stream).await else {
-            return;
-        };
-        if head.starts_with(b"GET /health ") {
-            let _ = stream.write_all(HEALTH_OK).await;
-            return;
-        }
-        std::future::pending::<()>().await;
-    })
-    .await;
+    let stalled = silent_backend().await;
     let proxy = proxy(config(
         &[good.addr, stalled.addr],
         r#""response_timeout": 0.1, "passive_health": {"consecutive_failures": 2, "ejection_time": 30}"#,
@@ -593,19 +582,8 @@ async fn a_client_that_stalls_its_upload_gets_408_and_does_not_eject_the_backend
 #[tokio::test]
 async fn a_backend_that_stops_reading_an_upload_gets_504_and_is_ejected() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let deaf = RawServer::start(|mut stream| async move {
-        let Some(head) = read_head(&mut stream).await else {
-            return;
-        };
-        if head.starts_with(b"GET /health ") {
-            let _ = stream.write_all(HEALTH_OK).await;
-            return;
-        }
-        // Holds the connection and reads nothing more, until the proxy closes it.
-        let _ = stream.read(&mut [0; 1]).await;
-        std::future::pending::<()>().await;
-    })
-    .await;
+    // Reads the head and nothing more of the upload.
+    let deaf = silent_backend().await;
     let proxy = proxy(config(
         &[deaf.addr],
         r#""response_timeout": 0.3, "passive_health": {"consecutive_failures": 1, "ejection_time": 30}"#,

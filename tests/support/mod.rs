@@ -408,6 +408,24 @@ pub async fn one_shot_backend() -> RawServer {
     .await
 }
 
+/// A backend that passes its health checks and, for any other request, reads the head
+/// and then nothing more: it never answers, and holds the connection until the peer
+/// closes it.
+pub async fn silent_backend() -> RawServer {
+    RawServer::start(|mut stream| async move {
+        use tokio::io::AsyncWriteExt;
+        let Some(head) = read_head(&mut stream).await else {
+            return;
+        };
+        if head.starts_with(b"GET /health ") {
+            let _ = stream.write_all(HEALTH_OK).await;
+            return;
+        }
+        std::future::pending::<()>().await;
+    })
+    .await
+}
+
 /// A backend that answers every request except health checks with fixed bytes, then
 /// closes the connection.
 pub async fn raw_backend(answer: &'static [u8]) -> RawServer {
