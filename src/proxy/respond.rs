@@ -292,11 +292,7 @@ pub fn grpc_status(error: BoxError) -> tonic::Status {
 /// retry UNAVAILABLE, and a server that reset a stream may have acted on the call.
 #[cfg(feature = "grpc")]
 fn h2_reset(error: &BoxError) -> Option<tonic::Code> {
-    let mut chain =
-        std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
-            e.source()
-        });
-    let h2 = chain.find_map(|e| e.downcast_ref::<h2::Error>())?;
+    let h2 = chain(error).find_map(|e| e.downcast_ref::<h2::Error>())?;
     if h2.is_io() {
         return Some(tonic::Code::Unavailable);
     }
@@ -316,10 +312,7 @@ fn known(error: &BoxError) -> Option<(StatusCode, &'static str)> {
     // body broke: a malformed chunked upload, or the client went away in the middle of
     // it), whatever backend it was going to; passive health does not count it either.
     if RequestFault::in_chain(&**error) {
-        let stalled =
-            std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
-                e.source()
-            })
+        let stalled = chain(error)
             .filter_map(|e| e.downcast_ref::<RequestFault>())
             .any(|fault| fault.get_ref().is::<RequestBodyTimeout>());
         if stalled {
@@ -333,18 +326,13 @@ fn known(error: &BoxError) -> Option<(StatusCode, &'static str)> {
             "400 Bad Request: the request or its body is malformed or incomplete\n",
         ));
     }
-    let mut chain =
-        std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
-            e.source()
-        });
-    if chain.any(|e| e.is::<MalformedResponse>()) {
+    if chain(error).any(|e| e.is::<MalformedResponse>()) {
         return Some((
             StatusCode::BAD_GATEWAY,
             "502 Bad Gateway: the backend's response is malformed\n",
         ));
     }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
-    while let Some(e) = source {
+    for e in chain(error) {
         if e.is::<NoHealthyBackend>() {
             return Some((
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -369,9 +357,15 @@ fn known(error: &BoxError) -> Option<(StatusCode, &'static str)> {
                 "502 Bad Gateway: the backend closed or reset the connection\n",
             ));
         }
-        source = e.source();
     }
     None
+}
+
+/// `error` and its sources, outermost first.
+fn chain(error: &BoxError) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(&**error as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
 }
 
 #[cfg(test)]
