@@ -3,7 +3,7 @@
 //! trailers frame.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use http_body::Frame;
 
 use super::framing::{chunk_size, forbidden_trailer, strip_cr, MAX_CHUNK_LINE};
@@ -117,7 +117,7 @@ fn trailer_section(buf: &mut BytesMut) -> Result<Option<HeaderMap>, BoxError> {
         match httparse::parse_headers(section, &mut fields)? {
             httparse::Status::Complete((len, fields)) if len == end => {
                 for f in fields {
-                    let name = HeaderName::from_bytes(f.name.as_bytes())?;
+                    let name = super::name::field_name(f.name.as_bytes())?;
                     if !forbidden_trailer(&name) {
                         trailers.append(name, HeaderValue::from_bytes(f.value)?);
                     }

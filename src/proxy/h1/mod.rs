@@ -17,6 +17,7 @@
 //! - `pool`: idle keep-alive connections ([`Pool`], [`Conn`]);
 //! - `encode`: the request head for the backend ([`encode_head`]) and the request body,
 //!   chunked with its trailers when its length is not known;
+//! - `name`: field names, the common ones matched without `HeaderName::from_bytes`;
 //! - `parse`: the response head, parsed with `httparse` (hyper's parser);
 //! - `chunked`: the chunked decoder, trailers included;
 //! - `body`: [`UpstreamBody`], the response body read from the connection;
@@ -37,6 +38,7 @@ mod framing;
 #[doc(hidden)]
 pub mod fuzz;
 mod incoming;
+mod name;
 mod parse;
 mod pool;
 mod read;

@@ -11,6 +11,7 @@ use http::{response, StatusCode, Version};
 use super::body::Framing;
 use super::chunked::Chunk;
 use super::framing::{FramingFields, Length};
+use super::name::field_name;
 use super::{MAX_HEAD, MAX_HEADERS};
 use crate::proxy::headers::{is_hop_by_hop_in, HopByHop, CONNECTION_UPGRADE};
 use crate::BoxError;
@@ -70,7 +71,7 @@ pub(crate) fn parse_head(
         let base = buf.as_ptr() as usize;
         let mut spans: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(res.headers.len());
         for h in res.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())?;
+            let name = field_name(h.name.as_bytes())?;
             if name == header::CONTENT_LENGTH {
                 framing_fields.content_length(h.value);
             } else if name == header::TRANSFER_ENCODING {

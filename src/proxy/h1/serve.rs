@@ -31,7 +31,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{request, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -42,6 +42,7 @@ use tokio::time::Instant;
 use super::chunked::Chunk;
 use super::framing::{FramingError, FramingFields, Length};
 use super::incoming::{BodyState, ConnIo, Framing, RequestBody};
+use super::name::field_name;
 use super::read;
 use super::recycle;
 use super::write::{write_response, write_static, WriteResponse};
@@ -555,8 +556,7 @@ pub(crate) fn parse_request(bytes: &Bytes, max_head: usize) -> Result<Parsed, An
     let (mut close, mut keep_alive_token) = (false, false);
     let (mut expect, mut trailers, mut upgrade_fields) = (false, false, 0u8);
     for field in parsed.headers.iter() {
-        let name =
-            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Answered::BadRequest)?;
+        let name = field_name(field.name.as_bytes()).map_err(|_| Answered::BadRequest)?;
         let value = HeaderValue::from_maybe_shared(bytes.slice_ref(field.value))
             .map_err(|_| Answered::BadRequest)?;
         if name == header::CONTENT_LENGTH {
