@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use support::{config, config_with_protocol, proxy, wait_health, within, Backend, H2Client};
 use tokio::sync::oneshot;
@@ -28,12 +28,15 @@ struct Seen {
 }
 
 /// A backend that speaks HTTP/2 (and HTTP/1.1): tower-lb's own server, which stops
-/// gracefully (`GOAWAY`, requests in flight finish). `/health`: 200; `/slow/N`: its address
-/// after N ms; anything else: its address, after reading the whole request body.
+/// gracefully (`GOAWAY`, requests in flight finish). `/health`: 200; `/big/N`: N chunks of
+/// [`CHUNK`] bytes, counted in `produced` as its server takes each; `/deaf`: never reads
+/// its request body nor answers; `/slow/N`: its address after N ms; anything else: its
+/// address, after reading the whole request body.
 struct H2Backend {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     count: tokio::sync::watch::Receiver<usize>,
+    produced: tokio::sync::watch::Receiver<usize>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -46,14 +49,32 @@ impl H2Backend {
         let log = seen.clone();
         let (counter, count) = tokio::sync::watch::channel(0);
         let counter = Arc::new(counter);
+        let (producer, produced) = tokio::sync::watch::channel(0);
+        let producer = Arc::new(producer);
         let service = tower::service_fn(move |request: Request<tower_lb::proxy::RequestBody>| {
             let log = log.clone();
             let counter = counter.clone();
+            let producer = producer.clone();
             async move {
                 let (head, body) = request.into_parts();
                 let path = head.uri.path().to_owned();
                 if path == "/health" {
-                    return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))));
+                    return Ok::<_, Infallible>(Response::new(support::full("ok")));
+                }
+                if let Some(n) = path.strip_prefix("/big/") {
+                    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+                    let chunks = (0..n.parse().unwrap_or(0)).map(move |_| {
+                        producer.send_modify(|p| *p += CHUNK);
+                        Ok::<_, Infallible>(Frame::data(chunk.clone()))
+                    });
+                    let body = StreamBody::new(futures::stream::iter(chunks))
+                        .map_err(|never| -> std::io::Error { match never {} });
+                    return Ok(Response::new(support::Body::new(body)));
+                }
+                if path == "/deaf" {
+                    // Held, never read.
+                    let _held = &body;
+                    std::future::pending::<()>().await;
                 }
                 let collected = body.collect().await.ok();
                 let trailers = collected.as_ref().and_then(|c| c.trailers().cloned());
@@ -68,7 +89,7 @@ impl H2Backend {
                     let ms = ms.parse().unwrap_or(0);
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
-                Ok(Response::new(Full::new(Bytes::from(addr.to_string()))))
+                Ok(Response::new(support::full(addr.to_string())))
             }
         });
         let (stop, stopped) = oneshot::channel::<()>();
@@ -84,6 +105,7 @@ impl H2Backend {
             addr,
             seen,
             count,
+            produced,
             stop: Some(stop),
             task,
         }
@@ -114,6 +136,9 @@ impl Drop for H2Backend {
         self.task.abort();
     }
 }
+
+/// The chunk of a `/big/N` response.
+const CHUNK: usize = 16 * 1024;
 
 fn empty() -> support::Body {
     support::empty()
@@ -197,6 +222,101 @@ async fn response_timeout_is_504_over_http2() {
     let client = H2Client::connect(proxy.local_addr()).await;
     let (status, _) = within(client.get("http://app.example/stall")).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    proxy.shutdown().await.unwrap();
+}
+
+/// Clients that stop reading large responses from an HTTP/2 backend hold no more than
+/// their streams' windows of the proxy's one connection to it: the backend's other
+/// responses still come through.
+#[tokio::test]
+async fn clients_that_stop_reading_leave_the_http2_backend_connection_to_others() {
+    const MIB: usize = 1024 * 1024;
+    let backend = H2Backend::start().await;
+    let proxy = proxy(config_with_protocol(&[backend.addr], "http2", "")).await;
+    // 24 responses of 8 MiB each on one client connection that reads none of them: what
+    // the client takes is bounded by its connection window (hyper's 5 MiB), and the rest
+    // stays with the proxy, a stream's window each.
+    let stalled = H2Client::connect(proxy.local_addr()).await;
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        let response = within(
+            stalled.send(
+                Request::get("http://app.example/big/512")
+                    .body(empty())
+                    .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        held.push(response);
+    }
+    // Once the backend has handed over 10 MiB, the proxy holds at least 4.25 MiB of it
+    // (5 MiB went to the client, at most a chunk a stream waits at each end). Under
+    // hyper's default 5 MiB connection window that leaves less than the 1 MiB response
+    // below needs, and what it frees the stalled streams take: it never completes. The
+    // proxy's streams hold 256 KiB each, so the stalled streams reach 11 MiB in all, 6 of
+    // it with the proxy, and leave the connection room to spare.
+    let mut produced = backend.produced.clone();
+    within(produced.wait_for(|&p| p >= 10 * MIB)).await.unwrap();
+    let other = H2Client::connect(proxy.local_addr()).await;
+    let (status, body) = within(other.get("http://app.example/big/64")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), 64 * CHUNK);
+    drop(held);
+    proxy.shutdown().await.unwrap();
+}
+
+/// Uploads that the backend has stopped reading hold no more than their streams' windows
+/// of the client's connection to the proxy: the client's other uploads on it go through.
+#[tokio::test]
+async fn uploads_a_backend_stopped_reading_leave_the_client_connection_to_others() {
+    let backend = H2Backend::start().await;
+    let proxy = proxy(config_with_protocol(&[backend.addr], "http2", "")).await;
+    let client = H2Client::connect(proxy.local_addr()).await;
+    let (sent, mut taken) = tokio::sync::watch::channel(0usize);
+    let sent = Arc::new(sent);
+    // A body of `n` chunks, counted in `taken` as the client's connection takes each.
+    let upload = |n: usize, counted: bool| {
+        let sent = sent.clone();
+        let chunks = (0..n).map(move |_| {
+            if counted {
+                sent.send_modify(|s| *s += CHUNK);
+            }
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'x'; CHUNK])))
+        });
+        support::Body::new(StreamBody::new(futures::stream::iter(chunks)))
+    };
+    // Four uploads of 8 MiB that the backend never reads.
+    let mut deaf = Vec::new();
+    for _ in 0..4 {
+        let request = Request::post("http://app.example/deaf")
+            .body(upload(512, true))
+            .unwrap();
+        let client = client.clone();
+        deaf.push(tokio::spawn(async move { client.send(request).await }));
+    }
+    // Each gets as far as the backend's stream window (64 KiB, tower-lb's server) and
+    // the proxy's: 128 KiB at least, whatever the proxy's window is. Under hyper's
+    // default windows (1 MiB for a stream and for the connection alike) the first of
+    // them would go on to fill the connection's whole window, and the upload below
+    // would never finish; with 64 KiB a stream, four take a quarter of it.
+    within(taken.wait_for(|&t| t >= 4 * 128 * 1024))
+        .await
+        .unwrap();
+    let request = Request::post("http://app.example/upload")
+        .body(upload(32, false))
+        .unwrap();
+    let response = within(client.send(request)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = within(response.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, backend.addr.to_string());
+    for upload in deaf {
+        upload.abort();
+    }
     proxy.shutdown().await.unwrap();
 }
 

@@ -306,6 +306,16 @@ where
     }
 }
 
+/// What a backend may send on one stream before the proxy has passed it on. The h2 crate
+/// gives a connection's window back only as each stream's data is read, so the data of a
+/// response whose client has stopped reading holds its stream's window of the connection's
+/// until the stream ends. hyper's defaults (2 MiB a stream, 5 MiB the connection) let three
+/// such clients stop every response on the backend's one connection.
+const STREAM_WINDOW: u32 = 256 * 1024;
+/// The connection's window: room for 128 streams of stalled responses, each holding its
+/// stream's window in memory at most, before the others wait.
+const CONNECTION_WINDOW: u32 = 128 * STREAM_WINDOW;
+
 async fn handshake<B>(authority: &Authority, settings: Settings) -> io::Result<Sender<B>>
 where
     B: Body + Unpin + Send + 'static,
@@ -315,7 +325,10 @@ where
     let stream = TcpStream::connect(socket_target(authority)).await?;
     stream.set_nodelay(true)?;
     let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder.timer(TokioTimer::new());
+    builder
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     if let Some((interval, timeout)) = settings.keep_alive {
         builder
             .keep_alive_interval(interval)

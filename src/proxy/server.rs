@@ -259,7 +259,9 @@ impl Server {
             // A head over the limit is answered `431` by h2 itself.
             http2
                 .timer(TokioTimer::new())
-                .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
+                .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX))
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW);
             http2
         };
         Shared {
@@ -273,6 +275,18 @@ impl Server {
         }
     }
 }
+
+/// What a client may send on one stream before the proxy has passed it on. The h2 crate
+/// gives a connection's window back only as each stream's data is read, so an upload its
+/// backend has stopped reading holds its stream's window of the connection's. With
+/// hyper's defaults, 1 MiB for both, one such upload stops all the others on the client's
+/// connection. These are Envoy's values for edge proxies: 16 such uploads before the
+/// others wait, and no more memory per connection than before.
+#[cfg(feature = "http2")]
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// The connection's window.
+#[cfg(feature = "http2")]
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// The connection preface of HTTP/2 with prior knowledge (RFC 9113 §3.4) begins so; no
 /// HTTP/1 request does (`PRI` is no method hyper takes).
