@@ -25,7 +25,14 @@ pub(crate) enum Framing {
 }
 
 /// A response body read straight from the backend connection.
-pub struct UpstreamBody<B> {
+///
+/// Its state is boxed: a response is moved through every layer between the backend and
+/// the server, and a boxed body makes each move a few words instead of a few hundred
+/// bytes.
+pub struct UpstreamBody<B>(Box<Upstream<B>>);
+
+/// What an [`UpstreamBody`] reads from, and what it goes back to.
+pub(super) struct Upstream<B> {
     pub(super) conn: Option<Conn>,
     pub(super) framing: Framing,
     pub(super) keep_alive: bool,
@@ -36,7 +43,7 @@ pub struct UpstreamBody<B> {
 impl<B> fmt::Debug for UpstreamBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UpstreamBody")
-            .field("framing", &self.framing)
+            .field("framing", &self.0.framing)
             .finish_non_exhaustive()
     }
 }
@@ -47,14 +54,29 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// An empty body ends at once: its connection goes back to the pool now.
-    pub(super) fn settle(mut self) -> Self {
-        if self.framing == Framing::Empty {
-            self.finish();
+    /// The body of a response whose head was just read. An empty one ends at once: its
+    /// connection goes back to the pool now.
+    pub(super) fn new(upstream: Upstream<B>) -> Self {
+        let mut body = UpstreamBody(Box::new(upstream));
+        if body.0.framing == Framing::Empty {
+            body.0.finish();
         }
-        self
+        body
     }
 
+    /// The connection of a `101` answer, with the bytes read past its head, taken out of
+    /// HTTP (and never pooled again); the body is then empty. `None` for any other answer.
+    pub(crate) fn take_upgraded(&mut self) -> Option<(tokio::net::TcpStream, bytes::BytesMut)> {
+        self.0.take_upgraded()
+    }
+}
+
+impl<B> Upstream<B>
+where
+    B: Body + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     fn finish(&mut self) {
         self.framing = Framing::Empty;
         if let Some(conn) = self.conn.take() {
@@ -68,9 +90,7 @@ where
         matches!(self.framing, Framing::Empty | Framing::Chunked(Chunk::Done))
     }
 
-    /// The connection of a `101` answer, with the bytes read past its head, taken out of
-    /// HTTP (and never pooled again); the body is then empty. `None` for any other answer.
-    pub(crate) fn take_upgraded(&mut self) -> Option<(tokio::net::TcpStream, bytes::BytesMut)> {
+    fn take_upgraded(&mut self) -> Option<(tokio::net::TcpStream, bytes::BytesMut)> {
         if self.framing != Framing::Close || self.keep_alive || !self.sender.done() {
             return None;
         }
@@ -93,7 +113,7 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
+        let this = &mut *self.0;
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -178,11 +198,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none() || self.ended()
+        self.0.conn.is_none() || self.0.ended()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.framing {
+        match self.0.framing {
             Framing::Empty => SizeHint::with_exact(0),
             Framing::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),

@@ -12,7 +12,7 @@ use http::{Response, StatusCode};
 use http_body::Body;
 use tokio::time::Instant;
 
-use super::body::UpstreamBody;
+use super::body::{Upstream, UpstreamBody};
 use super::encode::{Head, Sender, Upload};
 use super::parse::{parse_head, Parsed};
 use super::pool::{Conn, Pool};
@@ -98,14 +98,14 @@ where
         Err(error) => return Err(fail(error, &mut sender, &conn)),
     };
     sender.ended = None;
-    let body = UpstreamBody {
+    let body = UpstreamBody::new(Upstream {
         conn: Some(conn),
         framing: parsed.framing,
         keep_alive: parsed.keep_alive,
         sender,
         pool,
-    };
-    Ok(Response::from_parts(parsed.parts, body).map(UpstreamBody::settle))
+    });
+    Ok(Response::from_parts(parsed.parts, body))
 }
 
 /// Writes what it can of the request and reads until a response head is complete. Write
