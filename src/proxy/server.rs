@@ -4,13 +4,13 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future;
+use futures_util::future::{self, FutureExt as _};
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{Either, Full};
@@ -464,29 +464,32 @@ where
         let entry = (observed && access::enabled()).then(|| access::Entry::new(peer, &request));
         request.extensions_mut().insert(ClientAddr(peer));
         // The codec's request rules (framing, Host, CONNECT): refused, never forwarded.
-        let call = match protocol.check(&request) {
-            None => Ok(call_now(service.clone(), request)),
-            Some(refusal) => Err(refusal),
-        };
-        async move {
-            let response = match call {
-                Ok(call) => call.await.map(|r| r.map(Either::Left)),
-                Err(refusal) => {
-                    tracing::debug!(%peer, %refusal, "refused a request");
-                    if observed {
-                        crate::stats::local_response(refusal.status().as_u16());
-                    }
-                    Ok(refusal.response())
+        // Combinators rather than an async block, which would keep the call future twice
+        // (as captured, and as awaited): this future is moved into each request's box.
+        let response = match protocol.check(&request) {
+            None => future::Either::Left(
+                call_now(service.clone(), request)
+                    .map(|result| result.map(|r| r.map(Either::Left))),
+            ),
+            Some(refusal) => {
+                tracing::debug!(%peer, %refusal, "refused a request");
+                if observed {
+                    crate::stats::local_response(refusal.status().as_u16());
                 }
-            };
-            response.map(|response| {
-                let entry = entry.map(|mut entry| {
-                    entry.respond(&response);
-                    entry
-                });
-                response.map(|body| LoggedBody::new(body, entry))
-            })
-        }
+                future::Either::Right(future::ready(Ok(refusal.response())))
+            }
+        };
+        response.map(
+            move |response: Result<Response<Either<B, Full<Bytes>>>, Infallible>| {
+                response.map(|response| {
+                    let entry = entry.map(|mut entry| {
+                        entry.respond(&response);
+                        entry
+                    });
+                    response.map(|body| LoggedBody::new(body, entry))
+                })
+            },
+        )
     })
 }
 
@@ -497,17 +500,20 @@ where
 /// slice of the connection's read buffer, alive, so the read has to allocate a new
 /// buffer; called at once, the service has encoded and dropped the head by then
 /// (callgrind: 480 fewer instructions per request).
+///
+/// The wait for readiness is boxed: it holds the request and a clone of the service, so
+/// inline it would make every request's future that much larger, ready or not.
 fn call_now<S, R>(
     mut service: S,
     request: R,
-) -> future::Either<S::Future, tower::util::Oneshot<S, R>>
+) -> future::Either<S::Future, Pin<Box<tower::util::Oneshot<S, R>>>>
 where
     S: Service<R>,
 {
     match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(Ok(())) => future::Either::Left(service.call(request)),
         // Not ready, or failed: `oneshot` waits for readiness and reports the error.
-        _ => future::Either::Right(service.oneshot(request)),
+        _ => future::Either::Right(Box::pin(service.oneshot(request))),
     }
 }
 
