@@ -11,10 +11,10 @@ use bytes::{Buf, Bytes};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request};
 use http_body::Body;
-use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::framing::forbidden_trailer;
+use super::write::poll_write_with;
 use super::MAX_HEADERS;
 use crate::balance::error::RequestFault;
 use crate::proxy::headers::{forwarded_for_value, HopByHop, CONNECTION_UPGRADE, X_FORWARDED_FOR};
@@ -240,7 +240,8 @@ where
     ) -> Poll<Result<(), BoxError>> {
         loop {
             while !self.pending.is_empty() {
-                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.pending))?;
+                let pending = &self.pending;
+                let n = ready!(poll_write_with(io, cx, || io.try_write(pending)))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
                 }

@@ -249,12 +249,11 @@ fn poll_flush(
             *written = 0;
             return Poll::Ready(Ok(()));
         }
-        ready!(io.poll_write_ready(cx))?;
-        let result = if big.is_empty() {
+        let result = ready!(poll_write_with(io, cx, || if big.is_empty() {
             io.try_write(head)
         } else {
             io.try_write_vectored(&[IoSlice::new(head), IoSlice::new(big)])
-        };
+        }));
         match result {
             Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Ok(n) => {
@@ -262,8 +261,23 @@ fn poll_flush(
                 *written += from_head;
                 big.advance(n - from_head);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Writes with `write`, a `try_write` on `io`, and waits for `io` to take more only when
+/// it has not. A socket nearly always has room: asking the reactor first would cost a
+/// readiness poll for every write.
+pub(super) fn poll_write_with(
+    io: &TcpStream,
+    cx: &mut Context<'_>,
+    mut write: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        match write() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(io.poll_write_ready(cx))?,
+            result => return Poll::Ready(result),
         }
     }
 }
