@@ -18,6 +18,11 @@ pub fn scan_requests<'a>(
     super::serve::scan(&input)
 }
 
+/// `name` as the codec reads a field name, to compare with `HeaderName::from_bytes`.
+pub fn field_name(name: &[u8]) -> Result<http::HeaderName, http::header::InvalidHeaderName> {
+    super::name::field_name(name)
+}
+
 /// Why the server would refuse `request` by the Host, target and method rules: the
 /// status and the reason.
 pub fn check_request<B>(request: &Request<B>) -> Result<(), (StatusCode, &'static str)> {
