@@ -268,16 +268,22 @@ fn poll_flush(
 
 /// Writes with `write`, a `try_write` on `io`, and waits for `io` to take more only when
 /// it has not. A socket nearly always has room: asking the reactor first would cost a
-/// readiness poll for every write.
+/// readiness poll for every write. The write still spends the task's share of tokio's
+/// cooperative budget, as the readiness poll would have: a response fed from another task
+/// (an HTTP/2 backend's) to a client that keeps taking it still yields in time.
 pub(super) fn poll_write_with(
     io: &TcpStream,
     cx: &mut Context<'_>,
     mut write: impl FnMut() -> io::Result<usize>,
 ) -> Poll<io::Result<usize>> {
+    let coop = ready!(tokio::task::coop::poll_proceed(cx));
     loop {
         match write() {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(io.poll_write_ready(cx))?,
-            result => return Poll::Ready(result),
+            result => {
+                coop.made_progress();
+                return Poll::Ready(result);
+            }
         }
     }
 }
