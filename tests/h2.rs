@@ -296,12 +296,15 @@ async fn uploads_a_backend_stopped_reading_leave_the_client_connection_to_others
         let client = client.clone();
         deaf.push(tokio::spawn(async move { client.send(request).await }));
     }
-    // Each gets as far as the backend's stream window (64 KiB, tower-lb's server) and
-    // the proxy's: 128 KiB at least, whatever the proxy's window is. Under hyper's
-    // default windows (1 MiB for a stream and for the connection alike) the first of
-    // them would go on to fill the connection's whole window, and the upload below
-    // would never finish; with 64 KiB a stream, four take a quarter of it.
-    within(taken.wait_for(|&t| t >= 4 * 128 * 1024))
+    // Each gets as far as the backend's stream window (64 KiB: the backend is tower-lb's
+    // server) and the proxy's: 128 KiB, whatever the proxy's window is; the wait stops a
+    // chunk short of that. Under hyper's default windows on the listener (1 MiB for a
+    // stream and for the connection alike) the first of them would go on to fill the
+    // connection's whole window, and the upload below would never finish; with 64 KiB a
+    // stream, four take a quarter of it. (Toward the backend the windows are the
+    // backend's: one whose stream window is its connection's, as hyper's and tonic's
+    // defaults are, stops taking uploads once one of them stalls.)
+    within(taken.wait_for(|&t| t >= 4 * (128 * 1024 - CHUNK)))
         .await
         .unwrap();
     let request = Request::post("http://app.example/upload")

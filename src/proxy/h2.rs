@@ -312,8 +312,11 @@ where
 /// until the stream ends. hyper's defaults (2 MiB a stream, 5 MiB the connection) let three
 /// such clients stop every response on the backend's one connection.
 const STREAM_WINDOW: u32 = 256 * 1024;
-/// The connection's window: room for 128 streams of stalled responses, each holding its
-/// stream's window in memory at most, before the others wait.
+/// The connection's window: room for 128 streams of stalled responses before the others
+/// wait. What a stalled stream holds here is its window of flow-controlled data, besides
+/// what is already on its way to its client. (A backend that allows fewer streams than
+/// that is stopped sooner, by its limit: all of its streams taken by responses nobody
+/// reads. One connection per backend cannot avoid that.)
 const CONNECTION_WINDOW: u32 = 128 * STREAM_WINDOW;
 
 async fn handshake<B>(authority: &Authority, settings: Settings) -> io::Result<Sender<B>>
