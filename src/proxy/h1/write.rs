@@ -317,3 +317,33 @@ impl CachedDate {
         self.text.as_bytes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes that never wait still spend the task's budget: one poll of a task that keeps
+    /// writing to a socket with room is told to yield, as tokio's own writes would be.
+    #[tokio::test]
+    async fn writes_that_never_wait_still_yield_in_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (_peer, _) = listener.accept().await.unwrap();
+        // 1,000 one-byte writes fit in the socket's buffer: none waits for room.
+        let written = std::future::poll_fn(|cx| {
+            let mut written = 0;
+            for _ in 0..1000 {
+                match poll_write_with(&io, cx, || io.try_write(b"x")) {
+                    Poll::Ready(result) => written += result.unwrap(),
+                    Poll::Pending => break,
+                }
+            }
+            Poll::Ready(written)
+        })
+        .await;
+        assert!(written > 0, "writes went out");
+        assert!(written < 1000, "the budget ran out first: {written} writes");
+    }
+}
