@@ -479,17 +479,14 @@ where
                 future::Either::Right(future::ready(Ok(refusal.response())))
             }
         };
-        response.map(
-            move |response: Result<Response<Either<B, Full<Bytes>>>, Infallible>| {
-                response.map(|response| {
-                    let entry = entry.map(|mut entry| {
-                        entry.respond(&response);
-                        entry
-                    });
-                    response.map(|body| LoggedBody::new(body, entry))
-                })
-            },
-        )
+        response.map(move |result| {
+            let Ok(response) = result;
+            let entry = entry.map(|mut entry| {
+                entry.respond(&response);
+                entry
+            });
+            Ok(response.map(|body| LoggedBody::new(body, entry)))
+        })
     })
 }
 
