@@ -30,13 +30,14 @@ struct Seen {
 /// A backend that speaks HTTP/2 (and HTTP/1.1): tower-lb's own server, which stops
 /// gracefully (`GOAWAY`, requests in flight finish). `/health`: 200; `/big/N`: N chunks of
 /// [`CHUNK`] bytes, counted in `produced` as its server takes each; `/deaf`: never reads
-/// its request body nor answers; `/slow/N`: its address after N ms; anything else: its
-/// address, after reading the whole request body.
+/// its request body nor answers, counted in `deaf` while it waits; `/slow/N`: its address
+/// after N ms; anything else: its address, after reading the whole request body.
 struct H2Backend {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     count: tokio::sync::watch::Receiver<usize>,
     produced: tokio::sync::watch::Receiver<usize>,
+    deaf: tokio::sync::watch::Receiver<usize>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -51,10 +52,13 @@ impl H2Backend {
         let counter = Arc::new(counter);
         let (producer, produced) = tokio::sync::watch::channel(0);
         let producer = Arc::new(producer);
+        let (deafened, deaf) = tokio::sync::watch::channel(0);
+        let deafened = Arc::new(deafened);
         let service = tower::service_fn(move |request: Request<tower_lb::proxy::RequestBody>| {
             let log = log.clone();
             let counter = counter.clone();
             let producer = producer.clone();
+            let deafened = deafened.clone();
             async move {
                 let (head, body) = request.into_parts();
                 let path = head.uri.path().to_owned();
@@ -72,8 +76,10 @@ impl H2Backend {
                     return Ok(Response::new(support::Body::new(body)));
                 }
                 if path == "/deaf" {
-                    // Held, never read.
+                    // Held, never read; counted until the proxy gives up the stream.
                     let _held = &body;
+                    deafened.send_modify(|n| *n += 1);
+                    let _counted = DropGuard(|| deafened.send_modify(|n| *n -= 1));
                     std::future::pending::<()>().await;
                 }
                 let collected = body.collect().await.ok();
@@ -106,6 +112,7 @@ impl H2Backend {
             seen,
             count,
             produced,
+            deaf,
             stop: Some(stop),
             task,
         }
@@ -134,6 +141,15 @@ impl H2Backend {
 impl Drop for H2Backend {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Runs its function when dropped.
+struct DropGuard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for DropGuard<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
 
@@ -265,6 +281,98 @@ async fn clients_that_stop_reading_leave_the_http2_backend_connection_to_others(
     assert_eq!(body.len(), 64 * CHUNK);
     drop(held);
     proxy.shutdown().await.unwrap();
+}
+
+/// Requests that a backend holds without answering take no more than `MAX_STREAMS` of a
+/// connection's streams: the next ones go over another connection, so the limit the
+/// backend sets on one connection's streams (200, hyper's, on tower-lb's server) does not
+/// keep other clients' requests from it.
+#[tokio::test]
+async fn requests_a_backend_holds_open_another_connection_to_it() {
+    const HELD: usize = 210;
+    let backend = H2Backend::start().await;
+    let proxy = proxy(config_with_protocol(&[backend.addr], "http2", "")).await;
+    let mut held = tokio::task::JoinSet::new();
+    // Three client connections, each within the listener's own limit on streams.
+    for _ in 0..3 {
+        let client = H2Client::connect(proxy.local_addr()).await;
+        for _ in 0..HELD / 3 {
+            let client = client.clone();
+            let request = Request::get("http://app.example/deaf")
+                .body(empty())
+                .unwrap();
+            held.spawn(async move { client.send(request).await });
+        }
+    }
+    // All of them at once: more than one connection to the backend carries.
+    let mut deaf = backend.deaf.clone();
+    within(deaf.wait_for(|&n| n == HELD)).await.unwrap();
+    let other = H2Client::connect(proxy.local_addr()).await;
+    let (status, body) = within(other.get("http://app.example/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, backend.addr.to_string());
+    held.abort_all();
+    proxy.shutdown().await.unwrap();
+}
+
+/// An embedded `Http2Backend` opens a second connection for the requests beyond
+/// `MAX_STREAMS`, and closes it once they are over.
+#[tokio::test]
+async fn an_http2_backend_adds_a_connection_past_max_streams_and_closes_it_after() {
+    use tower::{Service, ServiceExt};
+    use tower_lb::balance::MakeBackend;
+    use tower_lb::proxy::{Http2Client, MAX_STREAMS};
+
+    let backend = H2Backend::start().await;
+    let authority = backend.addr.to_string().parse().unwrap();
+    let service = Http2Client::<support::Body>::new().make_backend(&authority);
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..MAX_STREAMS + 1 {
+        let request = Request::get("/deaf").body(empty()).unwrap();
+        held.spawn(service.clone().oneshot(request));
+    }
+    let mut deaf = backend.deaf.clone();
+    within(deaf.wait_for(|&n| n == MAX_STREAMS + 1))
+        .await
+        .unwrap();
+    assert_eq!(service.connections(), 2);
+
+    // Their streams end with their futures; the next request finds the second
+    // connection idle and closes it.
+    held.abort_all();
+    while held.join_next().await.is_some() {}
+    within(deaf.wait_for(|&n| n == 0)).await.unwrap();
+    let mut next = service.clone();
+    let call = within(next.ready())
+        .await
+        .unwrap()
+        .call(Request::get("/").body(empty()).unwrap());
+    let response = within(call).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(service.connections(), 1);
+}
+
+/// Past `MAX_CONNECTIONS` full connections to a backend, a request waits on the one that
+/// carries the fewest (here within the backend's limit, so it reaches the backend).
+#[tokio::test]
+async fn an_http2_backend_opens_at_most_max_connections() {
+    use tower::ServiceExt;
+    use tower_lb::balance::MakeBackend;
+    use tower_lb::proxy::{Http2Client, MAX_CONNECTIONS, MAX_STREAMS};
+
+    let backend = H2Backend::start().await;
+    let authority = backend.addr.to_string().parse().unwrap();
+    let service = Http2Client::<support::Body>::new().make_backend(&authority);
+    let held = MAX_CONNECTIONS * MAX_STREAMS + 1;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..held {
+        let request = Request::get("/deaf").body(empty()).unwrap();
+        calls.spawn(service.clone().oneshot(request));
+    }
+    let mut deaf = backend.deaf.clone();
+    within(deaf.wait_for(|&n| n == held)).await.unwrap();
+    assert_eq!(service.connections(), MAX_CONNECTIONS);
+    calls.abort_all();
 }
 
 /// Uploads that the backend has stopped reading hold no more than their streams' windows

@@ -8,12 +8,11 @@ use http::uri::Authority;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::Either;
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::backend::ResponseFuture;
-use super::h2::{Http2Backend, Http2ResponseFuture};
+use super::h2::{Http2Backend, Http2Body, Http2ResponseFuture};
 use super::{Backend, ReplayBody, UpstreamBody};
 use crate::BoxError;
 
@@ -103,7 +102,7 @@ impl<B> From<Http2Backend<B>> for AnyBackend<B> {
 }
 
 /// The response body of an [`AnyBackend`].
-pub type AnyBody<B> = Either<UpstreamBody<ReplayBody<B>>, Incoming>;
+pub type AnyBody<B> = Either<UpstreamBody<ReplayBody<B>>, Http2Body>;
 
 impl<B> Service<Request<B>> for AnyBackend<B>
 where

@@ -1,4 +1,5 @@
-//! HTTP/2 over cleartext (h2c, prior knowledge) to backends: one connection per backend.
+//! HTTP/2 over cleartext (h2c, prior knowledge) to backends: one connection per backend,
+//! and more while it carries [`MAX_STREAMS`] requests.
 
 use std::fmt;
 use std::future::Future;
@@ -30,7 +31,8 @@ use crate::balance::MakeBackend;
 use crate::BoxError;
 
 /// The transport to HTTP/2 backends (h2c with prior knowledge, as gRPC servers expect):
-/// one multiplexed connection per backend.
+/// one multiplexed connection per backend, and another each time those open carry
+/// [`MAX_STREAMS`] requests.
 ///
 /// An `Http2Client` holds settings only; [`MakeBackend`] aims it at one backend, giving an
 /// [`Http2Backend`] whose clones share one connection. This is what a gRPC client needs from
@@ -147,7 +149,7 @@ impl<B> MakeBackend<Authority> for Http2Client<B> {
                 authority: authority.clone(),
                 settings: self.settings,
                 slot: Mutex::new(Slot {
-                    conn: None,
+                    links: Vec::new(),
                     connecting: None,
                     generation: 0,
                 }),
@@ -157,14 +159,24 @@ impl<B> MakeBackend<Authority> for Http2Client<B> {
     }
 }
 
-/// Sends HTTP/2 requests to one backend over one shared connection.
+/// Sends HTTP/2 requests to one backend over shared connections: one, and more while
+/// those open are full.
 ///
-/// - [`poll_ready`](Service::poll_ready) takes the backend's connection if it is open, or
-///   opens it (TCP_NODELAY, `connect_timeout`): the first clone to need it connects, the
-///   others wait for that attempt and share its outcome. A failure there is a
-///   [`ConnectError`] *before* the request was handed over, so the balancer retries it on
-///   another backend. A connection that has closed, or on which the backend sent `GOAWAY`,
-///   is replaced by a new one on the next `poll_ready`.
+/// - [`poll_ready`](Service::poll_ready) takes the backend's first open connection that
+///   carries fewer than [`MAX_STREAMS`] requests, or opens one (TCP_NODELAY,
+///   `connect_timeout`): the first clone to need it connects, the others wait for that
+///   attempt and share its outcome. A failure there is a [`ConnectError`] *before* the
+///   request was handed over, so the balancer retries it on another backend; but when
+///   the connections that are full are still open, the request waits on one of them
+///   instead. A connection that has closed, or on which the backend sent `GOAWAY`, is
+///   replaced by a new one on the next `poll_ready`. A connection beyond the first that
+///   carries nothing is closed once the requests in flight fit in half of one.
+/// - A request counts on its connection until its response body is dropped: so a
+///   client that stops reading a response keeps its stream, and the stream's window of
+///   the connection's, from other requests. No connection takes more streams than its
+///   window has room for, nor more than a backend commonly allows (at least
+///   [`MAX_STREAMS`]). There are at most [`MAX_CONNECTIONS`] to a backend; past them,
+///   requests wait on the one that carries the fewest.
 /// - [`call`](Service::call) rewrites the request as a reverse proxy forwards it: the target
 ///   becomes `http://{authority}{path}`, the authority being the request's own (an HTTP/2
 ///   client's `:authority`, tonic's `Grpc::with_origin`), else its `Host` (an HTTP/1.1
@@ -200,19 +212,57 @@ type Sender<B> = SendRequest<Outgoing<B>>;
 
 /// A connection attempt that every clone waiting for the connection polls.
 type Connecting<B> = Shared<Pin<Box<dyn Future<Output = Connected<B>> + Send>>>;
-/// A connection and its generation (which connection of the backend it is).
-type Connected<B> = Result<(u64, Sender<B>), Arc<io::Error>>;
+/// A new connection.
+type Connected<B> = Result<Link<B>, Arc<io::Error>>;
+
+/// The most requests a connection to a backend carries at once before the next one opens
+/// another. Fewer than its window has room for stalled streams (128), and than the limit
+/// on streams that servers commonly set (Envoy's edge and nghttp2 100, hyper's and Go's
+/// 200 and 250).
+pub const MAX_STREAMS: usize = 100;
+
+/// The most connections to one backend: past them, requests wait on the connection that
+/// carries the fewest (within the backend's limit on streams), and what responses nobody
+/// reads hold with the proxy stays within `MAX_CONNECTIONS` connection windows a backend.
+pub const MAX_CONNECTIONS: usize = 16;
 
 struct Slot<B> {
-    conn: Option<(u64, Sender<B>)>,
+    /// The connections open, oldest first: a request takes the first with room.
+    links: Vec<Link<B>>,
     connecting: Option<Connecting<B>>,
     generation: u64,
+}
+
+/// One connection to the backend.
+struct Link<B> {
+    /// Which connection of the backend it is.
+    generation: u64,
+    sender: Sender<B>,
+    /// Held once by the link and once by each request on it, from `poll_ready` to the end
+    /// of its response body.
+    streams: Arc<()>,
+}
+
+impl<B> Link<B> {
+    fn in_flight(&self) -> usize {
+        Arc::strong_count(&self.streams) - 1
+    }
+}
+
+impl<B> Clone for Link<B> {
+    fn clone(&self) -> Self {
+        Link {
+            generation: self.generation,
+            sender: self.sender.clone(),
+            streams: self.streams.clone(),
+        }
+    }
 }
 
 enum State<B> {
     Idle,
     Connecting(Connecting<B>),
-    Ready(u64, Sender<B>),
+    Ready(Link<B>),
 }
 
 impl<B> Http2Backend<B> {
@@ -221,13 +271,23 @@ impl<B> Http2Backend<B> {
         &self.shared.authority
     }
 
-    /// Whether the backend's connection is open (as far as this client has noticed).
+    /// Whether a connection to the backend is open (as far as this client has noticed).
     pub fn is_connected(&self) -> bool {
         self.shared
             .lock()
-            .conn
-            .as_ref()
-            .is_some_and(|(_, c)| !c.is_closed())
+            .links
+            .iter()
+            .any(|l| !l.sender.is_closed())
+    }
+
+    /// How many connections to the backend are open (as far as this client has noticed).
+    pub fn connections(&self) -> usize {
+        self.shared
+            .lock()
+            .links
+            .iter()
+            .filter(|l| !l.sender.is_closed())
+            .count()
     }
 }
 
@@ -238,12 +298,17 @@ impl<B> Inner<B> {
     }
 
     /// Stops handing out connection `generation` (the backend is going away from it): the
-    /// next request opens a new one. Requests already on it go on.
+    /// next request takes another or opens a new one. Requests already on it go on.
     fn forget(&self, generation: u64) {
-        let mut slot = self.lock();
-        if slot.conn.as_ref().is_some_and(|(g, _)| *g == generation) {
-            slot.conn = None;
-        }
+        self.lock().links.retain(|l| l.generation != generation);
+    }
+}
+
+impl<B> Slot<B> {
+    /// The open connection that carries the fewest requests, full or not.
+    fn least_loaded(&self) -> Option<Link<B>> {
+        let open = self.links.iter().filter(|l| !l.sender.is_closed());
+        open.min_by_key(|l| l.in_flight()).cloned()
     }
 }
 
@@ -253,13 +318,32 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// The open connection, or the attempt that will give one (started if none is).
-    fn connection(self: &Arc<Self>) -> Result<(u64, Sender<B>), Connecting<B>> {
+    /// The first open connection with room for a request, or the attempt that will give
+    /// one (started if none is).
+    fn connection(self: &Arc<Self>) -> Result<Link<B>, Connecting<B>> {
         let mut slot = self.lock();
-        if let Some(conn) = slot.conn.as_ref().filter(|(_, c)| !c.is_closed()) {
-            return Ok(conn.clone());
+        slot.links.retain(|l| !l.sender.is_closed());
+        if let Some(first) = slot.links.iter().position(|l| l.in_flight() < MAX_STREAMS) {
+            let link = slot.links[first].clone();
+            // Past a burst: the connections beyond the one taken that carry nothing close,
+            // once what is in flight fits in half of one (not at once below a full one,
+            // which would open and close a connection per request at the boundary).
+            if slot.links.len() > first + 1
+                && slot.links.iter().map(Link::in_flight).sum::<usize>() <= MAX_STREAMS / 2
+            {
+                let mut index = 0;
+                slot.links.retain(|l| {
+                    index += 1;
+                    index <= first + 1 || l.in_flight() > 0
+                });
+            }
+            return Ok(link);
         }
-        slot.conn = None;
+        if slot.links.len() >= MAX_CONNECTIONS {
+            if let Some(link) = slot.least_loaded() {
+                return Ok(link);
+            }
+        }
         let connecting =
             slot.connecting.get_or_insert_with(|| {
                 let fut: Pin<Box<dyn Future<Output = Connected<B>> + Send>> = Box::pin(
@@ -283,16 +367,18 @@ where
             slot.connecting = None;
         }
         match result {
-            Ok(conn) => {
-                let generation = match &mut slot {
-                    Some(slot) => {
-                        slot.generation += 1;
-                        slot.conn = Some((slot.generation, conn.clone()));
-                        slot.generation
-                    }
-                    None => 0,
+            Ok(sender) => {
+                let mut link = Link {
+                    generation: 0,
+                    sender,
+                    streams: Arc::new(()),
                 };
-                Ok((generation, conn))
+                if let Some(slot) = &mut slot {
+                    slot.generation += 1;
+                    link.generation = slot.generation;
+                    slot.links.push(link.clone());
+                }
+                Ok(link)
             }
             Err(error) => Err(Arc::new(error)),
         }
@@ -310,13 +396,13 @@ where
 /// gives a connection's window back only as each stream's data is read, so the data of a
 /// response whose client has stopped reading holds its stream's window of the connection's
 /// until the stream ends. hyper's defaults (2 MiB a stream, 5 MiB the connection) let three
-/// such clients stop every response on the backend's one connection.
+/// such clients stop every response on a connection to the backend.
 const STREAM_WINDOW: u32 = 256 * 1024;
-/// The connection's window: room for 128 streams of stalled responses before the others
-/// wait. What a stalled stream holds here is its window of flow-controlled data, besides
-/// what is already on its way to its client. (A backend that allows fewer streams than
-/// that is stopped sooner, by its limit: all of its streams taken by responses nobody
-/// reads. One connection per backend cannot avoid that.)
+/// The connection's window: room for 128 streams of stalled responses, more than the
+/// [`MAX_STREAMS`] it carries. What a stalled stream holds here is its window of
+/// flow-controlled data, besides what is already on its way to its client. (A backend
+/// that allows fewer streams on a connection than `MAX_STREAMS` can still have all of
+/// them taken by responses nobody reads.)
 const CONNECTION_WINDOW: u32 = 128 * STREAM_WINDOW;
 
 async fn handshake<B>(authority: &Authority, settings: Settings) -> io::Result<Sender<B>>
@@ -367,17 +453,17 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<Http2Body>;
     type Error = BoxError;
     type Future = Http2ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         loop {
             match &mut self.state {
-                State::Ready(_, conn) if !conn.is_closed() => return Poll::Ready(Ok(())),
+                State::Ready(link) if !link.sender.is_closed() => return Poll::Ready(Ok(())),
                 State::Ready(..) | State::Idle => {
                     self.state = match self.shared.connection() {
-                        Ok((generation, conn)) => State::Ready(generation, conn),
+                        Ok(link) => State::Ready(link),
                         Err(connecting) => State::Connecting(connecting),
                     };
                 }
@@ -385,10 +471,19 @@ where
                     let result = ready!(connecting.poll_unpin(cx));
                     self.state = State::Idle;
                     match result {
-                        Ok((generation, conn)) => self.state = State::Ready(generation, conn),
-                        Err(error) => {
-                            return Poll::Ready(Err(self.shared.connect_error(&error).into()))
+                        // Its own attempt's connection, unless others waiting for it have
+                        // filled it: then the next one with room, or another attempt.
+                        Ok(link) if link.in_flight() <= MAX_STREAMS => {
+                            self.state = State::Ready(link)
                         }
+                        Ok(_) => {}
+                        // No further connection: a full one still takes the request.
+                        Err(error) => match self.shared.lock().least_loaded() {
+                            Some(link) => self.state = State::Ready(link),
+                            None => {
+                                return Poll::Ready(Err(self.shared.connect_error(&error).into()))
+                            }
+                        },
                     }
                 }
             }
@@ -396,7 +491,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let State::Ready(generation, conn) = std::mem::replace(&mut self.state, State::Idle) else {
+        let State::Ready(mut link) = std::mem::replace(&mut self.state, State::Idle) else {
             return Http2ResponseFuture::new(async {
                 Err(BoxError::from("Http2Backend::call before poll_ready"))
             });
@@ -429,7 +524,7 @@ where
         let request = Request::from_parts(parts, Outgoing::new(body.clone()));
         Http2ResponseFuture::new(async move {
             let timeout = shared.settings.response_timeout;
-            let sent = send(&shared, conn, request);
+            let sent = send(&shared, &mut link, request);
             let result = match timeout {
                 // From the end of the request: while its body is still being sent, each
                 // frame starts the timeout again (a client-streaming call is not cut; a
@@ -473,14 +568,18 @@ where
                         let served_by = super::access::ServedBy(shared.authority.clone());
                         response.extensions_mut().insert(served_by);
                     }
-                    return Ok(response);
+                    let stream = link.streams;
+                    return Ok(response.map(|body| Http2Body {
+                        body,
+                        _stream: stream,
+                    }));
                 }
                 Err(error) => error,
             };
             let fate = Fate::of(&error);
             if fate != Fate::Failed {
                 // The connection is going away (or gone): new requests take a new one.
-                shared.forget(generation);
+                shared.forget(link.generation);
             }
             let failed: BoxError = match error {
                 SendError::Connect(error) => error.into(),
@@ -531,11 +630,11 @@ impl From<ConnectError> for SendError {
     }
 }
 
-/// Sends `request` on `conn`; once more on a new connection if `conn` closed before it
-/// took the request.
+/// Sends `request` on `link`; once more on another connection, which `link` becomes, if
+/// that one closed before it took the request.
 async fn send<B>(
     shared: &Arc<Inner<B>>,
-    mut conn: Sender<B>,
+    link: &mut Link<B>,
     request: Request<Outgoing<B>>,
 ) -> Result<Response<Incoming>, SendError>
 where
@@ -543,24 +642,24 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    match conn.try_send_request(request).await {
+    match link.sender.try_send_request(request).await {
         Ok(response) => Ok(response),
         Err(mut error) => match error.take_message() {
             Some(request) => {
                 tracing::debug!(backend = %shared.authority, error = %error.error(), "HTTP/2 connection closed; sending again");
-                let (_, mut conn) = match shared.connection() {
-                    Ok(conn) => conn,
+                *link = match shared.connection() {
+                    Ok(link) => link,
                     Err(connecting) => connecting.await.map_err(|e| shared.connect_error(&e))?,
                 };
-                let sent = conn.send_request(request).await;
+                let sent = link.sender.send_request(request).await;
                 sent.map_err(|error| SendError::Http {
                     error,
-                    open: !conn.is_closed(),
+                    open: !link.sender.is_closed(),
                 })
             }
             None => Err(SendError::Http {
                 error: error.into_error(),
-                open: !conn.is_closed(),
+                open: !link.sender.is_closed(),
             }),
         },
     }
@@ -781,7 +880,7 @@ impl<B> fmt::Debug for Http2Backend<B> {
     }
 }
 
-type BoxResponse = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+type BoxResponse = Pin<Box<dyn Future<Output = Result<Response<Http2Body>, BoxError>> + Send>>;
 
 pin_project_lite::pin_project! {
     /// Response future of [`Http2Backend`].
@@ -791,16 +890,54 @@ pin_project_lite::pin_project! {
 }
 
 impl Http2ResponseFuture {
-    fn new(f: impl Future<Output = Result<Response<Incoming>, BoxError>> + Send + 'static) -> Self {
+    fn new(
+        f: impl Future<Output = Result<Response<Http2Body>, BoxError>> + Send + 'static,
+    ) -> Self {
         Http2ResponseFuture { inner: Box::pin(f) }
     }
 }
 
 impl Future for Http2ResponseFuture {
-    type Output = Result<Response<Incoming>, BoxError>;
+    type Output = Result<Response<Http2Body>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.project().inner.as_mut().poll(cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The body of a response from an [`Http2Backend`]: its stream counts on its
+    /// connection (see [`MAX_STREAMS`]) until it is dropped.
+    pub struct Http2Body {
+        #[pin]
+        body: Incoming,
+        _stream: Arc<()>,
+    }
+}
+
+impl Body for Http2Body {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl fmt::Debug for Http2Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Http2Body").finish_non_exhaustive()
     }
 }
 
