@@ -394,6 +394,62 @@ async fn newly_attached_checks_replace_the_earlier_ones() {
     );
 }
 
+/// Checks driven by hand are a source of the set's health as attached ones are: attaching
+/// checks ends driven ones, and driving checks ends attached ones, so that two never set
+/// the health back to their own views in turn.
+#[tokio::test(start_paused = true)]
+async fn driven_and_attached_checks_replace_each_other() {
+    let (down, up) = (Script::default(), Script::default());
+    down.set("a", false);
+    up.set("a", true);
+    let backends = Backends::<&'static str, (), _>::new(RoundRobin::new());
+    backends.healthy_on_insert(false);
+    backends.insert("a", ());
+    let (driven, driven_targets) = HealthCheck::new(down.probe(), settings(1, 0, 1, 1));
+    driven_targets.insert("a");
+    let driven = tokio::spawn(driven.drive(&backends));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(backends.is_healthy(&"a"), Some(false));
+
+    let (attached, _) = HealthCheck::new(up.probe(), settings(1, 0, 1, 1));
+    let attached = tokio::spawn(attached.attach(&backends).drive());
+    tokio::time::timeout(Duration::from_secs(5), driven)
+        .await
+        .expect("the driven checks went on")
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(backends.is_healthy(&"a"), Some(true));
+    let probed = down.probes("a").len();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        down.probes("a").len(),
+        probed,
+        "the driven checks still probe"
+    );
+
+    // New checks start from "unhealthy": these find "a" up, then down.
+    let flaky = Script::default();
+    flaky.set("a", true);
+    let (again, again_targets) = HealthCheck::new(flaky.probe(), settings(1, 0, 1, 1));
+    again_targets.insert("a");
+    let _again = tokio::spawn(again.drive(&backends));
+    tokio::time::timeout(Duration::from_secs(5), attached)
+        .await
+        .expect("the attached checks went on")
+        .unwrap();
+    flaky.set("a", false);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(backends.is_healthy(&"a"), Some(false));
+    let probed = up.probes("a").len();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        up.probes("a").len(),
+        probed,
+        "the attached checks still probe"
+    );
+    drop((driven_targets, again_targets));
+}
+
 /// A zero interval is taken as the shortest one, 1 ms: the checks probe on a schedule
 /// and yield, instead of spinning on a target whose probe is still running.
 #[tokio::test(start_paused = true)]

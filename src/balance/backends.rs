@@ -465,6 +465,23 @@ where
         async move { while published.changed().await.is_ok() {} }
     }
 
+    /// Resolves once the set is dropped or health checks other than `attachment` (from
+    /// [`attach_checks`](Self::attach_checks)) follow it, without keeping it alive.
+    pub(crate) fn detached(&self, attachment: u64) -> impl Future<Output = ()> {
+        let mut published = self.subscribe();
+        let shared = Arc::downgrade(&self.shared);
+        async move {
+            while published.changed().await.is_ok() {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                if shared.checks.load(std::sync::atomic::Ordering::Acquire) != attachment {
+                    return;
+                }
+            }
+        }
+    }
+
     /// A handle that does not keep the set alive.
     pub(crate) fn downgrade(&self) -> WeakBackends<K, S, P> {
         WeakBackends {

@@ -258,18 +258,23 @@ where
     /// requests. Spawn it. It holds the set weakly: the checks stop with the balancer.
     /// (Only the targets given through the [`Handle`] are probed; [`attach`](Self::attach)
     /// instead follows the set.)
+    ///
+    /// Like an attachment, it is the set's one source of health: checks driven or attached
+    /// to the set later end these, and these end any driven or attached before. (The
+    /// set's [`healthy_on_insert`](Backends::healthy_on_insert) stays as it is.)
     pub fn drive<S, Pol>(mut self, backends: &Backends<K, S, Pol>) -> impl Future<Output = ()>
     where
         S: Clone,
         Pol: Policy,
     {
+        let attachment = backends.attach_checks();
         let set = backends.downgrade();
-        let gone = backends.dropped();
+        let detached = backends.detached(attachment);
         async move {
-            let mut gone = std::pin::pin!(gone);
+            let mut detached = std::pin::pin!(detached);
             loop {
                 let next = std::future::poll_fn(|cx| {
-                    if gone.as_mut().poll(cx).is_ready() {
+                    if detached.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(None);
                     }
                     self.poll_next_unpin(cx)
@@ -278,6 +283,9 @@ where
                 let (Some(t), Some(backends)) = (next, set.upgrade()) else {
                     return;
                 };
+                if !backends.checks_attached(attachment) {
+                    return;
+                }
                 backends.set_healthy(&t.target, t.healthy);
                 self.log(&t);
             }
@@ -302,8 +310,9 @@ where
     /// Targets added through a [`Handle`] are checked as well, but need not be: the checks
     /// follow the set. The handle still changes the settings.
     ///
-    /// A set follows one attachment: attaching checks to a set that has some replaces
-    /// them, and the earlier ones end (their stream ends, without touching the set again).
+    /// A set follows one attachment: attaching checks to a set that has some (attached or
+    /// [driven](Self::drive)) replaces them, and the earlier ones end (their stream ends,
+    /// without touching the set again).
     /// Two would each set the set's health back to their own view, without end; one check
     /// may probe several ways, as its [`Probe`] decides.
     pub fn attach<S, Pol>(mut self, backends: &Backends<K, S, Pol>) -> Attached<K, S, Pol, P>
