@@ -2,12 +2,15 @@
 
 use std::fmt;
 use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Waker};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -49,14 +52,11 @@ impl Pool {
 
     /// A usable idle connection, dropping the ones the backend has closed.
     pub(crate) fn checkout(&self) -> Option<Conn> {
-        // Only a look at the connection's state: the exchange registers its own waker when
-        // it reads.
-        let mut cx = Context::from_waker(Waker::noop());
         let mut closed = Vec::new();
         let mut idle = self.lock();
         let usable = loop {
             match idle.conns.pop() {
-                Some((_, conn)) if conn.is_usable(&mut cx) => break Some(conn),
+                Some((_, conn)) if conn.is_usable() => break Some(conn),
                 Some((_, conn)) => closed.push(conn),
                 None => break None,
             }
@@ -104,7 +104,6 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        let mut cx = Context::from_waker(Waker::noop());
         let (closed, done) = {
             let mut idle = pool.lock();
             idle.sweeps += 1;
@@ -114,7 +113,7 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
             let mut closed: Vec<_> = idle.conns.drain(..old).collect();
             let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut idle.conns)
                 .into_iter()
-                .partition(|(_, conn)| conn.is_usable(&mut cx));
+                .partition(|(_, conn)| conn.is_usable());
             idle.conns = kept;
             closed.extend(gone);
             let done = idle.conns.is_empty();
@@ -191,25 +190,34 @@ impl Conn {
     }
 
     /// Whether an idle connection can take a request: it must have nothing to read (data
-    /// or EOF from an idle backend means it is closing or broken). Uses the reactor's
-    /// cached readiness, without a system call.
-    pub(crate) fn is_usable(&self, cx: &mut Context<'_>) -> bool {
-        self.rbuf.is_empty() && self.io.poll_read_ready(cx).is_pending()
+    /// or EOF from an idle backend means it is closing or broken).
+    ///
+    /// Only a look at the reactor's cached readiness, which registers no waker (the
+    /// exchange registers its own when it reads): while the socket is not marked readable,
+    /// as an idle one is not, there is no system call. One marked readable is peeked at:
+    /// a readiness with nothing behind it is cleared, and the connection is kept.
+    pub(crate) fn is_usable(&self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let peeked = self.io.try_io(Interest::READABLE, || {
+            socket2::SockRef::from(&self.io).peek(&mut [MaybeUninit::uninit()])
+        });
+        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Readies the connection to wait in the pool, and says whether it is usable. The
-    /// socket's readiness and the timer are polled with a no-op waker, which takes the
-    /// place of the waker of the task that used the connection last: each holds a
-    /// reference to that task, so an idle connection would keep a finished task's memory
-    /// allocated, and wake the task for nothing when the backend closes the connection or
-    /// the old deadline passes.
+    /// timer is polled with a no-op waker, which takes the place of the waker of the task
+    /// that used the connection last: it holds a reference to that task, so an idle
+    /// connection would keep a finished task's memory allocated, and wake the task for
+    /// nothing when the old deadline passes. (The socket holds none: the reactor lets go
+    /// of a reader's waker when it wakes it, and the response was read to its end.)
     fn park(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
         if let Some(timer) = &mut self.timer {
             // Done with: whether it has fired does not matter, the next exchange arms it.
-            let _ = timer.as_mut().poll(&mut cx);
+            let _ = timer.as_mut().poll(&mut Context::from_waker(Waker::noop()));
         }
-        self.is_usable(&mut cx)
+        self.is_usable()
     }
 }
 
@@ -374,6 +382,35 @@ mod tests {
         assert!(pool.lock().sweeping);
         drop(runtime);
         assert!(!pool.lock().sweeping, "no sweeper would start again");
+    }
+
+    /// A socket marked readable with nothing behind it (a read took just what had come,
+    /// so nothing cleared the mark) is still usable: the look at it peeks and clears the
+    /// mark. Bytes or the end of the stream behind the mark make it unusable.
+    #[tokio::test]
+    async fn a_readable_mark_with_nothing_behind_it_keeps_the_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut backend, _) = listener.accept().await.unwrap();
+        backend.write_all(b"abc").await.unwrap();
+        io.readable().await.unwrap();
+        assert_eq!(io.try_read(&mut [0; 3]).unwrap(), 3);
+        let conn = Conn::new(io);
+        let noop = &mut Context::from_waker(Waker::noop());
+        assert!(conn.io.poll_read_ready(noop).is_ready(), "still marked");
+        assert!(conn.is_usable());
+        assert!(conn.io.poll_read_ready(noop).is_pending(), "mark cleared");
+
+        backend.write_all(b"x").await.unwrap();
+        conn.io.readable().await.unwrap();
+        assert!(!conn.is_usable(), "a byte came");
+        let mut conn = conn;
+        assert_eq!(conn.io.read(&mut [0; 1]).await.unwrap(), 1);
+        drop(backend);
+        conn.io.readable().await.unwrap();
+        assert!(!conn.is_usable(), "closed");
     }
 
     #[tokio::test]
