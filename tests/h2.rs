@@ -283,10 +283,10 @@ async fn clients_that_stop_reading_leave_the_http2_backend_connection_to_others(
     proxy.shutdown().await.unwrap();
 }
 
-/// Requests that a backend holds without answering take no more than `MAX_STREAMS` of a
-/// connection's streams: the next ones go over another connection, so the limit the
-/// backend sets on one connection's streams (200, hyper's, on tower-lb's server) does not
-/// keep other clients' requests from it.
+/// Requests that a backend holds without answering take no more than 100 of a
+/// connection's streams (`Http2Client::max_streams`): the next ones go over another
+/// connection, so the limit the backend sets on one connection's streams (200, hyper's,
+/// on tower-lb's server) does not keep other clients' requests from it.
 #[tokio::test]
 async fn requests_a_backend_holds_open_another_connection_to_it() {
     const HELD: usize = 210;
@@ -316,25 +316,25 @@ async fn requests_a_backend_holds_open_another_connection_to_it() {
 }
 
 /// An embedded `Http2Backend` opens a second connection for the requests beyond
-/// `MAX_STREAMS`, and closes it once they are over.
+/// `max_streams`, and closes it once they are over.
 #[tokio::test]
 async fn an_http2_backend_adds_a_connection_past_max_streams_and_closes_it_after() {
     use tower::{Service, ServiceExt};
     use tower_lb::balance::MakeBackend;
-    use tower_lb::proxy::{Http2Client, MAX_STREAMS};
+    use tower_lb::proxy::Http2Client;
 
+    const STREAMS: usize = 4;
     let backend = H2Backend::start().await;
     let authority = backend.addr.to_string().parse().unwrap();
-    let service = Http2Client::<support::Body>::new().make_backend(&authority);
+    let client = Http2Client::<support::Body>::new().max_streams(STREAMS);
+    let service = client.make_backend(&authority);
     let mut held = tokio::task::JoinSet::new();
-    for _ in 0..MAX_STREAMS + 1 {
+    for _ in 0..STREAMS + 1 {
         let request = Request::get("/deaf").body(empty()).unwrap();
         held.spawn(service.clone().oneshot(request));
     }
     let mut deaf = backend.deaf.clone();
-    within(deaf.wait_for(|&n| n == MAX_STREAMS + 1))
-        .await
-        .unwrap();
+    within(deaf.wait_for(|&n| n == STREAMS + 1)).await.unwrap();
     assert_eq!(service.connections(), 2);
 
     // Their streams end with their futures; the next request finds the second
@@ -352,18 +352,23 @@ async fn an_http2_backend_adds_a_connection_past_max_streams_and_closes_it_after
     assert_eq!(service.connections(), 1);
 }
 
-/// Past `MAX_CONNECTIONS` full connections to a backend, a request waits on the one that
-/// carries the fewest (here within the backend's limit, so it reaches the backend).
+/// Past `max_connections` full connections to a backend, a request goes over the one
+/// that carries the fewest (here within the backend's limit, so it reaches the backend).
 #[tokio::test]
 async fn an_http2_backend_opens_at_most_max_connections() {
     use tower::ServiceExt;
     use tower_lb::balance::MakeBackend;
-    use tower_lb::proxy::{Http2Client, MAX_CONNECTIONS, MAX_STREAMS};
+    use tower_lb::proxy::Http2Client;
 
+    const STREAMS: usize = 4;
+    const CONNECTIONS: usize = 3;
     let backend = H2Backend::start().await;
     let authority = backend.addr.to_string().parse().unwrap();
-    let service = Http2Client::<support::Body>::new().make_backend(&authority);
-    let held = MAX_CONNECTIONS * MAX_STREAMS + 1;
+    let client = Http2Client::<support::Body>::new()
+        .max_streams(STREAMS)
+        .max_connections(CONNECTIONS);
+    let service = client.make_backend(&authority);
+    let held = CONNECTIONS * STREAMS + 2;
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..held {
         let request = Request::get("/deaf").body(empty()).unwrap();
@@ -371,8 +376,9 @@ async fn an_http2_backend_opens_at_most_max_connections() {
     }
     let mut deaf = backend.deaf.clone();
     within(deaf.wait_for(|&n| n == held)).await.unwrap();
-    assert_eq!(service.connections(), MAX_CONNECTIONS);
+    assert_eq!(service.connections(), CONNECTIONS);
     calls.abort_all();
+    while calls.join_next().await.is_some() {}
 }
 
 /// Uploads that the backend has stopped reading hold no more than their streams' windows

@@ -1,5 +1,5 @@
 //! HTTP/2 over cleartext (h2c, prior knowledge) to backends: one connection per backend,
-//! and more while it carries [`MAX_STREAMS`] requests.
+//! and more while those open are full.
 
 use std::fmt;
 use std::future::Future;
@@ -31,8 +31,8 @@ use crate::balance::MakeBackend;
 use crate::BoxError;
 
 /// The transport to HTTP/2 backends (h2c with prior knowledge, as gRPC servers expect):
-/// one multiplexed connection per backend, and another each time those open carry
-/// [`MAX_STREAMS`] requests.
+/// one multiplexed connection per backend, and another each time those open are full
+/// (see [`max_streams`](Self::max_streams)).
 ///
 /// An `Http2Client` holds settings only; [`MakeBackend`] aims it at one backend, giving an
 /// [`Http2Backend`] whose clones share one connection. This is what a gRPC client needs from
@@ -75,6 +75,8 @@ struct Settings {
     connect_timeout: Duration,
     response_timeout: Option<Duration>,
     keep_alive: Option<(Duration, Duration)>,
+    max_streams: usize,
+    max_connections: usize,
 }
 
 impl<B> Default for Http2Client<B> {
@@ -84,6 +86,8 @@ impl<B> Default for Http2Client<B> {
                 connect_timeout: Duration::from_secs(2),
                 response_timeout: None,
                 keep_alive: None,
+                max_streams: 100,
+                max_connections: 16,
             },
             _body: PhantomData,
         }
@@ -109,7 +113,8 @@ impl<B> fmt::Debug for Http2Client<B> {
 
 impl<B> Http2Client<B> {
     /// A client that allows 2 s to connect (TCP and HTTP/2 preface), waits for response
-    /// headers as long as it takes (gRPC clients set their own deadlines) and sends no pings.
+    /// headers as long as it takes (gRPC clients set their own deadlines), sends no pings,
+    /// and opens up to 16 connections to a backend, 100 requests on each.
     pub fn new() -> Self {
         Self::default()
     }
@@ -138,6 +143,31 @@ impl<B> Http2Client<B> {
         self.settings.keep_alive = Some((interval, timeout));
         self
     }
+
+    /// The most requests a connection to a backend carries at once before the next one
+    /// opens another (at least 1; 100 by default). A request counts from `poll_ready` until
+    /// its response body is dropped, so a client that stops reading keeps its stream.
+    ///
+    /// 100 keeps what responses nobody reads hold of a connection within its window (128
+    /// streams' worth): they cannot stop its other streams. And it is no more than the
+    /// limits on streams servers commonly set (nghttp2's and Envoy's 100, hyper's 200, Go's
+    /// 250): requests a backend holds unanswered cannot take all of a connection's streams
+    /// either. A backend whose limit is lower can still have its connection's streams
+    /// taken; set this to its limit.
+    pub fn max_streams(mut self, streams: usize) -> Self {
+        self.settings.max_streams = streams.max(1);
+        self
+    }
+
+    /// The most connections to one backend (at least 1; 16 by default). When all are
+    /// full, requests go over the one that carries the fewest, past
+    /// [`max_streams`](Self::max_streams) (and queue there once the backend's own limit is
+    /// reached): its window can then fill with responses nobody reads, as with one
+    /// connection.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.settings.max_connections = connections.max(1);
+        self
+    }
 }
 
 impl<B> MakeBackend<Authority> for Http2Client<B> {
@@ -163,20 +193,20 @@ impl<B> MakeBackend<Authority> for Http2Client<B> {
 /// those open are full.
 ///
 /// - [`poll_ready`](Service::poll_ready) takes the backend's first open connection that
-///   carries fewer than [`MAX_STREAMS`] requests, or opens one (TCP_NODELAY,
-///   `connect_timeout`): the first clone to need it connects, the others wait for that
-///   attempt and share its outcome. A failure there is a [`ConnectError`] *before* the
-///   request was handed over, so the balancer retries it on another backend; but when
-///   the connections that are full are still open, the request waits on one of them
-///   instead. A connection that has closed, or on which the backend sent `GOAWAY`, is
-///   replaced by a new one on the next `poll_ready`. A connection beyond the first that
-///   carries nothing is closed once the requests in flight fit in half of one.
-/// - A request counts on its connection until its response body is dropped: so a
-///   client that stops reading a response keeps its stream, and the stream's window of
-///   the connection's, from other requests. No connection takes more streams than its
-///   window has room for, nor more than a backend commonly allows (at least
-///   [`MAX_STREAMS`]). There are at most [`MAX_CONNECTIONS`] to a backend; past them,
-///   requests wait on the one that carries the fewest.
+///   carries fewer than [`max_streams`](Http2Client::max_streams) requests, or opens one
+///   (TCP_NODELAY, `connect_timeout`): the first clone to need it connects, the others
+///   wait for that attempt and share its outcome. A failure there is a [`ConnectError`]
+///   *before* the request was handed over, so the balancer retries it on another
+///   backend; but when full connections are open, the request goes over the one that
+///   carries the fewest instead, as it does once there are
+///   [`max_connections`](Http2Client::max_connections). A connection that has closed,
+///   or on which the backend sent `GOAWAY`, is no longer taken (its requests finish on
+///   it), and the next `poll_ready` takes another or opens one. A connection beyond the
+///   first that carries nothing is closed by a later `poll_ready` that finds what is in
+///   flight fits in half of one.
+/// - A request counts on its connection from `poll_ready` until its response body is
+///   dropped: a client that stops reading a response keeps its stream, and the stream's
+///   window of the connection's, from other requests.
 /// - [`call`](Service::call) rewrites the request as a reverse proxy forwards it: the target
 ///   becomes `http://{authority}{path}`, the authority being the request's own (an HTTP/2
 ///   client's `:authority`, tonic's `Grpc::with_origin`), else its `Host` (an HTTP/1.1
@@ -211,25 +241,15 @@ struct Inner<B> {
 type Sender<B> = SendRequest<Outgoing<B>>;
 
 /// A connection attempt that every clone waiting for the connection polls.
-type Connecting<B> = Shared<Pin<Box<dyn Future<Output = Connected<B>> + Send>>>;
-/// A new connection.
-type Connected<B> = Result<Link<B>, Arc<io::Error>>;
-
-/// The most requests a connection to a backend carries at once before the next one opens
-/// another. Fewer than its window has room for stalled streams (128), and than the limit
-/// on streams that servers commonly set (Envoy's edge and nghttp2 100, hyper's and Go's
-/// 200 and 250).
-pub const MAX_STREAMS: usize = 100;
-
-/// The most connections to one backend: past them, requests wait on the connection that
-/// carries the fewest (within the backend's limit on streams), and what responses nobody
-/// reads hold with the proxy stays within `MAX_CONNECTIONS` connection windows a backend.
-pub const MAX_CONNECTIONS: usize = 16;
+type Connecting = Shared<Pin<Box<dyn Future<Output = Connected> + Send>>>;
+/// The generation of the new connection, which each waiter takes from the slot (the
+/// attempt's output is kept until every waiter has it: a counted link there would count).
+type Connected = Result<u64, Arc<io::Error>>;
 
 struct Slot<B> {
-    /// The connections open, oldest first: a request takes the first with room.
+    /// The connections taking requests, oldest first: a request takes the first with room.
     links: Vec<Link<B>>,
-    connecting: Option<Connecting<B>>,
+    connecting: Option<Connecting>,
     generation: u64,
 }
 
@@ -238,8 +258,8 @@ struct Link<B> {
     /// Which connection of the backend it is.
     generation: u64,
     sender: Sender<B>,
-    /// Held once by the link and once by each request on it, from `poll_ready` to the end
-    /// of its response body.
+    /// Held once by the slot's link and once by each request on it, from `poll_ready`
+    /// until its response body is dropped.
     streams: Arc<()>,
 }
 
@@ -261,7 +281,7 @@ impl<B> Clone for Link<B> {
 
 enum State<B> {
     Idle,
-    Connecting(Connecting<B>),
+    Connecting(Connecting),
     Ready(Link<B>),
 }
 
@@ -280,7 +300,8 @@ impl<B> Http2Backend<B> {
             .any(|l| !l.sender.is_closed())
     }
 
-    /// How many connections to the backend are open (as far as this client has noticed).
+    /// How many connections to the backend take requests (open as far as this client has
+    /// noticed, and not going away).
     pub fn connections(&self) -> usize {
         self.shared
             .lock()
@@ -310,6 +331,12 @@ impl<B> Slot<B> {
         let open = self.links.iter().filter(|l| !l.sender.is_closed());
         open.min_by_key(|l| l.in_flight()).cloned()
     }
+
+    /// Connection `generation`, just opened, if it still takes requests and has room.
+    fn opened(&self, generation: u64, max_streams: usize) -> Option<Link<B>> {
+        let link = self.links.iter().find(|l| l.generation == generation)?;
+        (!link.sender.is_closed() && link.in_flight() < max_streams).then(|| link.clone())
+    }
 }
 
 impl<B> Inner<B>
@@ -319,17 +346,18 @@ where
     B::Error: Into<BoxError>,
 {
     /// The first open connection with room for a request, or the attempt that will give
-    /// one (started if none is).
-    fn connection(self: &Arc<Self>) -> Result<Link<B>, Connecting<B>> {
+    /// one (started if none is); past `max_connections`, the one that carries the fewest.
+    fn connection(self: &Arc<Self>) -> Result<Link<B>, Connecting> {
+        let max_streams = self.settings.max_streams;
         let mut slot = self.lock();
         slot.links.retain(|l| !l.sender.is_closed());
-        if let Some(first) = slot.links.iter().position(|l| l.in_flight() < MAX_STREAMS) {
+        if let Some(first) = slot.links.iter().position(|l| l.in_flight() < max_streams) {
             let link = slot.links[first].clone();
             // Past a burst: the connections beyond the one taken that carry nothing close,
             // once what is in flight fits in half of one (not at once below a full one,
             // which would open and close a connection per request at the boundary).
             if slot.links.len() > first + 1
-                && slot.links.iter().map(Link::in_flight).sum::<usize>() <= MAX_STREAMS / 2
+                && slot.links.iter().map(Link::in_flight).sum::<usize>() <= max_streams / 2
             {
                 let mut index = 0;
                 slot.links.retain(|l| {
@@ -339,48 +367,58 @@ where
             }
             return Ok(link);
         }
-        if slot.links.len() >= MAX_CONNECTIONS {
+        if slot.links.len() >= self.settings.max_connections {
             if let Some(link) = slot.least_loaded() {
                 return Ok(link);
             }
         }
-        let connecting =
-            slot.connecting.get_or_insert_with(|| {
-                let fut: Pin<Box<dyn Future<Output = Connected<B>> + Send>> = Box::pin(
-                    Self::connect(Arc::downgrade(self), self.authority.clone(), self.settings),
-                );
-                fut.shared()
-            });
+        let connecting = slot.connecting.get_or_insert_with(|| {
+            let fut: Pin<Box<dyn Future<Output = Connected> + Send>> = Box::pin(Self::connect(
+                Arc::downgrade(self),
+                self.authority.clone(),
+                self.settings,
+            ));
+            fut.shared()
+        });
         Err(connecting.clone())
     }
 
     /// Holds the backend weakly: the slot holds the attempt, which must not keep the
     /// backend alive (an attempt that nobody polls to its end would leak both).
-    async fn connect(inner: Weak<Self>, authority: Authority, settings: Settings) -> Connected<B> {
+    async fn connect(inner: Weak<Self>, authority: Authority, settings: Settings) -> Connected {
         let result =
             tokio::time::timeout(settings.connect_timeout, handshake(&authority, settings))
                 .await
                 .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
-        let inner = inner.upgrade();
-        let mut slot = inner.as_ref().map(|inner| inner.lock());
-        if let Some(slot) = &mut slot {
-            slot.connecting = None;
-        }
+        // Nobody waits once the backend is gone.
+        let Some(inner) = inner.upgrade() else {
+            return Err(Arc::new(io::ErrorKind::NotConnected.into()));
+        };
+        let mut slot = inner.lock();
+        slot.connecting = None;
+        let sender = result.map_err(Arc::new)?;
+        slot.generation += 1;
+        let generation = slot.generation;
+        slot.links.push(Link {
+            generation,
+            sender,
+            streams: Arc::new(()),
+        });
+        Ok(generation)
+    }
+
+    /// What a waiter takes from an attempt's `result`: its connection if it still has
+    /// room (`None`: others waiting for it filled it, or it closed; look again); when the
+    /// attempt failed, the open connection that carries the fewest, full or not, else the
+    /// error.
+    fn connected(&self, result: Connected) -> Result<Option<Link<B>>, ConnectError> {
+        let slot = self.lock();
         match result {
-            Ok(sender) => {
-                let mut link = Link {
-                    generation: 0,
-                    sender,
-                    streams: Arc::new(()),
-                };
-                if let Some(slot) = &mut slot {
-                    slot.generation += 1;
-                    link.generation = slot.generation;
-                    slot.links.push(link.clone());
-                }
-                Ok(link)
-            }
-            Err(error) => Err(Arc::new(error)),
+            Ok(generation) => Ok(slot.opened(generation, self.settings.max_streams)),
+            Err(error) => slot
+                .least_loaded()
+                .map(Some)
+                .ok_or_else(|| self.connect_error(&error)),
         }
     }
 
@@ -398,11 +436,10 @@ where
 /// until the stream ends. hyper's defaults (2 MiB a stream, 5 MiB the connection) let three
 /// such clients stop every response on a connection to the backend.
 const STREAM_WINDOW: u32 = 256 * 1024;
-/// The connection's window: room for 128 streams of stalled responses, more than the
-/// [`MAX_STREAMS`] it carries. What a stalled stream holds here is its window of
-/// flow-controlled data, besides what is already on its way to its client. (A backend
-/// that allows fewer streams on a connection than `MAX_STREAMS` can still have all of
-/// them taken by responses nobody reads.)
+/// The connection's window: room for 128 streams of stalled responses, more than the 100
+/// a connection carries by default (`Http2Client::max_streams`). What a stalled stream
+/// holds here is its window of flow-controlled data, besides what is already on its way
+/// to its client.
 const CONNECTION_WINDOW: u32 = 128 * STREAM_WINDOW;
 
 async fn handshake<B>(authority: &Authority, settings: Settings) -> io::Result<Sender<B>>
@@ -470,20 +507,10 @@ where
                 State::Connecting(connecting) => {
                     let result = ready!(connecting.poll_unpin(cx));
                     self.state = State::Idle;
-                    match result {
-                        // Its own attempt's connection, unless others waiting for it have
-                        // filled it: then the next one with room, or another attempt.
-                        Ok(link) if link.in_flight() <= MAX_STREAMS => {
-                            self.state = State::Ready(link)
-                        }
-                        Ok(_) => {}
-                        // No further connection: a full one still takes the request.
-                        Err(error) => match self.shared.lock().least_loaded() {
-                            Some(link) => self.state = State::Ready(link),
-                            None => {
-                                return Poll::Ready(Err(self.shared.connect_error(&error).into()))
-                            }
-                        },
+                    match self.shared.connected(result) {
+                        Ok(Some(link)) => self.state = State::Ready(link),
+                        Ok(None) => {}
+                        Err(error) => return Poll::Ready(Err(error.into())),
                     }
                 }
             }
@@ -630,8 +657,8 @@ impl From<ConnectError> for SendError {
     }
 }
 
-/// Sends `request` on `link`; once more on another connection, which `link` becomes, if
-/// that one closed before it took the request.
+/// Sends `request` on `link`; once more on another connection (taken or opened as
+/// `poll_ready` does), which `link` becomes, if that one closed before it took the request.
 async fn send<B>(
     shared: &Arc<Inner<B>>,
     link: &mut Link<B>,
@@ -647,9 +674,15 @@ where
         Err(mut error) => match error.take_message() {
             Some(request) => {
                 tracing::debug!(backend = %shared.authority, error = %error.error(), "HTTP/2 connection closed; sending again");
-                *link = match shared.connection() {
-                    Ok(link) => link,
-                    Err(connecting) => connecting.await.map_err(|e| shared.connect_error(&e))?,
+                *link = loop {
+                    match shared.connection() {
+                        Ok(link) => break link,
+                        Err(connecting) => {
+                            if let Some(link) = shared.connected(connecting.await)? {
+                                break link;
+                            }
+                        }
+                    }
                 };
                 let sent = link.sender.send_request(request).await;
                 sent.map_err(|error| SendError::Http {
@@ -907,7 +940,7 @@ impl Future for Http2ResponseFuture {
 
 pin_project_lite::pin_project! {
     /// The body of a response from an [`Http2Backend`]: its stream counts on its
-    /// connection (see [`MAX_STREAMS`]) until it is dropped.
+    /// connection (see [`Http2Client::max_streams`]) until it is dropped.
     pub struct Http2Body {
         #[pin]
         body: Incoming,
