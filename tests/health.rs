@@ -399,18 +399,21 @@ async fn newly_attached_checks_replace_the_earlier_ones() {
 /// the health back to their own views in turn.
 #[tokio::test(start_paused = true)]
 async fn driven_and_attached_checks_replace_each_other() {
-    let (down, up) = (Script::default(), Script::default());
+    let (down, up, b_up) = (Script::default(), Script::default(), Script::default());
     down.set("a", false);
     up.set("a", true);
+    b_up.set("b", true);
     let backends = Backends::<&'static str, (), _>::new(RoundRobin::new());
     backends.healthy_on_insert(false);
     backends.insert("a", ());
+    backends.insert("b", ());
     let (driven, driven_targets) = HealthCheck::new(down.probe(), settings(1, 0, 1, 1));
     driven_targets.insert("a");
     let driven = tokio::spawn(driven.drive(&backends));
     tokio::time::sleep(Duration::from_millis(1)).await;
-    assert_eq!(backends.is_healthy(&"a"), Some(false));
+    assert!(!down.probes("a").is_empty(), "the driven checks probe");
 
+    // Attached checks that find "a" up (and "b", unknown to their script, down).
     let (attached, _) = HealthCheck::new(up.probe(), settings(1, 0, 1, 1));
     let attached = tokio::spawn(attached.attach(&backends).drive());
     tokio::time::timeout(Duration::from_secs(5), driven)
@@ -427,19 +430,17 @@ async fn driven_and_attached_checks_replace_each_other() {
         "the driven checks still probe"
     );
 
-    // New checks start from "unhealthy": these find "a" up, then down.
-    let flaky = Script::default();
-    flaky.set("a", true);
-    let (again, again_targets) = HealthCheck::new(flaky.probe(), settings(1, 0, 1, 1));
-    again_targets.insert("a");
+    // Checks driven by hand that find "b" up: their verdict reaches the set, and the
+    // attached checks end.
+    let (again, again_targets) = HealthCheck::new(b_up.probe(), settings(1, 0, 1, 1));
+    again_targets.insert("b");
     let _again = tokio::spawn(again.drive(&backends));
     tokio::time::timeout(Duration::from_secs(5), attached)
         .await
         .expect("the attached checks went on")
         .unwrap();
-    flaky.set("a", false);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(backends.is_healthy(&"a"), Some(false));
+    assert_eq!(backends.is_healthy(&"b"), Some(true));
     let probed = up.probes("a").len();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(

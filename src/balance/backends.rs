@@ -471,11 +471,13 @@ where
         let mut published = self.subscribe();
         let shared = Arc::downgrade(&self.shared);
         async move {
-            while published.changed().await.is_ok() {
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
-                if shared.checks.load(std::sync::atomic::Ordering::Acquire) != attachment {
+            // Looked at before the first wait too: checks attached after `attachment` and
+            // before the subscription above changed nothing it would see.
+            loop {
+                let followed = shared.upgrade().is_some_and(|shared| {
+                    shared.checks.load(std::sync::atomic::Ordering::Acquire) == attachment
+                });
+                if !followed || published.changed().await.is_err() {
                     return;
                 }
             }

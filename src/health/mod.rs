@@ -280,12 +280,15 @@ where
                     self.poll_next_unpin(cx)
                 })
                 .await;
-                let (Some(t), Some(backends)) = (next, set.upgrade()) else {
+                let Some(backends) = set.upgrade() else {
                     return;
                 };
-                if !backends.checks_attached(attachment) {
+                let Some(t) = next.filter(|_| backends.checks_attached(attachment)) else {
+                    if !backends.checks_attached(attachment) {
+                        tracing::debug!("health checks driven on the set replaced by newer ones");
+                    }
                     return;
-                }
+                };
                 backends.set_healthy(&t.target, t.healthy);
                 self.log(&t);
             }
