@@ -157,11 +157,20 @@ pub(crate) struct Conn {
     pub(super) reused: bool,
     /// The response timeout, kept with the connection and moved forward for each request.
     /// A new `Sleep` per request is inserted into and removed from tokio's timer wheel
-    /// every time; moving a registered deadline later is one atomic operation, and the
-    /// wheel sees the timer again only when its first deadline passes. So it stays with
-    /// an idle connection too: it is a small allocation beside the read buffer that an
-    /// idle connection no longer holds.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// every time. So it stays with an idle connection too: it is a small allocation
+    /// beside the read buffer that an idle connection no longer holds.
+    timer: Option<Pin<Box<Timer>>>,
+}
+
+pin_project_lite::pin_project! {
+    /// The response timer. Moving it later is left until it fires: it fires at the
+    /// deadline it was last set to, and is then set to `deadline` if that is still ahead.
+    /// (Boxed with the `Sleep`: a connection is moved into each response's body.)
+    struct Timer {
+        #[pin]
+        sleep: Sleep,
+        deadline: Instant,
+    }
 }
 
 impl Conn {
@@ -174,19 +183,34 @@ impl Conn {
         }
     }
 
-    /// Starts the response timer: it fires at `deadline` unless armed again before.
+    /// Starts the response timer: it expires at `deadline` unless armed again before.
     pub(super) fn arm(&mut self, deadline: Instant) {
-        match &mut self.timer {
-            Some(timer) => timer.as_mut().reset(deadline),
-            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        let Some(timer) = &mut self.timer else {
+            let sleep = tokio::time::sleep_until(deadline);
+            self.timer = Some(Box::pin(Timer { sleep, deadline }));
+            return;
+        };
+        let timer = timer.as_mut().project();
+        *timer.deadline = deadline;
+        // Set to fire later: moved on when it fires.
+        if timer.sleep.deadline() > deadline {
+            timer.sleep.reset(deadline);
         }
     }
 
     /// Whether the armed deadline has passed; registers `cx` to be woken when it does.
     pub(super) fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.timer
-            .as_mut()
-            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+        let Some(timer) = &mut self.timer else {
+            return false;
+        };
+        let mut timer = timer.as_mut().project();
+        while timer.sleep.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= *timer.deadline {
+                return true;
+            }
+            timer.sleep.as_mut().reset(*timer.deadline);
+        }
+        false
     }
 
     /// Whether an idle connection can take a request: it must have nothing to read (data
@@ -215,7 +239,8 @@ impl Conn {
     fn park(&mut self) -> bool {
         if let Some(timer) = &mut self.timer {
             // Done with: whether it has fired does not matter, the next exchange arms it.
-            let _ = timer.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            let sleep = timer.as_mut().project().sleep;
+            let _ = sleep.poll(&mut Context::from_waker(Waker::noop()));
         }
         self.is_usable()
     }
@@ -382,6 +407,48 @@ mod tests {
         assert!(pool.lock().sweeping);
         drop(runtime);
         assert!(!pool.lock().sweeping, "no sweeper would start again");
+    }
+
+    /// The response timer moves later lazily: armed again before it fires, it fires at its
+    /// first deadline, is seen not to have expired, and expires at the last one; armed
+    /// earlier, it is set at once.
+    #[tokio::test]
+    async fn a_timer_armed_again_expires_at_its_last_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let io = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let mut conn = Conn::new(io);
+        let expiry = async |conn: &mut Conn| {
+            std::future::poll_fn(|cx| match conn.poll_expired(cx) {
+                true => Poll::Ready(Instant::now()),
+                false => Poll::Pending,
+            })
+            .await
+        };
+        tokio::time::pause();
+        let start = Instant::now();
+        conn.arm(start + Duration::from_secs(1));
+        tokio::time::advance(Duration::from_millis(900)).await;
+        conn.arm(start + Duration::from_millis(1900));
+        let expired = expiry(&mut conn).await - start;
+        assert!(
+            expired >= Duration::from_millis(1900) && expired < Duration::from_millis(1905),
+            "expired after {expired:?}"
+        );
+
+        // Now set for 5 s ahead (a look moves it on from its past deadline), then armed
+        // for 1 s.
+        let start = Instant::now();
+        conn.arm(start + Duration::from_secs(5));
+        let looked = std::future::poll_fn(|cx| Poll::Ready(conn.poll_expired(cx))).await;
+        assert!(!looked);
+        conn.arm(start + Duration::from_secs(1));
+        let expired = expiry(&mut conn).await - start;
+        assert!(
+            expired >= Duration::from_secs(1) && expired < Duration::from_millis(1005),
+            "expired after {expired:?}"
+        );
     }
 
     /// A socket marked readable with nothing behind it (a read took just what had come,
