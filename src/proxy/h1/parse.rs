@@ -2,6 +2,7 @@
 //! rules of [`framing`](super::framing): no body for `HEAD`, 1xx, 204 and 304; else what
 //! `Transfer-Encoding` or `Content-Length` say; else until the connection closes.
 
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, BytesMut};
@@ -15,6 +16,12 @@ use super::name::field_name;
 use super::{MAX_HEAD, MAX_HEADERS};
 use crate::proxy::headers::{is_hop_by_hop_in, HopByHop, CONNECTION_UPGRADE};
 use crate::BoxError;
+
+thread_local! {
+    /// The fields of the head being parsed, where their values are in it: an allocation
+    /// kept per thread rather than made per response (at most `MAX_HEADERS` entries).
+    static SPANS: RefCell<Vec<(HeaderName, usize, usize)>> = const { RefCell::new(Vec::new()) };
+}
 
 /// A response head, ready to forward.
 #[derive(Debug)]
@@ -69,7 +76,7 @@ pub(crate) fn parse_head(
         let mut hop = HopByHop::default();
         // Header values are slices of the head, shared rather than copied.
         let base = buf.as_ptr() as usize;
-        let mut spans: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(res.headers.len());
+        let mut spans = SPANS.take();
         for h in res.headers.iter() {
             let name = field_name(h.name.as_bytes())?;
             if name == header::CONTENT_LENGTH {
@@ -120,12 +127,13 @@ pub(crate) fn parse_head(
         parts.version = version;
         let headers = &mut parts.headers;
         headers.reserve(spans.len());
-        for (name, start, end) in spans {
+        for (name, start, end) in spans.drain(..) {
             headers.append(
                 name,
                 HeaderValue::from_maybe_shared(head.slice(start..end))?,
             );
         }
+        SPANS.set(spans);
         if switching {
             headers.insert(header::CONNECTION, CONNECTION_UPGRADE);
         }
