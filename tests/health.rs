@@ -379,19 +379,20 @@ async fn newly_attached_checks_replace_the_earlier_ones() {
     assert_eq!(backends.is_healthy(&"a"), Some(false));
     let (second, _) = HealthCheck::new(up.probe(), settings(1, 0, 1, 1));
     let _second = tokio::spawn(second.attach(&backends).drive());
-    tokio::time::timeout(Duration::from_secs(5), first)
-        .await
-        .expect("the earlier checks went on")
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    replaced(first, &down, "the earlier checks").await;
     assert_eq!(backends.is_healthy(&"a"), Some(true));
-    let probed = down.probes("a").len();
+}
+
+/// Waits for `checks`, replaced, to end (within 5 s), and 5 s more, in which `script`
+/// (which probes "a") must not probe again.
+async fn replaced(checks: tokio::task::JoinHandle<()>, script: &Script, what: &str) {
+    tokio::time::timeout(Duration::from_secs(5), checks)
+        .await
+        .unwrap_or_else(|_| panic!("{what} went on"))
+        .unwrap();
+    let probed = script.probes("a").len();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(
-        down.probes("a").len(),
-        probed,
-        "the earlier checks still probe"
-    );
+    assert_eq!(script.probes("a").len(), probed, "{what} still probe");
 }
 
 /// Checks driven by hand are a source of the set's health as attached ones are: attaching
@@ -416,38 +417,16 @@ async fn driven_and_attached_checks_replace_each_other() {
     // Attached checks that find "a" up (and "b", unknown to their script, down).
     let (attached, _) = HealthCheck::new(up.probe(), settings(1, 0, 1, 1));
     let attached = tokio::spawn(attached.attach(&backends).drive());
-    tokio::time::timeout(Duration::from_secs(5), driven)
-        .await
-        .expect("the driven checks went on")
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    replaced(driven, &down, "the driven checks").await;
     assert_eq!(backends.is_healthy(&"a"), Some(true));
-    let probed = down.probes("a").len();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(
-        down.probes("a").len(),
-        probed,
-        "the driven checks still probe"
-    );
 
     // Checks driven by hand that find "b" up: their verdict reaches the set, and the
     // attached checks end.
     let (again, again_targets) = HealthCheck::new(b_up.probe(), settings(1, 0, 1, 1));
     again_targets.insert("b");
     let _again = tokio::spawn(again.drive(&backends));
-    tokio::time::timeout(Duration::from_secs(5), attached)
-        .await
-        .expect("the attached checks went on")
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    replaced(attached, &up, "the attached checks").await;
     assert_eq!(backends.is_healthy(&"b"), Some(true));
-    let probed = up.probes("a").len();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(
-        up.probes("a").len(),
-        probed,
-        "the attached checks still probe"
-    );
     drop((driven_targets, again_targets));
 }
 
