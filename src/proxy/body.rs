@@ -39,28 +39,30 @@ impl<B: Body> TrackCompletion<InFlight, Response<B>> for TrackBody {
 }
 
 pin_project! {
-    /// A body that holds its request's [`InFlight`] guard until the body ends.
+    /// A body that holds a guard until the body ends: its request's [`InFlight`] guard,
+    /// or another (an HTTP/2 backend's response holds its stream's place on its
+    /// connection, see [`Http2Body`](super::Http2Body)).
     #[derive(Debug)]
-    pub struct TrackedBody<B> {
+    pub struct TrackedBody<B, G = InFlight> {
         #[pin]
         inner: B,
-        guard: Option<InFlight>,
+        guard: Option<G>,
     }
 }
 
-impl<B: Body> TrackedBody<B> {
+impl<B: Body, G> TrackedBody<B, G> {
     /// Wraps `inner`, holding `guard` until it ends. An empty body ends at once.
     ///
     /// The end is the first of: a frame after which the body reports
     /// [`is_end_stream`](Body::is_end_stream) (a server stops polling there), the end of
     /// the stream, an error, or the body being dropped.
-    pub fn new(inner: B, guard: InFlight) -> Self {
+    pub fn new(inner: B, guard: G) -> Self {
         let guard = (!inner.is_end_stream()).then_some(guard);
         TrackedBody { inner, guard }
     }
 }
 
-impl<B: Body> Body for TrackedBody<B> {
+impl<B: Body, G> Body for TrackedBody<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 

@@ -25,7 +25,7 @@ use tower_service::Service;
 
 use super::error::{BackendError, ConnectError, RequestBodyTimeout, ResponseTimeout};
 use super::headers::{append_forwarded_for, remove_hop_by_hop};
-use super::{peer_ip, socket_target};
+use super::{peer_ip, socket_target, TrackedBody};
 use crate::balance::error::{RequestFault, Unsent};
 use crate::balance::MakeBackend;
 use crate::BoxError;
@@ -596,10 +596,9 @@ where
                         response.extensions_mut().insert(served_by);
                     }
                     let stream = link.streams;
-                    return Ok(response.map(|body| Http2Body {
-                        body,
-                        _stream: stream,
-                    }));
+                    return Ok(
+                        response.map(|body| TrackedBody::new(body, StreamPlace { _held: stream }))
+                    );
                 }
                 Err(error) => error,
             };
@@ -938,40 +937,15 @@ impl Future for Http2ResponseFuture {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The body of a response from an [`Http2Backend`]: its stream counts on its
-    /// connection (see [`Http2Client::max_streams`]) until it is dropped.
-    pub struct Http2Body {
-        #[pin]
-        body: Incoming,
-        _stream: Arc<()>,
-    }
-}
+/// The body of a response from an [`Http2Backend`]: it holds its stream's place on its
+/// connection (see [`Http2Client::max_streams`]) until it ends or is dropped.
+pub type Http2Body = TrackedBody<Incoming, StreamPlace>;
 
-impl Body for Http2Body {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().body.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl fmt::Debug for Http2Body {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Http2Body").finish_non_exhaustive()
-    }
+/// A request's place among the streams of its connection to an HTTP/2 backend (see
+/// [`Http2Client::max_streams`]), held by its response body.
+#[derive(Debug)]
+pub struct StreamPlace {
+    _held: Arc<()>,
 }
 
 impl fmt::Debug for Http2ResponseFuture {

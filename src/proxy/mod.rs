@@ -96,7 +96,7 @@ pub use self::h1::fuzz as __fuzz;
 pub use self::h1::{RequestBody, UpstreamBody};
 #[cfg(feature = "http2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http2")))]
-pub use self::h2::{Http2Backend, Http2Body, Http2Client};
+pub use self::h2::{Http2Backend, Http2Body, Http2Client, StreamPlace};
 pub use self::hash_key::{CookieKey, HashKey, HeaderKey, InvalidHashKey, PathKey};
 pub use self::headers::{append_forwarded_for, remove_hop_by_hop, X_FORWARDED_FOR};
 pub use self::replay::ReplayBody;
