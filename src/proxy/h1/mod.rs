@@ -62,3 +62,12 @@ pub(crate) use self::serve::{
 const MAX_HEAD: usize = 64 * 1024;
 /// Fields per response head (and trailer section).
 const MAX_HEADERS: usize = 100;
+
+/// A connected pair of loopback sockets: the connecting side, then the accepted one.
+#[cfg(test)]
+async fn socket_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connecting = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+    let (connected, accepted) = tokio::join!(connecting, listener.accept());
+    (connected.unwrap(), accepted.unwrap().0)
+}

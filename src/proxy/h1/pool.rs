@@ -414,10 +414,7 @@ mod tests {
     /// earlier, it is set at once.
     #[tokio::test]
     async fn a_timer_armed_again_expires_at_its_last_deadline() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let io = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
+        let (io, _peer) = super::super::socket_pair().await;
         let mut conn = Conn::new(io);
         let expiry = async |conn: &mut Conn| {
             std::future::poll_fn(|cx| match conn.poll_expired(cx) {
@@ -456,11 +453,7 @@ mod tests {
     /// mark. Bytes or the end of the stream behind the mark make it unusable.
     #[tokio::test]
     async fn a_readable_mark_with_nothing_behind_it_keeps_the_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let io = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut backend, _) = listener.accept().await.unwrap();
+        let (io, mut backend) = super::super::socket_pair().await;
         backend.write_all(b"abc").await.unwrap();
         io.readable().await.unwrap();
         assert_eq!(io.try_read(&mut [0; 3]).unwrap(), 3);

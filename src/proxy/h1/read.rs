@@ -112,11 +112,7 @@ mod tests {
     /// (it would fail with `WouldBlock`), and bytes sent later still wake the reader.
     #[tokio::test]
     async fn a_short_read_waits_for_the_next_bytes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
+        let (mut client, server) = super::super::socket_pair().await;
         client.write_all(b"one").await.unwrap();
         let got = std::future::poll_fn(|cx| poll_read_with(&server, cx, <[u8]>::to_vec)).await;
         assert_eq!(got.unwrap(), b"one");

@@ -326,11 +326,7 @@ mod tests {
     /// writing to a socket with room is told to yield, as tokio's own writes would be.
     #[tokio::test]
     async fn writes_that_never_wait_still_yield_in_time() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let io = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (_peer, _) = listener.accept().await.unwrap();
+        let (io, _peer) = super::super::socket_pair().await;
         // 1,000 one-byte writes fit in the socket's buffer: none waits for room.
         let written = std::future::poll_fn(|cx| {
             let mut written = 0;
