@@ -146,7 +146,7 @@ impl<B> Http2Client<B> {
 
     /// The most requests a connection to a backend carries at once before the next one
     /// opens another (at least 1; 100 by default). A request counts from `poll_ready` until
-    /// its response body is dropped, so a client that stops reading keeps its stream.
+    /// its response body ends or is dropped, so a client that stops reading keeps its stream.
     ///
     /// 100 keeps what responses nobody reads hold of a connection within its window (128
     /// streams' worth): they cannot stop its other streams. And it is no more than the
@@ -204,9 +204,9 @@ impl<B> MakeBackend<Authority> for Http2Client<B> {
 ///   it), and the next `poll_ready` takes another or opens one. A connection beyond the
 ///   first that carries nothing is closed by a later `poll_ready` that finds what is in
 ///   flight fits in half of one.
-/// - A request counts on its connection from `poll_ready` until its response body is
-///   dropped: a client that stops reading a response keeps its stream, and the stream's
-///   window of the connection's, from other requests.
+/// - A request counts on its connection from `poll_ready` until its response body ends
+///   or is dropped: a client that stops reading a response keeps its stream, and the
+///   stream's window of the connection's, from other requests.
 /// - [`call`](Service::call) rewrites the request as a reverse proxy forwards it: the target
 ///   becomes `http://{authority}{path}`, the authority being the request's own (an HTTP/2
 ///   client's `:authority`, tonic's `Grpc::with_origin`), else its `Host` (an HTTP/1.1
@@ -259,7 +259,7 @@ struct Link<B> {
     generation: u64,
     sender: Sender<B>,
     /// Held once by the slot's link and once by each request on it, from `poll_ready`
-    /// until its response body is dropped.
+    /// until its response body ends or is dropped.
     streams: Arc<()>,
 }
 
