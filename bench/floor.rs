@@ -17,6 +17,11 @@
 //! HAProxy also write the heads they forward anew). There is no header map, balancer,
 //! deadline, limit, counter or log.
 //!
+//! With `http` as its second argument it does what `parse` does through `http` types:
+//! each parsed head becomes an `http::Request` or `http::Response` (a `HeaderMap` whose
+//! values are slices of a copy of the head) and is written anew from it. The difference
+//! between the two is what building those types costs a proxy that forwards through them.
+//!
 //! It is a measuring tool, not a proxy: it serves `GET` requests without a body, one at
 //! a time, and responses with a `Content-Length` (what `compare.sh` sends and its
 //! backends answer), and closes a connection on anything else, bytes after a message
@@ -30,15 +35,25 @@
 //!     --proxy-cmd target/release/examples/floor --proxy-port 8090
 //! ../shared/bench/compare.sh --conns 64 --rounds 15 \
 //!     --proxy-cmd "target/release/examples/floor 127.0.0.1:8090 parse" --proxy-port 8090
+//! ../shared/bench/compare.sh --conns 64 --rounds 15 \
+//!     --proxy-cmd "target/release/examples/floor 127.0.0.1:8090 http" --proxy-port 8090
 //! ```
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+/// As `examples/standalone.rs`: the `http` mode allocates per request, the others do not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `http` mode: heads go through `http::Request` and `http::Response`.
+static MAPS: AtomicBool = AtomicBool::new(false);
 
 /// Where it listens unless the first argument says otherwise.
 const LISTEN: &str = "127.0.0.1:8090";
@@ -71,7 +86,11 @@ fn main() -> io::Result<()> {
         .block_on(async {
             let mut args = std::env::args().skip(1);
             let listen = args.next().unwrap_or_else(|| LISTEN.to_owned());
-            let parse = args.next().is_some_and(|mode| mode == "parse");
+            let mode = args.next();
+            let parse = mode
+                .as_deref()
+                .is_some_and(|mode| mode == "parse" || mode == "http");
+            MAPS.store(mode.as_deref() == Some("http"), Ordering::Relaxed);
             let listener = TcpListener::bind(listen).await?;
             loop {
                 let (client, peer) = listener.accept().await?;
@@ -273,6 +292,9 @@ fn parse_request(buf: &[u8], forwarded: &[u8], out: &mut Vec<u8>) -> io::Result<
         Ok(httparse::Status::Partial) => return Ok(None),
         _ => return Err(io::ErrorKind::InvalidData.into()),
     };
+    if MAPS.load(Ordering::Relaxed) {
+        return request_through_map(&buf[..len], &head, forwarded, out).map(Some);
+    }
     out.clear();
     out.extend_from_slice(first_line(buf));
     let mut keep_alive = head.version == Some(1);
@@ -306,6 +328,9 @@ fn parse_response(buf: &[u8], out: &mut Vec<u8>) -> io::Result<Option<Head>> {
         Ok(httparse::Status::Partial) => return Ok(None),
         _ => return Err(io::ErrorKind::InvalidData.into()),
     };
+    if MAPS.load(Ordering::Relaxed) {
+        return response_through_map(&buf[..len], &head, out).map(Some);
+    }
     out.clear();
     out.extend_from_slice(first_line(buf));
     let mut body = None;
@@ -368,6 +393,142 @@ fn copy_unless_hop_by_hop(field: &httparse::Header<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(field.value);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// `http` mode: the parsed request becomes an `http::Request` over a copy of its head, as
+/// a proxy built on `http` types holds it, and is written to `out` from that.
+fn request_through_map(
+    head_bytes: &[u8],
+    head: &httparse::Request<'_, '_>,
+    forwarded: &[u8],
+    out: &mut Vec<u8>,
+) -> io::Result<Head> {
+    let shared = bytes::Bytes::copy_from_slice(head_bytes);
+    let mut headers = http::HeaderMap::with_capacity(head.headers.len() + 1);
+    for field in head.headers.iter() {
+        headers.append(name(field.name)?, value(&shared, head_bytes, field.value)?);
+    }
+    let uri: http::Uri = head.path.unwrap_or("/").parse().map_err(invalid)?;
+    let mut request = http::Request::new(());
+    *request.method_mut() = http::Method::GET;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    if request.headers().contains_key(http::header::CONTENT_LENGTH)
+        || request
+            .headers()
+            .contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return Err(io::ErrorKind::InvalidData.into());
+    }
+    let mut keep_alive = head.version == Some(1);
+    for connection in request.headers().get_all(http::header::CONNECTION) {
+        keep_alive = keeps_alive(connection.as_bytes(), keep_alive)?;
+    }
+    out.clear();
+    out.extend_from_slice(request.method().as_str().as_bytes());
+    out.push(b' ');
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |target| target.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    write_map(request.headers(), out);
+    out.extend_from_slice(forwarded);
+    out.extend_from_slice(b"\r\n");
+    Ok(Head {
+        len: head_bytes.len(),
+        body: 0,
+        keep_alive,
+    })
+}
+
+/// `http` mode: the parsed response becomes an `http::Response` and is written from it.
+fn response_through_map(
+    head_bytes: &[u8],
+    head: &httparse::Response<'_, '_>,
+    out: &mut Vec<u8>,
+) -> io::Result<Head> {
+    let shared = bytes::Bytes::copy_from_slice(head_bytes);
+    let mut headers = http::HeaderMap::with_capacity(head.headers.len());
+    for field in head.headers.iter() {
+        headers.append(name(field.name)?, value(&shared, head_bytes, field.value)?);
+    }
+    let status = http::StatusCode::from_u16(head.code.unwrap_or(0)).map_err(invalid)?;
+    let mut response = http::Response::new(());
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    if response
+        .headers()
+        .contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return Err(io::ErrorKind::InvalidData.into());
+    }
+    let body = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse().ok())
+        .ok_or(io::ErrorKind::InvalidData)?;
+    let mut keep_alive = head.version == Some(1);
+    for connection in response.headers().get_all(http::header::CONNECTION) {
+        keep_alive = keeps_alive(connection.as_bytes(), keep_alive)?;
+    }
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(response.status().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        response
+            .status()
+            .canonical_reason()
+            .unwrap_or("")
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    write_map(response.headers(), out);
+    out.extend_from_slice(b"\r\n");
+    Ok(Head {
+        len: head_bytes.len(),
+        body,
+        keep_alive,
+    })
+}
+
+fn name(name: &str) -> io::Result<http::HeaderName> {
+    http::HeaderName::from_bytes(name.as_bytes()).map_err(invalid)
+}
+
+/// A field's value, found in `parsed`, as a slice of `shared` (its copy), not a copy of
+/// its own.
+fn value(shared: &bytes::Bytes, parsed: &[u8], value: &[u8]) -> io::Result<http::HeaderValue> {
+    let start = (value.as_ptr() as usize)
+        .checked_sub(parsed.as_ptr() as usize)
+        .ok_or(io::ErrorKind::InvalidData)?;
+    let slice = shared.slice(start..start + value.len());
+    http::HeaderValue::from_maybe_shared(slice).map_err(invalid)
+}
+
+fn invalid(error: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
+}
+
+/// A map's fields, without the hop-by-hop ones.
+fn write_map(headers: &http::HeaderMap, out: &mut Vec<u8>) {
+    use http::header;
+    for (name, value) in headers {
+        if matches!(
+            *name,
+            header::TE | header::UPGRADE | header::CONNECTION | header::TRANSFER_ENCODING
+        ) || name == "keep-alive"
+            || name == "proxy-connection"
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
 }
