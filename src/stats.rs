@@ -1,5 +1,5 @@
 //! What the balancer and the proxy count: per backend, responses by status class, failures,
-//! latency and requests in flight; process-wide, answers the proxy made itself, retries,
+//! cancelled requests, latency and requests in flight; process-wide, answers the proxy made itself, retries,
 //! health checks, configuration reloads and open client connections.
 //!
 //! # Cost on the request path
@@ -32,6 +32,7 @@
 //! | `tower_lb_backend_in_flight` | gauge | `backend` |
 //! | `tower_lb_backend_up` | gauge | `backend` |
 //! | `tower_lb_backend_failures_total` | counter | `backend` |
+//! | `tower_lb_requests_cancelled_total` | counter | `backend` |
 //! | `tower_lb_ejections_total` | counter | `backend` |
 //! | `tower_lb_local_responses_total` | counter | `status` |
 //! | `tower_lb_retries_total` | counter | |
@@ -81,7 +82,8 @@ const BUCKET_MICROS: [u64; 13] = [
 /// How a request on a backend ended, as its guard records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// No answer yet: dropped now, the request was cancelled. Counted nowhere.
+    /// No answer yet: dropped now, the request was cancelled (its client went away, or
+    /// the caller stopped waiting). Counted as cancelled, not as a response or a failure.
     Pending,
     /// The backend failed it: no connection, reset or closed before a response, timeout.
     Failed,
@@ -94,6 +96,7 @@ pub(crate) enum Outcome {
 pub(crate) struct BackendStats {
     responses: [AtomicU64; 5],
     errors: AtomicU64,
+    cancelled: AtomicU64,
     buckets: [AtomicU64; 14],
     latency_micros: AtomicU64,
     ejections: AtomicU64,
@@ -104,6 +107,7 @@ pub(crate) struct BackendStats {
 struct Facade {
     responses: [Counter; 5],
     failures: Counter,
+    cancelled: Counter,
     duration: Histogram,
     in_flight: Gauge,
     up: Gauge,
@@ -122,6 +126,7 @@ impl BackendStats {
                     metrics::counter!("tower_lb_requests_total", "backend" => backend.clone(), "class" => class)
                 }),
                 failures: metrics::counter!("tower_lb_backend_failures_total", "backend" => backend.clone()),
+                cancelled: metrics::counter!("tower_lb_requests_cancelled_total", "backend" => backend.clone()),
                 duration: metrics::histogram!("tower_lb_request_duration_seconds", "backend" => backend.clone()),
                 in_flight: metrics::gauge!("tower_lb_backend_in_flight", "backend" => backend.clone()),
                 ejections: metrics::counter!("tower_lb_ejections_total", "backend" => backend.clone()),
@@ -160,7 +165,12 @@ impl BackendStats {
             f.in_flight.decrement(1.0);
         }
         match outcome {
-            Outcome::Pending => {}
+            Outcome::Pending => {
+                self.cancelled.fetch_add(1, Ordering::Relaxed);
+                if let Some(f) = facade {
+                    f.cancelled.increment(1);
+                }
+            }
             Outcome::Failed => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(f) = facade {
@@ -193,6 +203,7 @@ impl BackendStats {
         BackendCounters {
             responses: self.responses.each_ref().map(load),
             errors: load(&self.errors),
+            cancelled: load(&self.cancelled),
             buckets: self.buckets.each_ref().map(load),
             latency_sum: Duration::from_micros(load(&self.latency_micros)),
             ejections: load(&self.ejections),
@@ -214,6 +225,10 @@ pub struct BackendCounters {
     /// Requests the backend failed without a response: no connection, a reset or close
     /// before the response head, a response timeout.
     pub errors: u64,
+    /// Requests cancelled before the backend answered: their client went away (or the
+    /// caller of an embedded balancer dropped the response future). Neither responses nor
+    /// failures: a backend's clients giving up on it shows here, not in its latency.
+    pub cancelled: u64,
     /// Responses by latency (from the pick to the end of the body), one count per bucket
     /// of [`LATENCY_BUCKETS`] and a last one for longer; not cumulative.
     pub buckets: [u64; 14],
@@ -358,6 +373,7 @@ mod tests {
         let c = s.snapshot();
         assert_eq!(c.responses, [0, 1, 0, 1, 1]);
         assert_eq!((c.requests(), c.errors, c.failures()), (3, 1, 2));
+        assert_eq!(c.cancelled, 1);
         assert_eq!(c.buckets[0], 1);
         assert_eq!(c.buckets[5], 1); // 30 ms <= 50 ms
         assert_eq!(c.buckets[13], 1); // +Inf

@@ -268,13 +268,87 @@ async fn status_reports_every_backend() {
         "algorithm": "round_robin",
         "backends": [
             {"address": a.authority(), "weight": 1, "protocol": "http1", "healthy": true,
-             "ejected": false, "slow_start": null, "in_flight": 0, "requests": 2, "failures": 0, "errors": 0},
+             "ejected": false, "slow_start": null, "in_flight": 0, "requests": 2, "failures": 0, "errors": 0,
+             "cancelled": 0},
             {"address": b.authority(), "weight": 1, "protocol": "http1", "healthy": false,
-             "ejected": false, "slow_start": null, "in_flight": 0, "requests": 1, "failures": 0, "errors": 0},
+             "ejected": false, "slow_start": null, "in_flight": 0, "requests": 1, "failures": 0, "errors": 0,
+             "cancelled": 0},
         ]
     });
     assert_eq!(status, expected);
     assert_eq!(get(admin, "/nothing").await.0, StatusCode::NOT_FOUND);
+    proxy.shutdown().await.unwrap();
+}
+
+/// A client that closes its connection while its request waits for the backend cancels
+/// it: the proxy closes its connection to the backend at once (not when the backend
+/// answers), and the request counts as cancelled, neither as a response nor as a failure.
+/// Both for a request without a body and for one whose body was read to its end.
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+    let _turn = serial().await;
+    // A backend that never answers, and tells when a request arrives and when the proxy
+    // closes the connection it came on.
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let (closed_tx, mut closed) = mpsc::unbounded_channel();
+    let backend = RawServer::start(move |mut stream| {
+        let (started, closed) = (started_tx.clone(), closed_tx.clone());
+        async move {
+            let Some(head) = read_head(&mut stream).await else {
+                return;
+            };
+            if head.starts_with(b"GET /health ") {
+                let _ = stream.write_all(HEALTH_OK).await;
+                return;
+            }
+            let _ = started.send(());
+            let mut rest = [0; 64];
+            while let Ok(1..) = stream.read(&mut rest).await {}
+            let _ = closed.send(());
+        }
+    })
+    .await;
+    let proxy = proxy(admin_config(&[backend.addr], "")).await;
+    let admin = proxy.admin_addr().unwrap();
+    let before = scrape(&proxy).await;
+    let cancelled = format!(
+        r#"tower_lb_requests_cancelled_total{{backend="{}"}}"#,
+        backend.addr
+    );
+
+    let requests: [&[u8]; 2] = [
+        b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    ];
+    for (n, request) in requests.into_iter().enumerate() {
+        let mut client = tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .unwrap();
+        client.write_all(request).await.unwrap();
+        within(started.recv()).await;
+        drop(client);
+        // Without the watch on the client, the proxy waits for the answer.
+        within(closed.recv()).await;
+        let m = scrape(&proxy).await;
+        assert_eq!(
+            value(&m, &cancelled) - value(&before, &cancelled),
+            n as f64 + 1.0
+        );
+    }
+    let (_, body) = get(admin, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let backend = &status["backends"][0];
+    assert_eq!(
+        (
+            &backend["cancelled"],
+            &backend["in_flight"],
+            &backend["requests"],
+            &backend["failures"]
+        ),
+        (&2.into(), &0.into(), &0.into(), &0.into())
+    );
     proxy.shutdown().await.unwrap();
 }
 

@@ -129,6 +129,44 @@ async fn pipelined_requests_with_bodies_are_answered_in_order() {
     proxy.shutdown().await.unwrap();
 }
 
+/// Bytes from the client while its request waits for the backend are the next request,
+/// not a sign that the client went away: both are answered, in order.
+#[tokio::test]
+async fn a_request_pipelined_while_one_waits_is_answered_after_it() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let mut client = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    client
+        .write_all(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    within(b.started()).await;
+    client
+        .write_all(b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // The proxy sees the bytes and keeps the connection (taking them as the client's
+    // going away would close it): nothing comes back while the first request waits.
+    let mut early = Vec::new();
+    let end = read_until_end(
+        &mut client,
+        &mut early,
+        std::time::Duration::from_millis(200),
+    )
+    .await;
+    assert!(matches!(end, End::Open) && early.is_empty(), "{early:?}");
+    b.release(1);
+    let mut answer = Vec::new();
+    let end = read_until_end(&mut client, &mut answer, std::time::Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(matches!(end, End::Closed), "{answer}");
+    let responses: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(responses.len(), 2, "{answer}");
+    assert!(responses.iter().all(|r| r.starts_with("200")), "{answer}");
+    assert_eq!(b.paths(), ["/wait", "/last"]);
+    proxy.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_body_of_unknown_length_goes_chunked_to_http11_and_until_the_close_to_http10() {
     let b = Backend::start().await;

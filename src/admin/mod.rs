@@ -10,6 +10,9 @@
 //! its weight a backend ramping up after joining or recovering has now (`null` at full
 //! weight). `failures` counts `5xx` responses (also in `requests`) and `errors`, the requests
 //! that got no response (no connection, a reset or close before the head, a timeout).
+//! `cancelled` (`tower_lb_requests_cancelled_total`) counts requests whose client went
+//! away before the backend answered (HAProxy's `cli_abrt`, nginx's `499`): neither
+//! responses nor failures, and not in the latency either.
 //!
 //! # Examples
 //!
@@ -145,6 +148,7 @@ pub fn status<S: BackendProtocol + Clone>(
                 "requests": counters.requests(),
                 "failures": counters.failures(),
                 "errors": counters.errors,
+                "cancelled": counters.cancelled,
             })
         })
         .collect();
@@ -184,6 +188,15 @@ pub fn metrics<S: Clone>(backends: &Backends<Authority, S, Algorithm>) -> String
     );
     for (b, _, c) in &rows {
         let _ = writeln!(text, "{name}{{backend=\"{b}\"}} {}", c.failures());
+    }
+    let name = family(
+        &mut text,
+        "tower_lb_requests_cancelled_total",
+        "counter",
+        "Requests cancelled before their backend answered: the client went away.",
+    );
+    for (b, _, c) in &rows {
+        let _ = writeln!(text, "{name}{{backend=\"{b}\"}} {}", c.cancelled);
     }
     let name = family(
         &mut text,

@@ -69,6 +69,11 @@ impl ConnIo {
         matches!(shared.state, BodyState::Done(_))
     }
 
+    /// Whether the request's body has been read to its end.
+    pub(crate) fn body_read(&self) -> bool {
+        matches!(self.lock().state, BodyState::Done(_))
+    }
+
     /// Takes the state of the body of the request just answered, and resets it for the next.
     pub(crate) fn take_body_state(&self) -> BodyState {
         std::mem::take(&mut *self.lock()).state

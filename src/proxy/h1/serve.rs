@@ -161,6 +161,7 @@ where
                 info: &info,
                 shutdown: &mut shutdown,
                 switching: false,
+                watching: true,
                 step: Step::Calling {
                     call: service.call(request),
                 },
@@ -218,6 +219,8 @@ pin_project! {
         info: &'a Info,
         shutdown: &'a mut Shutdown<D>,
         switching: bool,
+        // Whether the client's socket is watched for its close while the call waits.
+        watching: bool,
         #[pin]
         step: Step<F, W>,
     }
@@ -246,7 +249,20 @@ where
         loop {
             match this.step.as_mut().project() {
                 StepProj::Calling { call } => {
-                    let Ok(response) = ready!(call.poll(cx));
+                    let Poll::Ready(Ok(response)) = call.poll(cx) else {
+                        if *this.watching {
+                            match poll_client_gone(this.conn, this.info.body, cx) {
+                                Poll::Ready(true) => {
+                                    return Poll::Ready(
+                                        Err(io::ErrorKind::ConnectionAborted.into()),
+                                    )
+                                }
+                                Poll::Ready(false) => *this.watching = false,
+                                Poll::Pending => {}
+                            }
+                        }
+                        return Poll::Pending;
+                    };
                     let info = *this.info;
                     let begun = this.shutdown.poll_begun(cx);
                     // A body not read to its end by now (the answer came first: the
@@ -264,6 +280,28 @@ where
                 }
             }
         }
+    }
+}
+
+/// While a request waits for its answer: whether its client has closed its connection or
+/// reset it (`true`), which cancels the request, as nginx and hyper's server do. A request
+/// with a body is watched once the body has been read to its end, as the client has nothing
+/// more to send for it; bytes that come instead (a pipelined request, read after the answer)
+/// end the watch (`false`). A client that shuts only its sending side down is taken to have
+/// gone too (nginx's `proxy_ignore_client_abort off`, hyper's default `half_close(false)`).
+///
+/// Costs nothing while the client is quiet: the read that took the request cleared the
+/// socket's readiness, so this registers the task's waker and makes no system call.
+fn poll_client_gone(conn: &ConnIo, body: bool, cx: &mut Context<'_>) -> Poll<bool> {
+    if body && !conn.body_read() {
+        // Reading the body is the call's; it wakes the task as it goes.
+        return Poll::Pending;
+    }
+    let mut byte = [MaybeUninit::uninit()];
+    let mut peeked = tokio::io::ReadBuf::uninit(&mut byte);
+    match ready!(conn.io.poll_peek(cx, &mut peeked)) {
+        Ok(0) | Err(_) => Poll::Ready(true),
+        Ok(_) => Poll::Ready(false),
     }
 }
 
