@@ -283,7 +283,8 @@ async fn status_reports_every_backend() {
 /// A client that closes its connection while its request waits for the backend cancels
 /// it: the proxy closes its connection to the backend at once (not when the backend
 /// answers), and the request counts as cancelled, neither as a response nor as a failure.
-/// Both for a request without a body and for one whose body was read to its end.
+/// Over HTTP/1.1 both for a request without a body and for one whose body was read to its
+/// end, and over HTTP/2 for a stream the client resets.
 #[tokio::test]
 async fn a_client_that_goes_away_cancels_its_request() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -337,6 +338,17 @@ async fn a_client_that_goes_away_cancels_its_request() {
             n as f64 + 1.0
         );
     }
+    // An HTTP/2 client cancels its stream (`RST_STREAM`) when it drops the response.
+    let h2 = H2Client::connect(proxy.local_addr()).await;
+    let uri = format!("http://{}/slow", proxy.local_addr());
+    let waiting =
+        tokio::spawn(async move { h2.send(Request::get(uri).body(full("")).unwrap()).await });
+    within(started.recv()).await;
+    waiting.abort();
+    within(closed.recv()).await;
+    let m = scrape(&proxy).await;
+    assert_eq!(value(&m, &cancelled) - value(&before, &cancelled), 3.0);
+
     let (_, body) = get(admin, "/status").await;
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();
     let backend = &status["backends"][0];
@@ -347,7 +359,7 @@ async fn a_client_that_goes_away_cancels_its_request() {
             &backend["requests"],
             &backend["failures"]
         ),
-        (&2.into(), &0.into(), &0.into(), &0.into())
+        (&3.into(), &0.into(), &0.into(), &0.into())
     );
     proxy.shutdown().await.unwrap();
 }
