@@ -82,9 +82,13 @@ const BUCKET_MICROS: [u64; 13] = [
 /// How a request on a backend ended, as its guard records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// No answer yet: dropped now, the request was cancelled (its client went away, or
-    /// the caller stopped waiting). Counted as cancelled, not as a response or a failure.
+    /// No answer yet: dropped now, the request was cancelled (its client went away, the
+    /// caller stopped waiting, or a shutdown cut it). Counted as cancelled, not as a
+    /// response or a failure.
     Pending,
+    /// The backend answered, with no status to count (a service that is not HTTP, or a
+    /// completion that did not record one). Counted nowhere.
+    Answered,
     /// The backend failed it: no connection, reset or closed before a response, timeout.
     Failed,
     /// A response with this status.
@@ -171,6 +175,7 @@ impl BackendStats {
                     f.cancelled.increment(1);
                 }
             }
+            Outcome::Answered => {}
             Outcome::Failed => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 if let Some(f) = facade {
@@ -225,9 +230,10 @@ pub struct BackendCounters {
     /// Requests the backend failed without a response: no connection, a reset or close
     /// before the response head, a response timeout.
     pub errors: u64,
-    /// Requests cancelled before the backend answered: their client went away (or the
-    /// caller of an embedded balancer dropped the response future). Neither responses nor
-    /// failures: a backend's clients giving up on it shows here, not in its latency.
+    /// Requests cancelled before the backend answered: their client went away, the caller
+    /// of an embedded balancer dropped the response future, or a server's shutdown cut
+    /// them. Neither responses nor failures: a backend's clients giving up on it shows
+    /// here, not in its latency.
     pub cancelled: u64,
     /// Responses by latency (from the pick to the end of the body), one count per bucket
     /// of [`LATENCY_BUCKETS`] and a last one for longer; not cumulative.
@@ -370,6 +376,7 @@ mod tests {
         s.ended(Outcome::Status(404), Duration::from_secs(11));
         s.ended(Outcome::Failed, Duration::from_millis(1));
         s.ended(Outcome::Pending, Duration::from_millis(1));
+        s.ended(Outcome::Answered, Duration::from_millis(1));
         let c = s.snapshot();
         assert_eq!(c.responses, [0, 1, 0, 1, 1]);
         assert_eq!((c.requests(), c.errors, c.failures()), (3, 1, 2));

@@ -135,6 +135,18 @@ async fn least_connections_counts_until_completion_cancel_or_error() {
 
     drop(d);
     assert_eq!(in_flight(&backends), [0, 0, 0]);
+
+    // The counters: an answer is not a cancellation (a plain `Balance` has no status to
+    // count it by), a dropped future is, and a failure is an error.
+    let snapshot = backends.snapshot();
+    let counts = |i| {
+        let stats = snapshot.endpoint(i).unwrap().stats();
+        (stats.requests(), stats.errors, stats.cancelled)
+    };
+    assert_eq!(
+        [counts(0), counts(1), counts(2)],
+        [(0, 0, 1), (0, 0, 1), (0, 1, 0)]
+    );
 }
 
 #[tokio::test]

@@ -11,8 +11,9 @@
 //! weight). `failures` counts `5xx` responses (also in `requests`) and `errors`, the requests
 //! that got no response (no connection, a reset or close before the head, a timeout).
 //! `cancelled` (`tower_lb_requests_cancelled_total`) counts requests whose client went
-//! away before the backend answered (HAProxy's `cli_abrt`, nginx's `499`): neither
-//! responses nor failures, and not in the latency either.
+//! away before the backend answered (HAProxy's `cli_abrt`, nginx's `499`), and those a
+//! shutdown cut at its `shutdown_timeout`: neither responses nor failures, and not in the
+//! latency either.
 //!
 //! # Examples
 //!
@@ -193,7 +194,7 @@ pub fn metrics<S: Clone>(backends: &Backends<Authority, S, Algorithm>) -> String
         &mut text,
         "tower_lb_requests_cancelled_total",
         "counter",
-        "Requests cancelled before their backend answered: the client went away.",
+        "Requests cancelled before their backend answered: the client went away, or a shutdown cut them.",
     );
     for (b, _, c) in &rows {
         let _ = writeln!(text, "{name}{{backend=\"{b}\"}} {}", c.cancelled);

@@ -907,6 +907,10 @@ impl InFlight {
     #[inline]
     pub(crate) fn answered(&mut self) {
         self.verdict = Some(false);
+        if self.outcome == Outcome::Pending {
+            // Not cancelled, whether or not a status follows.
+            self.outcome = Outcome::Answered;
+        }
     }
 }
 
