@@ -31,13 +31,14 @@ struct Seen {
 /// gracefully (`GOAWAY`, requests in flight finish). `/health`: 200; `/big/N`: N chunks of
 /// [`CHUNK`] bytes, counted in `produced` as its server takes each; `/deaf`: never reads
 /// its request body nor answers, counted in `deaf` while it waits; `/slow/N`: its address
-/// after N ms; anything else: its address, after reading the whole request body.
+/// after N ms, counted in `sleeping` while it waits; anything else: its address, after reading the whole request body.
 struct H2Backend {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     count: tokio::sync::watch::Receiver<usize>,
     produced: tokio::sync::watch::Receiver<usize>,
     deaf: tokio::sync::watch::Receiver<usize>,
+    sleeping: tokio::sync::watch::Receiver<usize>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -54,11 +55,14 @@ impl H2Backend {
         let producer = Arc::new(producer);
         let (deafened, deaf) = tokio::sync::watch::channel(0);
         let deafened = Arc::new(deafened);
+        let (sleeper, sleeping) = tokio::sync::watch::channel(0);
+        let sleeper = Arc::new(sleeper);
         let service = tower::service_fn(move |request: Request<tower_lb::proxy::RequestBody>| {
             let log = log.clone();
             let counter = counter.clone();
             let producer = producer.clone();
             let deafened = deafened.clone();
+            let sleeper = sleeper.clone();
             async move {
                 let (head, body) = request.into_parts();
                 let path = head.uri.path().to_owned();
@@ -92,6 +96,8 @@ impl H2Backend {
                 });
                 counter.send_modify(|n| *n += 1);
                 if let Some(ms) = path.strip_prefix("/slow/") {
+                    sleeper.send_modify(|n| *n += 1);
+                    let _counted = DropGuard(|| sleeper.send_modify(|n| *n -= 1));
                     let ms = ms.parse().unwrap_or(0);
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                 }
@@ -113,6 +119,7 @@ impl H2Backend {
             count,
             produced,
             deaf,
+            sleeping,
             stop: Some(stop),
             task,
         }
@@ -900,5 +907,30 @@ async fn an_upload_failing_on_its_way_to_an_http2_backend_does_not_eject_it() {
         support::get(proxy.local_addr(), "/").await.0,
         StatusCode::OK
     );
+    proxy.shutdown().await.unwrap();
+}
+
+/// A client that goes away once its request body has been read cancels the request on an
+/// HTTP/2 backend too, whose connection reads that body in a task of its own: the stream
+/// is reset, and the request counts as cancelled.
+#[tokio::test]
+async fn a_client_that_goes_away_after_its_body_cancels_the_backend_stream() {
+    use tokio::io::AsyncWriteExt;
+    let backend = H2Backend::start().await;
+    let proxy = proxy(config_with_protocol(&[backend.addr], "http2", "")).await;
+    let mut client = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    client
+        .write_all(b"POST /slow/60000 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    // The backend has the whole body and waits.
+    let mut sleeping = backend.sleeping.clone();
+    within(sleeping.wait_for(|&n| n == 1)).await.unwrap();
+    drop(client);
+    within(sleeping.wait_for(|&n| n == 0)).await.unwrap();
+    let stats = proxy.backends().snapshot().endpoint(0).unwrap().stats();
+    assert_eq!((stats.cancelled, stats.requests(), stats.errors), (1, 0, 0));
     proxy.shutdown().await.unwrap();
 }

@@ -167,6 +167,35 @@ async fn a_request_pipelined_while_one_waits_is_answered_after_it() {
     proxy.shutdown().await.unwrap();
 }
 
+/// A client that sends two requests in one write and then shuts its sending side down:
+/// the first is not cancelled while it waits, as the second already came after it, and
+/// is answered; the second, waiting when the client's end is all that follows, is taken
+/// to have lost its client (as nginx takes it) and the connection closes.
+#[tokio::test]
+async fn pipelined_requests_then_a_half_close_answer_all_but_the_last() {
+    let b = Backend::start().await;
+    let proxy = proxy(config(&[b.addr], "")).await;
+    let mut client = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    client
+        .write_all(
+            b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /wait HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    client.shutdown().await.unwrap();
+    within(b.started()).await;
+    b.release(2);
+    let mut answer = Vec::new();
+    let end = read_until_end(&mut client, &mut answer, std::time::Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(matches!(end, End::Closed), "{answer}");
+    let responses: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(responses.len(), 1, "{answer}");
+    assert!(responses[0].starts_with("200"), "{answer}");
+    proxy.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_body_of_unknown_length_goes_chunked_to_http11_and_until_the_close_to_http10() {
     let b = Backend::start().await;

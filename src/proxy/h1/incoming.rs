@@ -10,7 +10,7 @@ use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -46,6 +46,9 @@ pub(crate) enum BodyState {
 struct Shared {
     state: BodyState,
     responding: bool,
+    /// The connection's task, waiting for the body's end to watch its client (an HTTP/2
+    /// backend's connection reads the body in a task of its own).
+    waiting: Option<Waker>,
 }
 
 impl ConnIo {
@@ -69,9 +72,22 @@ impl ConnIo {
         matches!(shared.state, BodyState::Done(_))
     }
 
-    /// Whether the request's body has been read to its end.
-    pub(crate) fn body_read(&self) -> bool {
-        matches!(self.lock().state, BodyState::Done(_))
+    /// Whether the request's body has been read to its end, and if so whether bytes came
+    /// after it (`Ready(true)`, also when it cannot be read further); else `cx`'s task is
+    /// woken when it is.
+    pub(crate) fn poll_body_read(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut shared = self.lock();
+        match &shared.state {
+            BodyState::Done(rest) => Poll::Ready(!rest.is_empty()),
+            BodyState::Broken => Poll::Ready(true),
+            BodyState::Reading => {
+                match &mut shared.waiting {
+                    Some(waker) => waker.clone_from(cx.waker()),
+                    waiting => *waiting = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
     }
 
     /// Takes the state of the body of the request just answered, and resets it for the next.
@@ -80,7 +96,14 @@ impl ConnIo {
     }
 
     fn end(&self, state: BodyState) {
-        self.lock().state = state;
+        let waiting = {
+            let mut shared = self.lock();
+            shared.state = state;
+            shared.waiting.take()
+        };
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
     }
 }
 

@@ -161,7 +161,8 @@ where
                 info: &info,
                 shutdown: &mut shutdown,
                 switching: false,
-                watching: true,
+                // Bytes after the head are the next request: the client is still there.
+                watching: pending.is_empty(),
                 step: Step::Calling {
                     call: service.call(request),
                 },
@@ -286,16 +287,16 @@ where
 /// While a request waits for its answer: whether its client has closed its connection or
 /// reset it (`true`), which cancels the request, as nginx and hyper's server do. A request
 /// with a body is watched once the body has been read to its end, as the client has nothing
-/// more to send for it; bytes that come instead (a pipelined request, read after the answer)
-/// end the watch (`false`). A client that shuts only its sending side down is taken to have
-/// gone too (nginx's `proxy_ignore_client_abort off`, hyper's default `half_close(false)`).
+/// more to send for it; bytes that came or come instead (a pipelined request, read after
+/// the answer) end the watch (`false`). A client that shuts only its sending side down is
+/// taken to have gone too (nginx's `proxy_ignore_client_abort off`, hyper's default
+/// `half_close(false)`).
 ///
 /// Costs nothing while the client is quiet: the read that took the request cleared the
 /// socket's readiness, so this registers the task's waker and makes no system call.
 fn poll_client_gone(conn: &ConnIo, body: bool, cx: &mut Context<'_>) -> Poll<bool> {
-    if body && !conn.body_read() {
-        // Reading the body is the call's; it wakes the task as it goes.
-        return Poll::Pending;
+    if body && ready!(conn.poll_body_read(cx)) {
+        return Poll::Ready(false);
     }
     let mut byte = [MaybeUninit::uninit()];
     let mut peeked = tokio::io::ReadBuf::uninit(&mut byte);
