@@ -561,6 +561,26 @@ async fn the_access_log_is_one_line_per_request_when_turned_on() {
     ] {
         assert!(line.contains(part), "{part:?} missing in {line}");
     }
+
+    // A request whose client goes away before the answer: status 499, as nginx logs it.
+    let mut gone = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut gone, b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    within(a.started()).await;
+    drop(gone);
+    // The line is written when the proxy notices; nothing else tells when that is.
+    within(async {
+        while !on.text().contains("path=/wait") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let text = on.text();
+    let line = text.lines().find(|l| l.contains("path=/wait")).unwrap();
+    assert!(line.contains("status=499"), "{line}");
     drop(guard);
 
     // Off by default (the standalone's default filter) and at other targets' levels.

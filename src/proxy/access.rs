@@ -27,6 +27,10 @@ pub(crate) fn enabled() -> bool {
 #[derive(Debug, Clone)]
 pub(crate) struct ServedBy(pub(crate) Authority);
 
+/// The status a line gives a request cancelled before its response (its client went away,
+/// or a shutdown cut it): nginx's `499`, as no response was sent.
+const CANCELLED: u16 = 499;
+
 /// One request's line, written when its response body ends or is dropped.
 #[derive(Debug)]
 pub(crate) struct Entry {
@@ -66,13 +70,18 @@ impl Entry {
 impl Drop for Entry {
     fn drop(&mut self) {
         let backend = self.backend.as_ref().map_or("-", |b| b.as_str());
+        // No response was taken: the request was cancelled.
+        let status = match self.status {
+            0 => CANCELLED,
+            status => status,
+        };
         tracing::info!(
             target: TARGET,
             client = %self.client,
             method = %self.method,
             path = %self.path,
             backend,
-            status = self.status,
+            status,
             duration = ?self.start.elapsed(),
             bytes = self.bytes,
             "request"
