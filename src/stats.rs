@@ -1,6 +1,6 @@
 //! What the balancer and the proxy count: per backend, responses by status class, failures,
-//! cancelled requests, latency and requests in flight; process-wide, answers the proxy made itself, retries,
-//! health checks, configuration reloads and open client connections.
+//! cancelled requests, latency and requests in flight; process-wide, answers the proxy made
+//! itself, retries, health checks, configuration reloads and open client connections.
 //!
 //! # Cost on the request path
 //!
