@@ -41,10 +41,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::policy::Algorithm;
+use crate::policy::{Algorithm, Endpoint};
 use crate::proxy::uri::Authority;
 use crate::proxy::BackendProtocol;
-use crate::stats::{self, LATENCY_BUCKETS};
+use crate::stats::{self, BackendCounters, LATENCY_BUCKETS};
 use crate::Backends;
 
 /// The status page: plain HTML, CSS and script in one file, no external assets.
@@ -181,24 +181,22 @@ pub fn metrics<S: Clone>(backends: &Backends<Authority, S, Algorithm>) -> String
             let _ = writeln!(text, "{name}{{backend=\"{b}\",class=\"{class}\"}} {n}");
         }
     }
-    let name = family(
+    per_backend(
         &mut text,
+        &rows,
         "tower_lb_backend_failures_total",
         "counter",
         "Requests a backend failed: no connection, reset or timeout before a response, or 5xx.",
+        |_, c| c.failures(),
     );
-    for (b, _, c) in &rows {
-        let _ = writeln!(text, "{name}{{backend=\"{b}\"}} {}", c.failures());
-    }
-    let name = family(
+    per_backend(
         &mut text,
+        &rows,
         "tower_lb_requests_cancelled_total",
         "counter",
         "Requests cancelled before their backend answered: the client went away, or a shutdown cut them.",
+        |_, c| c.cancelled,
     );
-    for (b, _, c) in &rows {
-        let _ = writeln!(text, "{name}{{backend=\"{b}\"}} {}", c.cancelled);
-    }
     let name = family(
         &mut text,
         "tower_lb_local_responses_total",
@@ -232,37 +230,30 @@ pub fn metrics<S: Clone>(backends: &Backends<Authority, S, Algorithm>) -> String
         );
         let _ = writeln!(text, "{name}_count{{backend=\"{b}\"}} {count}");
     }
-    let name = family(
+    per_backend(
         &mut text,
+        &rows,
         "tower_lb_backend_up",
         "gauge",
         "1 when the backend is healthy and not ejected, else 0.",
+        |e, _| u64::from(e.is_healthy()),
     );
-    for (b, e, _) in &rows {
-        let _ = writeln!(
-            text,
-            "{name}{{backend=\"{b}\"}} {}",
-            u8::from(e.is_healthy())
-        );
-    }
-    let name = family(
+    per_backend(
         &mut text,
+        &rows,
         "tower_lb_backend_in_flight",
         "gauge",
         "Requests and tunnels open on the backend now.",
+        |e, _| e.in_flight() as u64,
     );
-    for (b, e, _) in &rows {
-        let _ = writeln!(text, "{name}{{backend=\"{b}\"}} {}", e.in_flight());
-    }
-    let name = family(
+    per_backend(
         &mut text,
+        &rows,
         "tower_lb_ejections_total",
         "counter",
         "Times passive health ejected the backend.",
+        |_, c| c.ejections,
     );
-    for (b, _, c) in &rows {
-        let _ = writeln!(text, "{name}{{backend=\"{b}\"}} {}", c.ejections);
-    }
     let name = family(
         &mut text,
         "tower_lb_health_checks_total",
@@ -303,6 +294,21 @@ pub fn metrics<S: Clone>(backends: &Backends<Authority, S, Algorithm>) -> String
     );
     let _ = writeln!(text, "{name} {}", global.client_connections().max(0));
     text
+}
+
+/// Writes a family with one value per backend of `rows`.
+fn per_backend(
+    text: &mut String,
+    rows: &[(String, Endpoint, BackendCounters)],
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl Fn(&Endpoint, &BackendCounters) -> u64,
+) {
+    let name = family(text, name, kind, help);
+    for (b, e, c) in rows {
+        let _ = writeln!(text, "{name}{{backend=\"{b}\"}} {}", value(e, c));
+    }
 }
 
 /// Writes a family's `# HELP` and `# TYPE` lines and returns its name.
