@@ -323,3 +323,40 @@ impl Body for RequestBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The connection's task waits for the body's end to watch its client; the end wakes
+    /// it even when another task (an HTTP/2 backend's connection) read the body. Then the
+    /// bytes after the body tell whether the client is still there.
+    #[tokio::test]
+    async fn the_end_of_a_body_wakes_the_task_waiting_for_it() {
+        let (_client, server) = super::super::socket_pair().await;
+        let conn = ConnIo::new(server);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(conn.poll_body_read(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        conn.end(BodyState::Done(BytesMut::new()));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "not woken at the end");
+        assert_eq!(conn.poll_body_read(&mut cx), Poll::Ready(false));
+
+        conn.take_body_state();
+        assert!(conn.poll_body_read(&mut cx).is_pending());
+        conn.end(BodyState::Done(BytesMut::from(&b"GET /next"[..])));
+        assert_eq!(conn.poll_body_read(&mut cx), Poll::Ready(true));
+    }
+}
